@@ -1,0 +1,512 @@
+"""The Redis quota store: every gateway replica shares one truth through two Lua scripts.
+
+`admit` and `settle` are one round trip each (EVALSHA; the script is loaded again on
+NOSCRIPT, e.g. after Redis restarts). Python computes key names, calendar periods and TTLs
+(zoneinfo); the scripts do the atomic arithmetic, mirroring `billing.quota.decide`.
+
+Keys (prefix ``maas:quota:`` by default), per scope ``s:<scope id>`` and account ``a:<id>``:
+
+- ``s:<id>:rpm:<minute>``, ``s:<id>:tpm:<minute>`` - fixed UTC-minute counters
+- ``s:<id>:day:<YYYY-MM-DD>``, ``s:<id>:month:<YYYY-MM>`` - local calendar counters
+- ``s:<id>:inflight`` (zset request id -> expiry ms) and ``s:<id>:resv`` (hash request id
+  -> "tokens suffix...") - open reservations, released lazily when expired
+- ``a:<id>`` (hash ``balance``, ``held``), ``a:<id>:inflight``, ``a:<id>:resv``
+- ``done:<request id>`` - settle idempotency marker
+
+Lua counts in doubles: amounts stay below 2**53 (nine million currency units in nanos).
+The scripts touch the keys of expired reservations they find, so the store needs a
+standalone Redis (or one shard), not Redis Cluster.
+
+Availability: every command has a short socket timeout (`timeout_ms`), no retries, and a
+whole-call deadline of four timeouts, so a dead or hung Redis turns into `QuotaUnavailable`
+quickly; after a failure, calls fail fast for
+`retry_interval_ms` and then try again, so the store recovers by itself. A settle that
+cannot reach Redis is queued and replayed once Redis answers (settles are idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+from redis import exceptions as redis_errors
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from billing.quota import (
+    HOLDS_KEEP_MS,
+    SETTLED_KEEP_MS,
+    AccountReading,
+    Admission,
+    AdmitRequest,
+    QuotaStore,
+    QuotaUnavailable,
+    Scope,
+    ScopeCharge,
+    ScopeReading,
+    account_base,
+    counter_ttl_ms,
+    decide,
+    epoch_ms,
+    plan_scope,
+    ratelimit_headers,
+    refusal,
+    remaining_from,
+)
+
+__all__ = ["ADMIT_LUA", "SETTLE_LUA", "RedisQuotaStore"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Per scope: 6 KEYS (inflight, resv, rpm, tpm, day, month) and 10 ARGV
+#: (base, rpm, tpm, max_concurrent, day, month limits (-1 = none), minute/day/month TTL ms,
+#: the space-separated suffixes of the token counters it charges). Then, with an account,
+#: 3 KEYS (account, its inflight, its resv).
+#: Returns {admitted 0/1, granted, balance or nil, held, then 5 readings per scope}.
+ADMIT_LUA = """
+local rid = ARGV[1]
+local now = ARGV[2]
+local expires = ARGV[3]
+local prompt = tonumber(ARGV[4])
+local max_tokens = tonumber(ARGV[5])
+local min_tokens = tonumber(ARGV[6])
+local input_cost = tonumber(ARGV[7])
+local out_price = tonumber(ARGV[8])
+local nscopes = tonumber(ARGV[9])
+local has_account = ARGV[10] == '1'
+local keep_ms = ARGV[11]
+local PER = 10
+
+local function istr(n) return string.format('%d', n) end
+
+local function release_expired(inflight, resv, base, account)
+  local expired = redis.call('ZRANGEBYSCORE', inflight, '-inf', now)
+  for _, id in ipairs(expired) do
+    local held = redis.call('HGET', resv, id)
+    if held then
+      if account then
+        redis.call('HINCRBY', account, 'held', istr(-tonumber(held)))
+      else
+        local amount = nil
+        for word in string.gmatch(held, '%S+') do
+          if amount == nil then
+            amount = word
+          elseif redis.call('EXISTS', base .. word) == 1 then
+            redis.call('DECRBY', base .. word, amount)
+          end
+        end
+      end
+      redis.call('HDEL', resv, id)
+    end
+    redis.call('ZREM', inflight, id)
+  end
+end
+
+local function count(key)
+  return tonumber(redis.call('GET', key) or '0')
+end
+
+local readings = {}
+local blocked = false
+local granted = max_tokens
+for i = 1, nscopes do
+  local k = (i - 1) * 6
+  local a = 11 + (i - 1) * PER
+  local rpm, tpm, conc = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local day, month = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
+  release_expired(KEYS[k + 1], KEYS[k + 2], ARGV[a + 1], nil)
+  local requests, tpm_used, day_used, month_used = 0, 0, 0, 0
+  local inflight = redis.call('ZCARD', KEYS[k + 1])
+  if rpm >= 0 then
+    requests = count(KEYS[k + 3])
+    if requests + 1 > rpm then blocked = true end
+  end
+  if conc >= 0 and inflight + 1 > conc then blocked = true end
+  if tpm >= 0 then
+    tpm_used = count(KEYS[k + 4])
+    granted = math.min(granted, tpm - tpm_used - prompt)
+  end
+  if day >= 0 then
+    day_used = count(KEYS[k + 5])
+    granted = math.min(granted, day - day_used - prompt)
+  end
+  if month >= 0 then
+    month_used = count(KEYS[k + 6])
+    granted = math.min(granted, month - month_used - prompt)
+  end
+  table.insert(readings, requests)
+  table.insert(readings, inflight)
+  table.insert(readings, tpm_used)
+  table.insert(readings, day_used)
+  table.insert(readings, month_used)
+end
+
+local balance = false
+local held = 0
+local ak = nscopes * 6
+if has_account then
+  balance = redis.call('HGET', KEYS[ak + 1], 'balance')
+  if balance then
+    release_expired(KEYS[ak + 2], KEYS[ak + 3], nil, KEYS[ak + 1])
+    held = tonumber(redis.call('HGET', KEYS[ak + 1], 'held') or '0')
+  end
+  local available = tonumber(balance or '0') - held - input_cost
+  if out_price > 0 then
+    local room = math.floor(available / out_price)
+    while room * out_price > available do room = room - 1 end
+    while (room + 1) * out_price <= available do room = room + 1 end
+    granted = math.min(granted, room)
+  elseif available < 0 then
+    granted = math.min(granted, -1)
+  end
+end
+
+local admitted = (not blocked) and granted >= min_tokens
+if admitted then
+  local tokens = istr(prompt + granted)
+  for i = 1, nscopes do
+    local k = (i - 1) * 6
+    local a = 11 + (i - 1) * PER
+    local rpm, tpm, conc = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+    local day, month = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
+    if rpm >= 0 then
+      redis.call('INCR', KEYS[k + 3])
+      redis.call('PEXPIRE', KEYS[k + 3], ARGV[a + 7])
+    end
+    if tpm >= 0 then
+      redis.call('INCRBY', KEYS[k + 4], tokens)
+      redis.call('PEXPIRE', KEYS[k + 4], ARGV[a + 7])
+    end
+    if day >= 0 then
+      redis.call('INCRBY', KEYS[k + 5], tokens)
+      redis.call('PEXPIRE', KEYS[k + 5], ARGV[a + 8])
+    end
+    if month >= 0 then
+      redis.call('INCRBY', KEYS[k + 6], tokens)
+      redis.call('PEXPIRE', KEYS[k + 6], ARGV[a + 9])
+    end
+    if tpm >= 0 or day >= 0 or month >= 0 or conc >= 0 then
+      redis.call('ZADD', KEYS[k + 1], expires, rid)
+      redis.call('HSET', KEYS[k + 2], rid, tokens .. ' ' .. ARGV[a + 10])
+      redis.call('PEXPIRE', KEYS[k + 1], keep_ms)
+      redis.call('PEXPIRE', KEYS[k + 2], keep_ms)
+    end
+  end
+  if has_account then
+    local reserve = istr(input_cost + granted * out_price)
+    if not balance then redis.call('HSET', KEYS[ak + 1], 'balance', '0') end
+    redis.call('HINCRBY', KEYS[ak + 1], 'held', reserve)
+    redis.call('ZADD', KEYS[ak + 2], expires, rid)
+    redis.call('HSET', KEYS[ak + 3], rid, reserve)
+    redis.call('PEXPIRE', KEYS[ak + 2], keep_ms)
+    redis.call('PEXPIRE', KEYS[ak + 3], keep_ms)
+  end
+end
+
+local out = {admitted and 1 or 0, granted, balance, held}
+for _, v in ipairs(readings) do table.insert(out, v) end
+return out
+"""
+
+#: KEYS: the done marker; per scope: inflight, resv, then its counters; then, with an
+#: account: account, inflight, resv. ARGV: request id, reserved tokens, used tokens,
+#: reserved nanos, cost nanos, done TTL ms, scope count, has account, counters per scope.
+#: Returns 1 when applied, 0 when this request was already settled.
+SETTLE_LUA = """
+local rid = ARGV[1]
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[6]) then return 0 end
+local reserved, used = tonumber(ARGV[2]), tonumber(ARGV[3])
+local function istr(n) return string.format('%d', n) end
+local k = 1
+for i = 1, tonumber(ARGV[7]) do
+  local n = tonumber(ARGV[8 + i])
+  local held = redis.call('HDEL', KEYS[k + 2], rid)
+  redis.call('ZREM', KEYS[k + 1], rid)
+  local delta = used
+  if held == 1 then delta = used - reserved end
+  if delta ~= 0 then
+    for j = 1, n do
+      if redis.call('EXISTS', KEYS[k + 2 + j]) == 1 then
+        redis.call('INCRBY', KEYS[k + 2 + j], istr(delta))
+      end
+    end
+  end
+  k = k + 2 + n
+end
+if ARGV[8] == '1' then
+  local held = redis.call('HDEL', KEYS[k + 3], rid)
+  redis.call('ZREM', KEYS[k + 2], rid)
+  if held == 1 then
+    redis.call('HINCRBY', KEYS[k + 1], 'held', istr(-tonumber(ARGV[4])))
+  end
+  redis.call('HINCRBY', KEYS[k + 1], 'balance', istr(-tonumber(ARGV[5])))
+end
+return 1
+"""
+
+_UNREACHABLE = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.BusyLoadingError,
+    OSError,
+    TimeoutError,
+)
+
+#: A call's whole deadline (waiting for a pooled connection included), in socket timeouts.
+DEADLINE_FACTOR = 4
+
+#: Settles kept for replay while Redis is unreachable (the oldest are dropped beyond this).
+PENDING_SETTLES_MAX = 100_000
+
+
+class RedisQuotaStore(QuotaStore):
+    """The quota contract on Redis, shared by every gateway process that uses the same URL."""
+
+    backend = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        reservation_ttl_s: float = 600,
+        timeout_ms: int = 250,
+        retry_interval_ms: int = 500,
+        key_prefix: str = "maas:quota:",
+        max_connections: int = 64,
+    ) -> None:
+        self.url = url
+        self.prefix = key_prefix
+        self.reservation_ttl_ms = int(reservation_ttl_s * 1000)
+        self.timeout_s = timeout_ms / 1000
+        self.retry_interval_s = retry_interval_ms / 1000
+        # Requests beyond `max_connections` wait for a free connection (bounded by the
+        # deadline in `_call`) instead of failing.
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=None,
+            socket_timeout=self.timeout_s,
+            socket_connect_timeout=self.timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            health_check_interval=0,
+            decode_responses=True,
+        )
+        self._client = Redis.from_pool(pool)
+        self._admit_script = self._client.register_script(ADMIT_LUA)
+        self._settle_script = self._client.register_script(SETTLE_LUA)
+        self._down_until = 0.0
+        self._pending: deque[tuple[Admission, int, int]] = deque(maxlen=PENDING_SETTLES_MAX)
+        self._replay_task: asyncio.Task[None] | None = None
+
+    @property
+    def pending_settles(self) -> int:
+        """Settles waiting for Redis to answer again."""
+        return len(self._pending)
+
+    async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis call with a hard deadline; failures become `QuotaUnavailable`."""
+        if time.monotonic() < self._down_until:
+            raise QuotaUnavailable(f"quota store (Redis) is unreachable; {what} refused")
+        try:
+            async with asyncio.timeout(self.timeout_s * DEADLINE_FACTOR):
+                result = await call()
+        except _UNREACHABLE as exc:
+            self._down_until = time.monotonic() + self.retry_interval_s
+            raise QuotaUnavailable(
+                f"quota store (Redis) is unreachable; {what} failed: {exc or type(exc).__name__}"
+            ) from exc
+        except redis_errors.RedisError as exc:
+            raise QuotaUnavailable(f"quota store (Redis) refused {what}: {exc}") from exc
+        if self._pending and (self._replay_task is None or self._replay_task.done()):
+            self._replay_task = asyncio.create_task(self._replay_pending())
+        return result
+
+    async def admit(self, req: AdmitRequest) -> Admission:
+        plans = [plan_scope(scope, req.now, self.prefix) for scope in req.scopes]
+        now_ms = epoch_ms(req.now)
+        keys: list[str] = []
+        args: list[Any] = [
+            req.request_id,
+            now_ms,
+            now_ms + self.reservation_ttl_ms,
+            req.prompt_tokens,
+            req.max_tokens,
+            min(req.min_tokens, req.max_tokens),
+            req.input_cost_nanos,
+            req.output_price_nanos,
+            len(plans),
+            1 if req.balance_account is not None else 0,
+            HOLDS_KEEP_MS,
+        ]
+        for plan in plans:
+            base, limits = plan.base, plan.scope.limits
+            keys += [
+                f"{base}:inflight",
+                f"{base}:resv",
+                base + plan.rpm,
+                base + plan.tpm,
+                base + plan.day,
+                base + plan.month,
+            ]
+            args += [
+                base,
+                *(
+                    -1 if limit is None else limit
+                    for limit in (
+                        limits.rpm,
+                        limits.tpm,
+                        limits.max_concurrent,
+                        limits.tokens_per_day,
+                        limits.tokens_per_month,
+                    )
+                ),
+                counter_ttl_ms(plan, plan.rpm, 0),
+                counter_ttl_ms(plan, plan.day, self.reservation_ttl_ms),
+                counter_ttl_ms(plan, plan.month, self.reservation_ttl_ms),
+                " ".join(plan.counters),
+            ]
+        if req.balance_account is not None:
+            abase = account_base(self.prefix, req.balance_account)
+            keys += [abase, f"{abase}:inflight", f"{abase}:resv"]
+        reply = await self._call("admission", lambda: self._admit_script(keys=keys, args=args))
+        admitted, granted, balance, held = (int(reply[0]), int(reply[1]), reply[2], int(reply[3]))
+        values = [int(v) for v in reply[4:]]
+        readings = [ScopeReading(*values[i * 5 : i * 5 + 5]) for i in range(len(plans))]
+        account = None
+        if req.balance_account is not None:
+            account = AccountReading(int(balance) if balance is not None else None, held)
+        if not admitted:
+            raise refusal(req, plans, readings, account)
+        expected = decide(req, readings, account)
+        if expected != (True, granted):  # the script mirrors decide(); say so if it drifts
+            logger.error("quota script and decide() disagree: %s vs %s", expected, granted)
+        tokens = req.prompt_tokens + granted
+        return Admission(
+            request_id=req.request_id,
+            granted_max_tokens=granted,
+            reserved_tokens=tokens,
+            reserved_nanos=(
+                req.input_cost_nanos + granted * req.output_price_nanos
+                if req.balance_account is not None
+                else 0
+            ),
+            headers=ratelimit_headers(plans, readings, 1, tokens),
+            balance_account=req.balance_account,
+            charges=tuple(
+                ScopeCharge(plan.scope.id, plan.base, plan.counters) for plan in plans if plan.holds
+            ),
+            backend=self.backend,
+        )
+
+    def _settle_call(
+        self, admission: Admission, used_tokens: int, cost_nanos: int
+    ) -> Callable[[], Awaitable[Any]]:
+        keys = [f"{self.prefix}done:{admission.request_id}"]
+        per_scope = []
+        for charge in admission.charges:
+            keys += [f"{charge.base}:inflight", f"{charge.base}:resv"]
+            keys += [charge.base + suffix for suffix in charge.counters]
+            per_scope.append(len(charge.counters))
+        if admission.balance_account is not None:
+            abase = account_base(self.prefix, admission.balance_account)
+            keys += [abase, f"{abase}:inflight", f"{abase}:resv"]
+        args = [
+            admission.request_id,
+            admission.reserved_tokens,
+            used_tokens,
+            admission.reserved_nanos,
+            cost_nanos,
+            self.reservation_ttl_ms + SETTLED_KEEP_MS,
+            len(per_scope),
+            1 if admission.balance_account is not None else 0,
+            *per_scope,
+        ]
+        return lambda: self._settle_script(keys=keys, args=args)
+
+    async def settle(self, admission: Admission, used_tokens: int, cost_nanos: int) -> None:
+        """Settle now, or queue the settle for replay if Redis cannot be reached."""
+        if not admission.charges and admission.balance_account is None:
+            return  # only request counters were charged: nothing to correct or release
+        try:
+            await self._call("settle", self._settle_call(admission, used_tokens, cost_nanos))
+        except QuotaUnavailable as exc:
+            self._pending.append((admission, used_tokens, cost_nanos))
+            logger.warning(
+                "settle of %s queued until Redis answers (%d queued): %s",
+                admission.request_id,
+                len(self._pending),
+                exc,
+            )
+
+    async def _replay_pending(self) -> None:
+        while self._pending:
+            admission, used, cost = self._pending[0]
+            try:
+                await self._call("settle replay", self._settle_call(admission, used, cost))
+            except QuotaUnavailable:
+                return
+            if self._pending and self._pending[0][0] is admission:
+                self._pending.popleft()
+
+    async def topup(self, account: str, nanos: int) -> int:
+        if nanos <= 0:
+            raise ValueError(f"a top-up must be positive, not {nanos}")
+        key = account_base(self.prefix, account)
+        result = await self._call("top-up", lambda: self._client.hincrby(key, "balance", nanos))
+        return int(result)
+
+    async def set_balance(self, account: str, nanos: int) -> None:
+        key = account_base(self.prefix, account)
+        await self._call("set balance", lambda: self._client.hsetnx(key, "balance", nanos))
+
+    async def balance(self, account: str) -> int | None:
+        key = account_base(self.prefix, account)
+        value = await self._call("balance", lambda: self._client.hget(key, "balance"))
+        return int(value) if value is not None else None
+
+    async def remaining(self, scope: Scope, now: datetime) -> dict[str, int | None]:
+        plan = plan_scope(scope, now, self.prefix)
+        base = plan.base
+
+        async def read() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for suffix in (plan.rpm, plan.tpm, plan.day, plan.month):
+                pipe.get(base + suffix)
+            pipe.zcount(f"{base}:inflight", f"({plan.periods.now_ms}", "+inf")
+            return await pipe.execute()  # type: ignore[no-any-return]
+
+        rpm, tpm, day, month, inflight = await self._call("remaining", read)
+        return remaining_from(
+            scope.limits,
+            int(rpm or 0),
+            int(tpm or 0),
+            int(inflight),
+            int(day or 0),
+            int(month or 0),
+        )
+
+    async def ping(self) -> bool:
+        """Whether Redis answers now."""
+        try:
+            await self._call("ping", self._client.ping)  # type: ignore[arg-type]
+        except QuotaUnavailable:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        if self._replay_task is not None:
+            self._replay_task.cancel()
+            try:
+                await self._replay_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self._client.aclose()

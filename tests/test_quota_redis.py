@@ -1,0 +1,307 @@
+"""The Redis quota store across gateway processes, and when Redis dies, hangs and returns."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from billing.quota import (
+    Admission,
+    AdmitRequest,
+    Limits,
+    QuotaConfig,
+    QuotaExceeded,
+    QuotaUnavailable,
+    Scope,
+    build_quota_store,
+)
+from billing.quota_redis import RedisQuotaStore
+from tests.fixtures.redis_server import RedisServer
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+NOW = datetime(2025, 6, 10, 12, 0, 0, tzinfo=UTC)
+PROMPT, MAX_OUT, INPUT_COST, OUT_PRICE = 100, 100, 1_000, 20
+WORST_CASE = INPUT_COST + MAX_OUT * OUT_PRICE
+
+
+# ---- a gateway process: fires admits (and settles) at a shared Redis ------------------------
+
+
+async def _gateway_process(config: dict[str, Any]) -> list[list[int]]:
+    store = RedisQuotaStore(config["url"], reservation_ttl_s=600, timeout_ms=2_000)
+    control = redis.asyncio.Redis.from_url(config["url"])
+    scope = Scope("tenant:acme", Limits(**config["limits"]))
+    rng = random.Random(config["name"])
+    await control.incr("test:ready")
+    await eventually(lambda: control.get("test:go"), interval_s=0.002)
+
+    async def one(index: int) -> list[int] | None:
+        req = AdmitRequest(
+            request_id=f"{config['name']}-{index}",
+            scopes=[scope],
+            prompt_tokens=PROMPT,
+            max_tokens=MAX_OUT,
+            input_cost_nanos=INPUT_COST,
+            output_price_nanos=OUT_PRICE,
+            balance_account=config.get("account"),
+            now=datetime.fromisoformat(config["now"]),
+        )
+        try:
+            admission = await store.admit(req)
+        except QuotaExceeded:
+            return None
+        output = admission.granted_max_tokens
+        if config["settle"]:
+            await asyncio.sleep(rng.random() / 100)
+            output = rng.randint(0, admission.granted_max_tokens)
+            await store.settle(admission, PROMPT + output, INPUT_COST + output * OUT_PRICE)
+        return [PROMPT + output, INPUT_COST + output * OUT_PRICE]
+
+    outcomes = await asyncio.gather(*(one(i) for i in range(config["requests"])))
+    await store.aclose()
+    await control.aclose()
+    return [o for o in outcomes if o is not None]
+
+
+async def eventually(
+    check: Callable[[], Awaitable[Any]], timeout_s: float = 30, interval_s: float = 0.01
+) -> None:
+    """Wait until `check()` is truthy (state owned by another process or task)."""
+    async with asyncio.timeout(timeout_s):
+        while not await check():  # noqa: ASYNC110 - polling state we do not own
+            await asyncio.sleep(interval_s)
+
+
+def gateway_process_main(argv: list[str]) -> None:
+    """Entry point of a worker process: prints the admitted requests' [tokens, cost]."""
+    print(json.dumps(asyncio.run(_gateway_process(json.loads(argv[0])))))
+
+
+async def run_gateways(url: str, processes: int = 2, **config: Any) -> list[list[int]]:
+    """Start `processes` gateway processes, release them at once, gather what they admitted."""
+    control = redis.asyncio.Redis.from_url(url)
+    code = (
+        "import sys; from tests.test_quota_redis import gateway_process_main as m; m(sys.argv[1:])"
+    )
+    workers = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            code,
+            json.dumps({"url": url, "name": f"gw{n}", "now": NOW.isoformat(), **config}),
+            cwd=PROJECT_ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for n in range(processes)
+    ]
+    try:
+
+        async def all_ready() -> bool:
+            return int(await control.get("test:ready") or 0) >= processes
+
+        await eventually(all_ready)
+        await control.set("test:go", 1)
+        async with asyncio.timeout(60):
+            outputs = [await worker.communicate() for worker in workers]
+    finally:
+        await control.aclose()
+    admitted: list[list[int]] = []
+    for worker, (out, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err.decode()
+        admitted += json.loads(out)
+    return admitted
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[RedisQuotaStore]:
+    quota = RedisQuotaStore(redis_url)
+    yield quota
+    await quota.aclose()
+
+
+async def test_two_processes_never_overspend_a_budget_for_50(
+    redis_url: str, store: RedisQuotaStore
+) -> None:
+    budget, day_budget = 50 * WORST_CASE, 50 * (PROMPT + MAX_OUT)
+    await store.set_balance("acme", budget)
+    limits = {"tokens_per_day": day_budget}
+
+    admitted = await run_gateways(
+        redis_url, requests=100, settle=True, account="acme", limits=limits
+    )
+
+    billed = sum(cost for _, cost in admitted)
+    used = sum(tokens for tokens, _ in admitted)
+    assert len(admitted) >= 50
+    assert billed <= budget and used <= day_budget
+    assert await store.balance("acme") == budget - billed  # each billed exactly what it used
+    scope = Scope("tenant:acme", Limits(**limits))
+    assert (await store.remaining(scope, NOW))["tokens_per_day"] == day_budget - used
+
+
+async def test_two_processes_admit_exactly_the_50_that_are_funded(
+    redis_url: str, store: RedisQuotaStore
+) -> None:
+    await store.set_balance("acme", 50 * WORST_CASE)
+    admitted = await run_gateways(redis_url, requests=100, settle=False, account="acme", limits={})
+    assert len(admitted) == 50
+    assert all(tokens == PROMPT + MAX_OUT for tokens, _ in admitted)
+
+
+async def test_requests_per_minute_hold_across_two_processes(redis_url: str) -> None:
+    admitted = await run_gateways(redis_url, requests=40, settle=True, limits={"rpm": 30})
+    assert len(admitted) == 30
+
+
+async def test_tokens_per_minute_hold_across_two_processes(
+    redis_url: str, store: RedisQuotaStore
+) -> None:
+    admitted = await run_gateways(redis_url, requests=40, settle=True, limits={"tpm": 3_000})
+    used = sum(tokens for tokens, _ in admitted)
+    assert len(admitted) >= 3_000 // (PROMPT + MAX_OUT)
+    assert used <= 3_000
+    scope = Scope("tenant:acme", Limits(tpm=3_000))
+    assert (await store.remaining(scope, NOW))["tpm"] == 3_000 - used
+
+
+# ---- Redis dies, hangs and comes back ---------------------------------------------------------
+
+
+def ask(scope: Scope, **fields: Any) -> AdmitRequest:
+    values: dict[str, Any] = {
+        "request_id": f"r-{time.monotonic_ns()}-{random.random()}",
+        "scopes": [scope],
+        "prompt_tokens": PROMPT,
+        "max_tokens": MAX_OUT,
+        "now": datetime.now(UTC),
+    }
+    values.update(fields)
+    return AdmitRequest(**values)
+
+
+async def test_killing_redis_fails_closed_and_recovers_without_restart(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    store = RedisQuotaStore(redis_url, timeout_ms=200, retry_interval_ms=100)
+    scope = Scope("tenant:acme", Limits(rpm=1_000_000, tokens_per_day=10**12))
+    outcomes: list[tuple[float, str, float]] = []  # (started, outcome, seconds)
+    running = True
+
+    async def gateway_traffic() -> None:
+        while running:
+            started = time.monotonic()
+            try:
+                admission = await store.admit(ask(scope))
+                await store.settle(admission, PROMPT + 10, 0)
+                outcome = "ok"
+            except QuotaUnavailable:
+                outcome = "unavailable"
+            outcomes.append((started, outcome, time.monotonic() - started))
+            await asyncio.sleep(0.005)
+
+    traffic = [asyncio.create_task(gateway_traffic()) for _ in range(20)]
+    try:
+        await asyncio.sleep(0.3)
+        killed_at = time.monotonic()
+        redis_server.stop()
+        await asyncio.sleep(0.7)
+        await asyncio.to_thread(redis_server.start)
+        back_at = time.monotonic()
+        await asyncio.sleep(1.0)
+    finally:
+        running = False
+        await asyncio.gather(*traffic)
+        redis_server.start()
+
+    during = [o for started, o, _ in outcomes if killed_at + 0.05 < started < back_at - 0.05]
+    after = [o for started, o, _ in outcomes if started > back_at + 0.7]
+    assert during and set(during) == {"unavailable"}  # clean refusals, no other errors
+    assert after and set(after) == {"ok"}  # recovered by itself, same store object
+    assert max(seconds for _, _, seconds in outcomes) < 1.0  # never hung
+    assert store.pending_settles == 0
+    await store.aclose()
+
+
+async def test_a_hung_redis_gives_unavailable_within_the_timeout(redis_url: str) -> None:
+    store = RedisQuotaStore(redis_url, timeout_ms=150, retry_interval_ms=0)
+    scope = Scope("tenant:acme", Limits(rpm=100))
+    await store.admit(ask(scope))
+    pause(redis_url, 1_500)
+    started = time.monotonic()
+    with pytest.raises(QuotaUnavailable, match="unreachable"):
+        await store.admit(ask(scope))
+    assert time.monotonic() - started < 0.6
+    await asyncio.sleep(1.6)
+    await store.admit(ask(scope))
+    await store.aclose()
+
+
+async def test_fail_open_serves_from_memory_and_replays_into_redis(redis_url: str) -> None:
+    store = build_quota_store(
+        QuotaConfig(
+            backend="redis",
+            redis_url=redis_url,
+            redis_url_env=None,
+            on_unavailable="open",
+            timeout_ms=100,
+            retry_interval_ms=100,
+        )
+    )
+    scope = Scope("tenant:acme", Limits(rpm=3))
+    paid = {
+        "now": NOW,
+        "input_cost_nanos": INPUT_COST,
+        "output_price_nanos": OUT_PRICE,
+        "balance_account": "acme",
+    }
+    await store.set_balance("acme", 1_000_000)
+    first = await store.admit(ask(scope, **paid))
+    assert first.backend == "redis"
+    await store.settle(first, PROMPT + 50, 2_000)
+
+    pause(redis_url, 1_500)
+    served: list[Admission] = [await store.admit(ask(scope, **paid)) for _ in range(3)]
+    assert [a.backend for a in served] == ["fallback"] * 3
+    # The fallback still enforces limits, per process and from an empty state.
+    with pytest.raises(QuotaExceeded):
+        await store.admit(ask(scope, **paid))
+    for admission in served:
+        await store.settle(admission, PROMPT + 10, 1_200)
+
+    async with asyncio.timeout(5):
+        while True:
+            try:
+                admission = await store.admit(ask(scope, **paid))
+            except QuotaExceeded:
+                await asyncio.sleep(0.05)
+                continue
+            if admission.backend == "redis":
+                break
+            await store.settle(admission, PROMPT, 0)
+            await asyncio.sleep(0.05)
+    primary = store.primary  # type: ignore[attr-defined]
+
+    async def replayed() -> bool:
+        return primary.pending_settles == 0
+
+    await eventually(replayed)
+    # What was spent while Redis hung has been charged to the shared balance.
+    assert await store.balance("acme") == 1_000_000 - 2_000 - 3 * 1_200
+    await store.aclose()
+
+
+def pause(url: str, milliseconds: int) -> None:
+    """Make Redis stop answering every client for a while, keeping its data."""
+    with redis.Redis.from_url(url) as client:
+        client.client_pause(milliseconds, all=True)
