@@ -1,0 +1,302 @@
+"""The app factory: the one place where the gateway's state is built and wired.
+
+`create_app(settings)` returns a Litestar app. Nothing is opened until the app starts:
+its lifespan builds the providers, opens the ledger and the quota store, and closes them
+all (flushing the ledger) on shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import HTTPException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from billing.ledger import Ledger
+from billing.money import to_nanos
+from billing.pricing import PriceCatalog
+from billing.quota import build_quota_store
+from gateway.auth import ApiKey, Directory, Tenant
+from gateway.config import Settings
+from gateway.errors import (
+    ApiError,
+    body_too_large,
+    invalid_request,
+    method_not_allowed,
+    not_found,
+    server_error,
+)
+from gateway.metrics import Metrics
+from gateway.relay import Relay, Services, error_response, new_request_id
+from gateway.routing import Router
+from gateway.tokens import TokenCounter
+from providers.base import Provider
+from providers.openai_compat import OpenAICompatProvider
+from providers.simulated import SimulatedProvider
+
+log = logging.getLogger("maas.app")
+
+
+class Gateway:
+    """The running gateway's state: settings, services and the relay."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.counter = TokenCounter(settings.tokenizers)
+        for warning in self.counter.warnings:
+            log.warning("tokenizers: %s", warning)
+        self.directory = build_directory(settings)
+        self.metrics = Metrics(settings.metrics)
+        served = [m.name for m in settings.models]
+        self.pricing = PriceCatalog(settings.pricing, served)
+        self.admin_key: str | None = os.environ.get(settings.server.admin_key_env) or None
+        self.demo_key: str | None = None
+        self.providers: dict[str, Provider] = {}
+        self.relay: Relay | None = None
+        self.services: Services | None = None
+        self.started_at = time.time()
+
+    async def start(self) -> None:
+        s = self.settings
+        self.providers = build_providers(s, self.counter)
+        self.router = Router(s.models, self.providers, s.routing)
+        self.quotas = build_quota_store(s.quotas)
+        for tenant in self.directory.tenants.values():
+            if tenant.prepaid and tenant.initial_balance is not None:
+                await self.quotas.set_balance(tenant.id, to_nanos(tenant.initial_balance))
+        self.ledger = await Ledger.open(s.ledger)
+        self.services = Services(
+            directory=self.directory,
+            router=self.router,
+            counter=self.counter,
+            pricing=self.pricing,
+            quotas=self.quotas,
+            ledger=self.ledger,
+            metrics=self.metrics,
+            default_max_output_tokens=s.server.default_max_output_tokens,
+        )
+        self.relay = Relay(self.services)
+
+    async def stop(self) -> None:
+        for provider in self.providers.values():
+            await provider.aclose()
+        await self.quotas.aclose()
+        await self.ledger.aclose()
+
+    def ensure_demo_key(self) -> str | None:
+        """Give the first tenant a key when the configuration asks for a demo key."""
+        env = self.settings.demo_key_env
+        if env is None or not self.directory.tenants:
+            return None
+        tenant_id = next(iter(self.directory.tenants))
+        secret = os.environ.get(env)
+        if secret:
+            from gateway.auth import display_prefix, hash_key
+
+            self.directory.add_key(
+                ApiKey("demo", tenant_id, hash_key(secret), display_prefix(secret), "demo")
+            )
+        else:
+            _, secret = self.directory.create_key(tenant_id, id="demo", name="demo")
+        self.demo_key = secret
+        return secret
+
+
+def build_directory(settings: Settings) -> Directory:
+    tenants = []
+    keys = []
+    for t in settings.tenants:
+        tenants.append(
+            Tenant(
+                id=t.id,
+                name=t.name or t.id,
+                timezone=t.timezone,
+                currency=t.currency,
+                plan=t.plan,
+                limits=t.limits,
+                model_limits=dict(t.model_limits),
+                prepaid=t.balance is not None,
+                initial_balance=t.balance,
+                tax_rate=t.tax_rate,
+            )
+        )
+        for k in t.keys:
+            keys.append(
+                ApiKey(
+                    id=k.id,
+                    tenant_id=t.id,
+                    hash=k.hash,
+                    name=k.name,
+                    models=frozenset(k.models) if k.models is not None else None,
+                    expires_at=k.expires_at,
+                    revoked=k.revoked,
+                    limits=k.limits,
+                )
+            )
+    return Directory(tenants, keys)
+
+
+def build_providers(settings: Settings, counter: TokenCounter) -> dict[str, Provider]:
+    providers: dict[str, Provider] = {}
+    for config in settings.providers:
+        if config.type == "simulated":
+            sim_config = config.model_copy()
+            encoding = counter.encoding(_first_model_on(settings, config.name))
+            providers[config.name] = SimulatedProvider(config.name, sim_config, encoding)
+        else:
+            providers[config.name] = OpenAICompatProvider(config.name, config)
+    return providers
+
+
+def _first_model_on(settings: Settings, provider: str) -> str:
+    for model in settings.models:
+        if any(d.provider == provider for d in model.deployments):
+            return model.name
+    return provider
+
+
+def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litestar:
+    """Build the gateway's ASGI app from validated settings."""
+    gw = gateway or Gateway(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    def relay() -> Relay:
+        assert gw.relay is not None, "the gateway has not started"
+        return gw.relay
+
+    @post("/v1/chat/completions", status_code=200)
+    async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
+        return await relay().handle("chat.completions", request)
+
+    @post("/v1/completions", status_code=200)
+    async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
+        return await relay().handle("completions", request)
+
+    @post("/v1/embeddings", status_code=200)
+    async def embeddings(request: Request[Any, Any, Any]) -> Response[Any]:
+        return await relay().handle("embeddings", request)
+
+    @get("/v1/models")
+    async def list_models(request: Request[Any, Any, Any]) -> Response[Any]:
+        key, _ = gw.directory.authenticate(request.headers.get("authorization"), _now())
+        data = [_model_card(name, gw) for name in _visible_models(gw, key)]
+        return _json({"object": "list", "data": data})
+
+    @get("/v1/models/{model:str}")
+    async def retrieve_model(request: Request[Any, Any, Any]) -> Response[Any]:
+        model = request.path_params["model"]
+        key, _ = gw.directory.authenticate(request.headers.get("authorization"), _now())
+        if model not in _visible_models(gw, key):
+            from gateway.errors import model_not_found
+
+            raise model_not_found(model)
+        return _json(_model_card(model, gw))
+
+    @get("/healthz")
+    async def healthz() -> Response[Any]:
+        return _json({"status": "ok"})
+
+    @get("/readyz")
+    async def readyz() -> Response[Any]:
+        ready = gw.relay is not None
+        body = {"status": "ready" if ready else "starting", "warnings": gw.counter.warnings}
+        return _json(body, status=200 if ready else 503)
+
+    @get("/metrics")
+    async def metrics() -> Response[Any]:
+        body, content_type = gw.metrics.render()
+        return Response(body, media_type=content_type)
+
+    from gateway.admin import admin_routes
+
+    return Litestar(
+        route_handlers=[
+            chat_completions,
+            completions,
+            embeddings,
+            list_models,
+            retrieve_model,
+            healthz,
+            readyz,
+            metrics,
+            *admin_routes(gw),
+        ],
+        lifespan=[lifespan],
+        exception_handlers={Exception: _exception_handler},
+        request_max_body_size=settings.server.max_body_bytes,
+        openapi_config=None,
+        logging_config=None,
+        state=None,
+    )
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _visible_models(gw: Gateway, key: ApiKey) -> list[str]:
+    names: list[str] = []
+    for model in gw.settings.models:
+        if key.allows(model.name):
+            names.append(model.name)
+            names.extend(model.aliases)
+    return names
+
+
+def _model_card(name: str, gw: Gateway) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": int(gw.started_at),
+        "owned_by": "maas-gateway",
+    }
+
+
+def _json(body: Any, status: int = 200) -> Response[Any]:
+    from gateway.relay import _encode
+
+    return Response(
+        _encode(body),
+        status_code=status,
+        media_type="application/json",
+        headers={"x-request-id": new_request_id()},
+    )
+
+
+def _exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """Every error leaves in OpenAI's shape with a request id."""
+    request_id = new_request_id()
+    if isinstance(exc, ApiError):
+        return error_response(exc, request_id)
+    if isinstance(exc, HTTPException):
+        status = exc.status_code
+        if status == 404:
+            error = not_found(request.url.path)
+        elif status == 405:
+            error = method_not_allowed(request.method, request.url.path)
+        elif status == 413:
+            error = body_too_large(request.app.request_max_body_size or 0)
+        elif status < 500:
+            error = invalid_request(str(exc.detail))
+            error.status_code = status
+        else:
+            error = server_error(request_id)
+        return error_response(error, request_id)
+    log.exception("unhandled error for %s", request.url.path, exc_info=exc)
+    error = server_error(request_id)
+    error.status_code = HTTP_500_INTERNAL_SERVER_ERROR
+    return error_response(error, request_id)

@@ -1,0 +1,272 @@
+"""The `maas-gateway` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from gateway.config import ConfigError, Settings, load_settings
+
+EPILOG = "Configuration reference: see the README's 'Configuration' section."
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=os.environ.get("MAAS_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.run(args) or 0)
+    except ConfigError as exc:
+        print(f"maas-gateway: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maas-gateway",
+        description="A token-metered, OpenAI-compatible Model-as-a-Service gateway and simulator.",
+        epilog=EPILOG,
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway. With no --config it runs the embedded default: "
+        "simulated models, SQLite ledger, in-process quotas and a demo tenant whose API key "
+        "is printed at start-up.",
+    )
+    _config_arg(serve)
+    serve.add_argument("--host", help="address to listen on (default: from config, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: from config, 8080)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.set_defaults(run=_serve)
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="run the simulated model backend as its own OpenAI-compatible server",
+        description="Serve simulated models over HTTP (the OpenAI API plus vLLM-style "
+        "/metrics), to stand in for a GPU inference server in load tests.",
+    )
+    simulate.add_argument("--config", type=Path, help="simulator YAML: model name -> settings")
+    simulate.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    simulate.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    simulate.set_defaults(run=_simulate)
+
+    keys = commands.add_parser("keys", help="API keys: mint offline or manage over the admin API")
+    key_commands = keys.add_subparsers(title="key commands", metavar="KEYCMD")
+    new = key_commands.add_parser(
+        "new",
+        help="mint a key offline and print the stanza to put in the config file",
+        description="Print a new random API key once, with the hash to store in the "
+        "configuration file under tenants[].keys.",
+    )
+    new.add_argument("--id", default=None, help="key id (default: random)")
+    new.set_defaults(run=_keys_new)
+    for name, helptext in (
+        ("create", "create a key for a tenant through the admin API (printed once)"),
+        ("list", "list a tenant's keys through the admin API"),
+        ("revoke", "revoke a key through the admin API"),
+    ):
+        sub = key_commands.add_parser(name, help=helptext, description=helptext)
+        sub.add_argument("--url", default="http://127.0.0.1:8080", help="gateway base URL")
+        sub.add_argument(
+            "--admin-key-env",
+            default="MAAS_ADMIN_KEY",
+            help="environment variable holding the admin key (default MAAS_ADMIN_KEY)",
+        )
+        if name == "revoke":
+            sub.add_argument("key_id", help="the key id to revoke")
+        else:
+            sub.add_argument("--tenant", required=True, help="tenant id")
+        if name == "create":
+            sub.add_argument("--name", default="", help="a label for the key")
+            sub.add_argument("--models", help="comma-separated model allowlist")
+            sub.add_argument("--expires-at", help="expiry, ISO 8601 (e.g. 2027-01-01T00:00:00Z)")
+        sub.set_defaults(run=_keys_admin, action=name)
+
+    invoice = commands.add_parser(
+        "invoice",
+        help="print a tenant's monthly invoice",
+        description="Build a tenant's invoice for a month from the ledger and print it.",
+    )
+    _config_arg(invoice)
+    invoice.add_argument("--tenant", required=True, help="tenant id")
+    invoice.add_argument("--month", required=True, help="month, e.g. 2026-11")
+    invoice.add_argument("--format", choices=["json", "csv", "html"], default="json")
+    invoice.add_argument("--finalize", action="store_true", help="finalise the invoice")
+    invoice.set_defaults(run=_invoice)
+
+    rec = commands.add_parser(
+        "reconcile",
+        help="compare invoices, ledger sums and rollups for a month",
+        description="Reconcile a month: invoice totals vs ledger sums vs rollups, per tenant. "
+        "Exits 1 when any difference is found.",
+    )
+    _config_arg(rec)
+    rec.add_argument("--month", required=True, help="month, e.g. 2026-11")
+    rec.set_defaults(run=_reconcile)
+    return parser
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("MAAS_CONFIG"),
+        help="configuration YAML (default: $MAAS_CONFIG, else the embedded default)",
+    )
+
+
+def settings_from(path: Path | None) -> Settings:
+    if path is None:
+        from gateway.defaults import default_settings
+
+        return default_settings()
+    return load_settings(path)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import Gateway, create_app
+
+    settings = settings_from(args.config)
+    host = args.host or settings.server.host
+    port = args.port if args.port is not None else settings.server.port
+    gateway = Gateway(settings)
+    demo_key = gateway.ensure_demo_key()
+    if gateway.admin_key is None and args.config is None:
+        gateway.admin_key = "sk-admin-" + secrets.token_urlsafe(24)
+        print(f"admin key (this run only): {gateway.admin_key}", flush=True)
+    if demo_key:
+        print(f"demo tenant API key: {demo_key}", flush=True)
+    print(f"OpenAI base_url: http://{host}:{port}/v1", flush=True)
+    app = create_app(settings, gateway=gateway)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from gateway.tokens import TokenCounter
+    from providers.simulate_server import load_simulator_config, run_simulator
+    from providers.simulated import SimulatedConfig, SimulatedProvider
+
+    configs = (
+        load_simulator_config(args.config)
+        if args.config
+        else {"sim-small": SimulatedConfig(), "sim-large": SimulatedConfig(itl_ms=25)}
+    )
+    counter = TokenCounter()
+    providers = {
+        name: SimulatedProvider(name, config, counter.encoding(name))
+        for name, config in configs.items()
+    }
+    print(f"simulated models {sorted(providers)} at http://{args.host}:{args.port}/v1", flush=True)
+    run_simulator(args.host, args.port, providers)
+    return 0
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    from gateway.auth import generate_key, hash_key
+
+    secret = generate_key()
+    key_id = args.id or "key_" + secrets.token_hex(8)
+    print(f"API key (shown once): {secret}")
+    print("config stanza (tenants[].keys):")
+    print(f"  - id: {key_id}\n    hash: {hash_key(secret)}")
+    return 0
+
+
+def _keys_admin(args: argparse.Namespace) -> int:
+    import httpx
+
+    admin_key = os.environ.get(args.admin_key_env)
+    if not admin_key:
+        print(f"maas-gateway: set {args.admin_key_env} to the admin key", file=sys.stderr)
+        return 2
+    headers = {"authorization": f"Bearer {admin_key}"}
+    with httpx.Client(base_url=args.url, headers=headers, timeout=10) as client:
+        if args.action == "create":
+            body: dict[str, object] = {"name": args.name}
+            if args.models:
+                body["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+            if args.expires_at:
+                body["expires_at"] = args.expires_at
+            response = client.post(f"/admin/tenants/{args.tenant}/keys", json=body)
+        elif args.action == "list":
+            response = client.get(f"/admin/tenants/{args.tenant}/keys")
+        else:
+            response = client.post(f"/admin/keys/{args.key_id}/revoke")
+    print(response.text)
+    return 0 if response.is_success else 1
+
+
+def _invoice(args: argparse.Namespace) -> int:
+    return asyncio.run(_invoice_async(args))
+
+
+async def _invoice_async(args: argparse.Namespace) -> int:
+    from billing.invoice import build_invoice, finalize_invoice, render_invoice
+    from billing.ledger import Ledger
+    from gateway.admin import tenant_billing
+    from gateway.app import build_directory
+
+    settings = settings_from(args.config)
+    tenant = build_directory(settings).tenants.get(args.tenant)
+    if tenant is None:
+        print(f"maas-gateway: no tenant {args.tenant!r} in the configuration", file=sys.stderr)
+        return 2
+    ledger = await Ledger.open(settings.ledger)
+    try:
+        make = finalize_invoice if args.finalize else build_invoice
+        document = await make(ledger, tenant_billing(tenant), args.month)
+        sys.stdout.write(render_invoice(document, args.format))
+    finally:
+        await ledger.aclose()
+    return 0
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    return asyncio.run(_reconcile_async(args))
+
+
+async def _reconcile_async(args: argparse.Namespace) -> int:
+    from billing.ledger import Ledger
+    from billing.reconcile import reconcile
+    from gateway.admin import tenant_billing
+    from gateway.app import build_directory
+
+    settings = settings_from(args.config)
+    tenants = [tenant_billing(t) for t in build_directory(settings).tenants.values()]
+    ledger = await Ledger.open(settings.ledger)
+    try:
+        report = await reconcile(ledger, tenants, args.month)
+    finally:
+        await ledger.aclose()
+    print(report)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

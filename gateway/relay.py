@@ -1,0 +1,558 @@
+"""The request path of the OpenAI endpoints, top to bottom as the data flows:
+
+authenticate → validate → route → count → price → admit → forward → count output →
+settle → record → observe.
+
+`Relay.handle` runs it for `/v1/chat/completions`, `/v1/completions` and `/v1/embeddings`.
+Every request that got past authentication ends in exactly one `UsageRecord`, written by
+`Metering.finish` whether it succeeded, was refused, failed upstream or was cut short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+from litestar.response import Stream
+
+from billing.ledger import Ledger
+from billing.money import format_amount
+from billing.pricing import PriceCatalog, Quote, Unpriced
+from billing.quota import (
+    Admission,
+    AdmitRequest,
+    QuotaExceeded,
+    QuotaStore,
+    QuotaUnavailable,
+    Scope,
+)
+from billing.record import UsageRecord
+from billing.usage import Usage
+from gateway.auth import ApiKey, Directory, Tenant
+from gateway.errors import (
+    ApiError,
+    body_too_large,
+    invalid_request,
+    model_not_found,
+    server_error,
+    service_unavailable,
+)
+from gateway.metrics import Metrics
+from gateway.routing import Deployment, Forwarded, ModelConfig, Router, UnknownModel
+from gateway.schemas import decode_body
+from gateway.tokens import TokenCounter
+from providers.base import Chunk, Endpoint, ProviderRequest, UpstreamError
+
+log = logging.getLogger("maas.relay")
+_encode = msgspec.json.Encoder().encode
+_DONE = b"data: [DONE]\n\n"
+_KIND_OF_ENDPOINT = {"chat.completions": "chat", "completions": "chat", "embeddings": "embedding"}
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class Services:
+    """Everything the request path calls, built once by the app factory."""
+
+    directory: Directory
+    router: Router
+    counter: TokenCounter
+    pricing: PriceCatalog
+    quotas: QuotaStore
+    ledger: Ledger
+    metrics: Metrics
+    default_max_output_tokens: int = 4096
+
+
+class Metering:
+    """One request's meter: collects what happened and writes it down exactly once."""
+
+    __slots__ = (
+        "admission",
+        "attempts",
+        "cut_by",
+        "delivered",
+        "deployment",
+        "endpoint",
+        "error_type",
+        "finished",
+        "key",
+        "model",
+        "prompt_tokens",
+        "quote",
+        "record",
+        "request_id",
+        "services",
+        "started",
+        "status_code",
+        "stream",
+        "t0",
+        "tenant",
+        "ttft_s",
+        "upstream_s",
+        "upstream_usage",
+    )
+
+    def __init__(
+        self, services: Services, request_id: str, key: ApiKey, tenant: Tenant, endpoint: Endpoint
+    ) -> None:
+        self.services = services
+        self.request_id = request_id
+        self.key = key
+        self.tenant = tenant
+        self.endpoint = endpoint
+        self.t0 = time.perf_counter()
+        self.started = datetime.now(UTC)
+        self.model = ""
+        self.prompt_tokens = 0
+        self.quote: Quote | None = None
+        self.admission: Admission | None = None
+        self.deployment: Deployment | None = None
+        self.attempts = 0
+        self.stream = False
+        self.status_code = 200
+        self.error_type: str | None = None
+        self.cut_by: str | None = None
+        self.upstream_usage: dict[str, Any] | None = None
+        self.delivered: list[str] = []
+        self.ttft_s: float | None = None
+        self.upstream_s: float | None = None
+        self.finished = False
+        self.record: UsageRecord | None = None
+
+    def fail(self, error: ApiError) -> None:
+        self.status_code = error.status_code
+        self.error_type = error.code or error.type
+
+    def usage(self) -> Usage:
+        """Upstream usage when it is authoritative, else counted from what was delivered."""
+        if self.status_code >= 400 and self.cut_by is None and not self.delivered:
+            return Usage()  # refused, or failed before any output: error text is never billed
+        if self.upstream_usage is not None and self.cut_by is None:
+            return Usage.from_openai(self.upstream_usage)
+        output = 0
+        if self.delivered:
+            output = self.services.counter.count_text(self.model, "".join(self.delivered))
+        return Usage(uncached_input=self.prompt_tokens, output=output)
+
+    def finish(self) -> UsageRecord:
+        """Price, record and observe (synchronously, so nothing is lost); returns the record."""
+        if self.record is not None:
+            return self.record
+        usage = self.usage()
+        quote = self.quote
+        cost = quote.cost(usage) if quote else 0
+        deployment = self.deployment
+        rec = UsageRecord(
+            request_id=self.request_id,
+            started_at=self.started,
+            tenant_id=self.tenant.id,
+            key_id=self.key.id,
+            model=self.model,
+            endpoint=self.endpoint,
+            provider=deployment.provider_name if deployment else "",
+            deployment=deployment.name if deployment else "",
+            usage=usage,
+            currency=quote.currency if quote else self.tenant.currency,
+            price_version=quote.version if quote else "",
+            unit_price_input_nanos=quote.input_nanos if quote else 0,
+            unit_price_cached_nanos=quote.cached_nanos if quote else 0,
+            unit_price_output_nanos=quote.output_nanos if quote else 0,
+            cost_nanos=cost,
+            list_cost_nanos=quote.list_cost(usage) if quote else 0,
+            status_code=self.status_code,
+            error_type=self.error_type,
+            stream=self.stream,
+            stream_cut_by=self.cut_by,
+            attempts=self.attempts,
+            ttft_ms=self.ttft_s * 1000 if self.ttft_s is not None else None,
+            duration_ms=(time.perf_counter() - self.t0) * 1000,
+        )
+        self.record = rec
+        self.services.ledger.record(rec)
+        total_s = rec.duration_ms / 1000
+        upstream = self.upstream_s
+        overhead = total_s - upstream if upstream is not None else total_s
+        self.services.metrics.observe_request(rec, overhead_s=overhead, upstream_s=upstream)
+        return rec
+
+    async def settle(self) -> None:
+        """Charge the reservation with the real cost and release the rest (once)."""
+        admission, self.admission = self.admission, None
+        if admission is None or self.record is None:
+            return
+        rec = self.record
+        try:
+            await self.services.quotas.settle(admission, rec.usage.total, rec.cost_nanos)
+        except QuotaUnavailable:
+            log.warning("settle of %s deferred: quota store unavailable", self.request_id)
+
+    def cost_headers(self) -> dict[str, str]:
+        rec = self.record
+        if rec is None:
+            return {}
+        return {
+            "x-maas-cost": format_amount(rec.cost_nanos),
+            "x-maas-currency": rec.currency,
+            "x-maas-prompt-tokens": str(rec.usage.input),
+            "x-maas-cached-tokens": str(rec.usage.cached_input),
+            "x-maas-completion-tokens": str(rec.usage.output),
+            "x-maas-price-version": rec.price_version,
+        }
+
+    def cost_object(self) -> dict[str, str]:
+        rec = self.record
+        assert rec is not None
+        return {
+            "cost": format_amount(rec.cost_nanos),
+            "currency": rec.currency,
+            "price_version": rec.price_version,
+        }
+
+
+class Relay:
+    """Runs the request path for the OpenAI endpoints."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def handle(self, endpoint: Endpoint, request: Request[Any, Any, Any]) -> Response[Any]:
+        request_id = new_request_id()
+        s = self.services
+        try:
+            key, tenant = s.directory.authenticate(
+                request.headers.get("authorization"), datetime.now(UTC)
+            )
+        except ApiError as error:
+            return error_response(error, request_id)
+        try:
+            raw = await request.body()
+        except HTTPException as exc:  # the body is over server.max_body_bytes
+            limit = request.app.request_max_body_size or 0
+            error = body_too_large(limit) if exc.status_code == 413 else invalid_request(exc.detail)
+            return error_response(error, request_id)
+        meter = Metering(s, request_id, key, tenant, endpoint)
+        try:
+            return await self._admitted(meter, raw)
+        except ApiError as error:
+            meter.fail(error)
+            if error.type == "insufficient_quota" or error.code == "rate_limit_exceeded":
+                s.metrics.observe_refusal(tenant.id, meter.model, error.code or error.type)
+            meter.finish()
+            await meter.settle()
+            return error_response(error, request_id)
+        except Exception:
+            log.exception("request %s failed", request_id)
+            error = ApiError(500, "internal error", type="server_error")
+            meter.fail(error)
+            meter.finish()
+            await meter.settle()
+            return error_response(server_error(request_id), request_id)
+
+    async def _admitted(self, meter: Metering, raw: bytes) -> Response[Any]:
+        s = self.services
+        endpoint = meter.endpoint
+        body, typed = decode_body(endpoint, raw)
+        model = self._route(meter, typed.model)
+        meter.model = model.name
+        meter.stream = bool(body.get("stream"))
+        meter.prompt_tokens = prompt_tokens = self._count_prompt(model.name, endpoint, typed)
+        try:
+            quote = s.pricing.quote(model.name, prompt_tokens, meter.started, meter.tenant.plan)
+        except Unpriced as exc:
+            raise ApiError(400, str(exc), param="model", code="model_not_priced") from None
+        meter.quote = quote
+        limit_field, requested = _output_limit(endpoint, body)
+        n = int(body.get("n") or 1)
+        wanted = requested if requested is not None else s.default_max_output_tokens
+        meter.admission = await self._admit(meter, prompt_tokens, wanted * n, quote)
+        if endpoint != "embeddings":
+            granted = meter.admission.granted_max_tokens // n
+            if requested is None or granted < requested:
+                body[limit_field] = max(granted, 1)
+            if meter.stream:
+                body["stream_options"] = {"include_usage": True}
+        options = getattr(typed, "stream_options", None)
+        include_usage = bool(options and options.include_usage)
+
+        def make_request(deployment: Deployment) -> ProviderRequest:
+            return ProviderRequest(
+                endpoint, deployment.model, {**body, "model": deployment.model}, meter.request_id
+            )
+
+        forwarded = await self._forward(meter, model, make_request)
+        headers = {"x-request-id": meter.request_id, **meter.admission.headers}
+        response = forwarded.response
+        if response.stream is not None:
+            return Stream(
+                self._relay_stream(meter, forwarded, include_usage),
+                media_type="text/event-stream",
+                headers={**headers, "cache-control": "no-cache"},
+            )
+        result = response.body or {}
+        meter.upstream_usage = result.get("usage") if isinstance(result, dict) else None
+        if meter.upstream_usage is None:
+            meter.delivered = _message_texts(result)
+        result["model"] = model.name
+        meter.finish()
+        if isinstance(result.get("usage"), dict):
+            result["usage"]["maas"] = meter.cost_object()
+        await meter.settle()
+        return Response(
+            _encode(result),
+            media_type="application/json",
+            headers={**headers, **meter.cost_headers()},
+        )
+
+    def _route(self, meter: Metering, requested: str) -> ModelConfig:
+        try:
+            model = self.services.router.resolve(requested)
+        except UnknownModel:
+            raise model_not_found(requested) from None
+        if not meter.key.allows(model.name):
+            raise model_not_found(requested)
+        if _KIND_OF_ENDPOINT[meter.endpoint] != (
+            "embedding" if model.kind == "embedding" else "chat"
+        ):
+            raise invalid_request(
+                f"The model `{requested}` does not support this endpoint.", param="model"
+            )
+        return model
+
+    def _count_prompt(self, model: str, endpoint: Endpoint, typed: Any) -> int:
+        counter = self.services.counter
+        if endpoint == "chat.completions":
+            messages = [msgspec.structs.asdict(m) for m in typed.messages]
+            tools = [msgspec.to_builtins(t) for t in typed.tools] if typed.tools else None
+            return counter.count_chat(model, messages, tools)
+        if endpoint == "completions":
+            return counter.count_prompt(model, typed.prompt)
+        return counter.count_input(model, typed.input)
+
+    async def _admit(
+        self, meter: Metering, prompt_tokens: int, max_tokens: int, quote: Quote
+    ) -> Admission:
+        tenant, key = meter.tenant, meter.key
+        scopes = [Scope(f"tenant:{tenant.id}", tenant.limits, tenant.timezone)]
+        if key.limits is not None:
+            scopes.append(Scope(f"key:{key.id}", key.limits, tenant.timezone))
+        model_limits = tenant.model_limits.get(meter.model)
+        if model_limits is not None:
+            scopes.append(
+                Scope(f"tenant:{tenant.id}:model:{meter.model}", model_limits, tenant.timezone)
+            )
+        embeddings = meter.endpoint == "embeddings"
+        request = AdmitRequest(
+            request_id=meter.request_id,
+            scopes=scopes,
+            prompt_tokens=prompt_tokens,
+            max_tokens=0 if embeddings else max_tokens,
+            min_tokens=0 if embeddings else 1,
+            input_cost_nanos=quote.input_nanos * prompt_tokens,
+            output_price_nanos=quote.output_nanos,
+            balance_account=tenant.id if tenant.prepaid else None,
+            now=meter.started,
+        )
+        try:
+            return await self.services.quotas.admit(request)
+        except QuotaExceeded as exc:
+            raise quota_error(exc) from None
+        except QuotaUnavailable:
+            raise service_unavailable(
+                "The quota service is unavailable; the request was not admitted. Retry shortly."
+            ) from None
+
+    async def _forward(self, meter: Metering, model: ModelConfig, make_request: Any) -> Forwarded:
+        started = time.perf_counter()
+        try:
+            forwarded = await self.services.router.forward(model, meter.tenant.id, make_request)
+        except UpstreamError as exc:
+            raise upstream_api_error(exc) from None
+        finally:
+            meter.upstream_s = time.perf_counter() - started
+        meter.deployment = forwarded.deployment
+        meter.attempts = forwarded.attempts
+        meter.ttft_s = forwarded.upstream_ttft_s
+        return forwarded
+
+    async def _relay_stream(
+        self, meter: Metering, forwarded: Forwarded, include_usage: bool
+    ) -> AsyncIterator[bytes]:
+        """Relay chunks as they arrive; settle and record before the last bytes go out."""
+        stream = forwarded.response.stream
+        assert stream is not None
+        public_model = meter.model
+        delivered = meter.delivered
+        usage_chunk: Chunk | None = None
+        completed = False
+        try:
+            try:
+                async for chunk in stream:
+                    usage = chunk.get("usage")
+                    if usage:
+                        meter.upstream_usage = usage
+                    choices = chunk.get("choices")
+                    if not choices:
+                        if usage:
+                            usage_chunk = chunk
+                        continue
+                    for choice in choices:
+                        _collect_delta(choice, delivered)
+                    chunk["model"] = public_model
+                    if not include_usage:
+                        chunk.pop("usage", None)
+                    yield b"data: " + _encode(chunk) + b"\n\n"
+            except UpstreamError as exc:
+                meter.cut_by = "upstream"
+                meter.status_code = exc.status_code if exc.status_code >= 400 else 502
+                meter.error_type = exc.type
+                meter.finish()
+                yield b"data: " + upstream_api_error(exc).encode() + b"\n\n"
+                return
+            completed = True
+            meter.finish()
+            if include_usage:
+                final = usage_chunk or _usage_chunk(meter, forwarded)
+                final["model"] = public_model
+                final["usage"] = {**(meter.upstream_usage or meter.record.usage.to_openai())}  # type: ignore[union-attr]
+                final["usage"]["maas"] = meter.cost_object()
+                yield b"data: " + _encode(final) + b"\n\n"
+            yield _DONE
+        finally:
+            if not completed and meter.record is None:
+                meter.cut_by = "client"
+                meter.status_code = 499
+                meter.error_type = "client_disconnected"
+                meter.finish()
+            await _close_quietly(stream)
+            await _settle_later(meter)
+
+
+async def _close_quietly(stream: Any) -> None:
+    try:
+        await stream.aclose()
+    except Exception:  # the upstream is being abandoned; its errors are no longer ours
+        log.debug("closing an upstream stream failed", exc_info=True)
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+async def _settle_later(meter: Metering) -> None:
+    """Settle now, or in the background when the request's own task is being cancelled."""
+    try:
+        await asyncio.shield(_settle_task(meter))
+    except asyncio.CancelledError:
+        raise
+
+
+def _settle_task(meter: Metering) -> asyncio.Task[None]:
+    task = asyncio.ensure_future(meter.settle())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return task
+
+
+def _collect_delta(choice: dict[str, Any], delivered: list[str]) -> None:
+    delta = choice.get("delta")
+    if delta is None:  # /v1/completions chunks carry text directly
+        text = choice.get("text")
+        if text:
+            delivered.append(text)
+        return
+    content = delta.get("content")
+    if content:
+        delivered.append(content)
+    for call in delta.get("tool_calls") or ():
+        function = call.get("function") or {}
+        delivered.append((function.get("name") or "") + (function.get("arguments") or ""))
+
+
+def _message_texts(body: dict[str, Any]) -> list[str]:
+    texts: list[str] = []
+    for choice in body.get("choices") or ():
+        message = choice.get("message")
+        if message is None:
+            texts.append(choice.get("text") or "")
+            continue
+        texts.append(message.get("content") or "")
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") or {}
+            texts.append((function.get("name") or "") + (function.get("arguments") or ""))
+    return texts
+
+
+def _usage_chunk(meter: Metering, forwarded: Forwarded) -> Chunk:
+    chat = meter.endpoint == "chat.completions"
+    return {
+        "id": ("chatcmpl-" if chat else "cmpl-") + meter.request_id[4:],
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(meter.started.timestamp()),
+        "model": meter.model,
+        "choices": [],
+    }
+
+
+def _output_limit(endpoint: Endpoint, body: dict[str, Any]) -> tuple[str, int | None]:
+    """The body field that caps output, and the cap the caller asked for (if any)."""
+    if endpoint == "chat.completions" and body.get("max_completion_tokens") is not None:
+        return "max_completion_tokens", int(body["max_completion_tokens"])
+    value = body.get("max_tokens")
+    return "max_tokens", int(value) if value is not None else None
+
+
+def quota_error(exc: QuotaExceeded) -> ApiError:
+    if exc.kind == "insufficient_quota":
+        return ApiError(
+            429,
+            exc.message,
+            type="insufficient_quota",
+            code="insufficient_quota",
+            headers={**exc.headers, "x-should-retry": "false"},
+        )
+    headers = dict(exc.headers)
+    if exc.retry_after_s is not None:
+        headers["retry-after"] = str(max(1, int(exc.retry_after_s + 0.999)))
+        headers["retry-after-ms"] = str(int(exc.retry_after_s * 1000))
+    return ApiError(
+        429,
+        exc.message,
+        type="tokens" if exc.reason == "tpm" else "requests",
+        code="rate_limit_exceeded",
+        headers=headers,
+    )
+
+
+def upstream_api_error(exc: UpstreamError) -> ApiError:
+    """An upstream failure as the caller sees it: the upstream's own 4xx, else a gateway 5xx."""
+    status = exc.status_code
+    if status == 429:
+        headers = {"retry-after": str(max(1, int((exc.retry_after or 1) + 0.999)))}
+        return ApiError(429, exc.message, type="rate_limit_error", code=exc.code, headers=headers)
+    if 400 <= status < 500:
+        return ApiError(
+            status, exc.message, type=exc.type or "invalid_request_error", code=exc.code
+        )
+    status = status if status in (502, 503, 504) else 502
+    return ApiError(status, exc.message, type="upstream_error", code=exc.code or exc.type)
+
+
+def error_response(error: ApiError, request_id: str) -> Response[Any]:
+    return Response(
+        error.encode(),
+        status_code=error.status_code,
+        media_type="application/json",
+        headers={"x-request-id": request_id, **error.headers},
+    )

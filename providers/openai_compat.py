@@ -1,0 +1,191 @@
+"""A provider for any OpenAI-compatible upstream: vLLM, Ollama, DeepSeek, Ark, OpenAI...
+
+Requests go over one shared, pooled httpx client per provider. By default its transport
+is aiohttp's (`httpx-aiohttp`), which holds its throughput under concurrency where
+httpx's default transport does not (see docs/benchmarks.md); `transport: httpx` picks
+the default one. Streams are relayed event by event as they arrive.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import httpx
+import msgspec
+from pydantic import BaseModel, Field
+
+from providers.base import Chunk, Provider, ProviderRequest, ProviderResponse, UpstreamError
+
+_PATHS = {
+    "chat.completions": "/chat/completions",
+    "completions": "/completions",
+    "embeddings": "/embeddings",
+}
+_json_decode = msgspec.json.Decoder().decode
+_json_encode = msgspec.json.Encoder().encode
+
+
+class OpenAICompatConfig(BaseModel):
+    """Where the upstream is and how to reach it."""
+
+    base_url: str = Field(description="The upstream's API root, e.g. http://127.0.0.1:8000/v1")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the upstream API key"
+    )
+    headers: dict[str, str] = Field(default_factory=dict)
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 600.0
+    max_connections: int = 512
+    transport: Literal["aiohttp", "httpx"] = "aiohttp"
+
+
+class OpenAICompatProvider(Provider):
+    """Relays requests to an OpenAI-compatible HTTP API."""
+
+    def __init__(self, name: str, config: OpenAICompatConfig) -> None:
+        self.name = name
+        self.config = config
+        headers = {"content-type": "application/json", **config.headers}
+        if config.api_key_env:
+            key = os.environ.get(config.api_key_env)
+            if key:
+                headers["authorization"] = f"Bearer {key}"
+        limits = httpx.Limits(
+            max_connections=config.max_connections,
+            max_keepalive_connections=config.max_connections,
+        )
+        timeout = httpx.Timeout(
+            config.read_timeout_s, connect=config.connect_timeout_s, pool=config.connect_timeout_s
+        )
+        transport: httpx.AsyncBaseTransport
+        if config.transport == "aiohttp":
+            from httpx_aiohttp import AiohttpTransport
+
+            transport = AiohttpTransport(limits=limits)
+        else:
+            transport = httpx.AsyncHTTPTransport(limits=limits)
+        self._client = httpx.AsyncClient(
+            base_url=config.base_url.rstrip("/"),
+            headers=headers,
+            timeout=timeout,
+            transport=transport,
+        )
+
+    async def send(self, request: ProviderRequest) -> ProviderResponse:
+        http_request = self._client.build_request(
+            "POST", _PATHS[request.endpoint], content=_json_encode(request.body)
+        )
+        try:
+            response = await self._client.send(http_request, stream=request.stream)
+        except httpx.TimeoutException as exc:
+            raise UpstreamError(
+                504, f"Upstream {self.name} timed out: {exc}", type="timeout", retryable=True
+            ) from None
+        except httpx.HTTPError as exc:
+            raise UpstreamError(
+                502,
+                f"Upstream {self.name} could not be reached: {exc.__class__.__name__}",
+                type="upstream_unreachable",
+                retryable=True,
+            ) from None
+        if response.status_code != 200:
+            body = await response.aread() if request.stream else response.content
+            await response.aclose()
+            raise _upstream_error(self.name, response.status_code, body, response.headers)
+        if request.stream:
+            return ProviderResponse(stream=self._events(response))
+        try:
+            return ProviderResponse(body=_json_decode(response.content))
+        except msgspec.DecodeError:
+            raise UpstreamError(
+                502, f"Upstream {self.name} sent a body that is not JSON.", retryable=True
+            ) from None
+
+    async def _events(self, response: httpx.Response) -> AsyncIterator[Chunk]:
+        """Server-sent events as chunk dicts, until `[DONE]`; a cut stream raises."""
+        buffer = b""
+        try:
+            async for data in response.aiter_raw():
+                buffer += data
+                while True:
+                    end = buffer.find(b"\n\n")
+                    if end < 0:
+                        break
+                    event, buffer = buffer[:end], buffer[end + 2 :]
+                    payload = _event_data(event)
+                    if payload is None:
+                        continue
+                    if payload == b"[DONE]":
+                        return
+                    chunk = _json_decode(payload)
+                    if "error" in chunk and "choices" not in chunk:
+                        error = chunk["error"] or {}
+                        raise UpstreamError(
+                            502,
+                            str(error.get("message") or "upstream error mid-stream"),
+                            type=str(error.get("type") or "upstream_error"),
+                        )
+                    yield chunk
+            raise UpstreamError(
+                502, f"Upstream {self.name} ended the stream early.", type="stream_cut"
+            )
+        except httpx.HTTPError as exc:
+            raise UpstreamError(
+                502,
+                f"Upstream {self.name} cut the stream: {exc.__class__.__name__}",
+                type="stream_cut",
+            ) from None
+        except msgspec.DecodeError:
+            raise UpstreamError(
+                502, f"Upstream {self.name} sent an event that is not JSON.", type="stream_cut"
+            ) from None
+        finally:
+            await response.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _event_data(event: bytes) -> bytes | None:
+    """The `data:` payload of one SSE event (multi-line data joined), or None."""
+    event = event.replace(b"\r\n", b"\n")
+    if event.startswith(b"data: ") and b"\n" not in event:
+        return event[6:]
+    parts = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(parts) if parts else None
+
+
+def _upstream_error(name: str, status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+    message, type_, code = f"Upstream {name} answered HTTP {status}.", "upstream_error", None
+    try:
+        error: Any = _json_decode(body).get("error")
+        if isinstance(error, dict):
+            message = str(error.get("message") or message)
+            type_ = str(error.get("type") or type_)
+            code = error.get("code")
+        elif isinstance(error, str):
+            message = error
+    except (msgspec.DecodeError, AttributeError):
+        pass
+    retry_after = _retry_after(headers)
+    return UpstreamError(
+        status,
+        message,
+        type=type_,
+        code=str(code) if code is not None else None,
+        retryable=status in (408, 409, 429) or status >= 500,
+        retry_after=retry_after,
+    )
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value:
+            try:
+                return float(value) * scale
+            except ValueError:
+                return None
+    return None

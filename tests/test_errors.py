@@ -1,0 +1,231 @@
+"""Bad input of every kind gets a clear, OpenAI-shaped 4xx, never a 500."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.auth import hash_key
+from gateway.config import parse_settings
+from tests.harness import ACME_KEY, ACME_LIMITED_KEY, RunningGateway, base_config
+
+REVOKED_KEY = "sk-test-revoked-0000000000000000000000000000000000"
+EXPIRED_KEY = "sk-test-expired-0000000000000000000000000000000000"
+
+
+@pytest.fixture(scope="module")
+async def gateway(
+    tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path
+) -> AsyncIterator[RunningGateway]:
+    config = base_config(
+        tmp_path_factory.mktemp("errors"), tokenizer_dir, server={"max_body_bytes": 65536}
+    )
+    config["tenants"][0]["keys"] += [
+        {"id": "revoked", "hash": hash_key(REVOKED_KEY), "revoked": True},
+        {
+            "id": "expired",
+            "hash": hash_key(EXPIRED_KEY),
+            "expires_at": (datetime.now(UTC) - timedelta(days=1)).isoformat(),
+        },
+    ]
+    async with RunningGateway(parse_settings(config)) as gw:
+        yield gw
+
+
+@pytest.fixture
+async def http(gateway: RunningGateway) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=gateway.url, headers={"authorization": f"Bearer {ACME_KEY}"}, timeout=30
+    ) as client:
+        yield client
+
+
+def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers["x-request-id"]
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+GOOD = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def test_missing_and_bad_keys(gateway: RunningGateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.url) as http:
+        assert_openai_error(await http.post("/v1/chat/completions", json=GOOD), 401)
+        for key in ("sk-wrong", REVOKED_KEY, EXPIRED_KEY):
+            response = await http.post(
+                "/v1/chat/completions", json=GOOD, headers={"authorization": f"Bearer {key}"}
+            )
+            assert_openai_error(response, 401, "invalid_api_key")
+    api = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="sk-nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        await api.chat.completions.create(**GOOD)
+
+
+async def test_malformed_json(http: httpx.AsyncClient) -> None:
+    response = await http.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert_openai_error(response, 400)
+    assert_openai_error(await http.post("/v1/chat/completions", json=[1, 2]), 400)
+
+
+async def test_unknown_model_and_allowlist(
+    gateway: RunningGateway, http: httpx.AsyncClient
+) -> None:
+    error = assert_openai_error(
+        await http.post("/v1/chat/completions", json={**GOOD, "model": "nope"}),
+        404,
+        "model_not_found",
+    )
+    assert error["param"] == "model"
+    limited = openai.AsyncOpenAI(
+        base_url=gateway.url + "/v1", api_key=ACME_LIMITED_KEY, max_retries=0
+    )
+    with pytest.raises(openai.NotFoundError):
+        await limited.chat.completions.create(**{**GOOD, "model": "gpt-4"})
+
+
+async def test_wrong_endpoint_for_model(http: httpx.AsyncClient) -> None:
+    body = {"model": "text-embedding-3-small", "messages": GOOD["messages"]}
+    assert_openai_error(await http.post("/v1/chat/completions", json=body), 400)
+
+
+async def test_oversized_body(http: httpx.AsyncClient) -> None:
+    huge = {**GOOD, "messages": [{"role": "user", "content": "x" * 100_000}]}
+    assert_openai_error(await http.post("/v1/chat/completions", json=huge), 413)
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"n": 0}, "n"),
+        ({"n": 1000}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -5}, "max_tokens"),
+        ({"max_tokens": "many"}, "max_tokens"),
+        ({"temperature": 3}, "temperature"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"model": ""}, "model"),
+    ],
+)
+async def test_out_of_range_parameters(
+    http: httpx.AsyncClient, change: dict[str, Any], param: str
+) -> None:
+    error = assert_openai_error(
+        await http.post("/v1/chat/completions", json={**GOOD, **change}), 400
+    )
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+
+
+async def test_bad_completion_and_embedding_inputs(http: httpx.AsyncClient) -> None:
+    for body in (
+        {"model": "gpt-4", "prompt": [[1, "x"]]},
+        {"model": "gpt-4", "prompt": []},
+        {"model": "gpt-4"},
+    ):
+        assert_openai_error(await http.post("/v1/completions", json=body), 400)
+    for body in (
+        {"model": "text-embedding-3-small", "input": ""},
+        {"model": "text-embedding-3-small", "input": [-1]},
+        {"model": "text-embedding-3-small", "input": None},
+    ):
+        assert_openai_error(await http.post("/v1/embeddings", json=body), 400)
+
+
+async def test_unknown_route_and_method(http: httpx.AsyncClient) -> None:
+    assert_openai_error(await http.get("/v1/nothing-here"), 404)
+    assert_openai_error(await http.get("/v1/chat/completions"), 405)
+
+
+async def test_bad_input_changes_nothing(gateway: RunningGateway, http: httpx.AsyncClient) -> None:
+    """A refused request costs nothing: the tenant's month-to-date cost does not move."""
+    before = await gateway.gateway.quotas.remaining(_tenant_scope(gateway), datetime.now(UTC))
+    for _ in range(3):
+        await http.post("/v1/chat/completions", json={**GOOD, "max_tokens": 0})
+    after = await gateway.gateway.quotas.remaining(_tenant_scope(gateway), datetime.now(UTC))
+    assert before == after
+
+
+def _tenant_scope(gw: RunningGateway) -> Any:
+    from billing.quota import Scope
+
+    tenant = gw.gateway.directory.tenants["acme"]
+    return Scope("tenant:acme", tenant.limits, tenant.timezone)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=5)
+    ),
+    max_leaves=20,
+)
+field_names = st.sampled_from(
+    [
+        "model",
+        "messages",
+        "prompt",
+        "input",
+        "stream",
+        "max_tokens",
+        "n",
+        "stream_options",
+        "tools",
+        "temperature",
+        "encoding_format",
+        "role",
+        "content",
+    ]
+)
+bodies = st.one_of(
+    json_values,
+    st.dictionaries(field_names, json_values, max_size=6),
+    st.fixed_dictionaries(
+        {"model": st.sampled_from(["gpt-4o-mini", "gpt-4", "text-embedding-3-small", "x"])},
+        optional={
+            "messages": st.lists(
+                st.dictionaries(st.sampled_from(["role", "content", "name"]), json_values),
+                max_size=3,
+            ),
+            "prompt": json_values,
+            "input": json_values,
+            "max_tokens": json_values,
+            "n": st.integers(-3, 5),
+            "stream": st.booleans(),
+        },
+    ),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]),
+    body=bodies,
+)
+async def test_fuzzed_bodies_never_get_a_500(gateway: RunningGateway, path: str, body: Any) -> None:
+    async with httpx.AsyncClient(
+        base_url=gateway.url, headers={"authorization": f"Bearer {ACME_KEY}"}, timeout=30
+    ) as http:
+        response = await http.post(path, content=json.dumps(body))
+        assert response.status_code < 500, (body, response.text)
+        if response.status_code >= 400:
+            assert_openai_error(response, response.status_code)
