@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -47,8 +47,11 @@ log = logging.getLogger("maas.app")
 class Gateway:
     """The running gateway's state: settings, services and the relay."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, *, clock: Callable[[], datetime] | None = None
+    ) -> None:
         self.settings = settings
+        self.clock = clock or _now
         self.counter = TokenCounter(settings.tokenizers)
         for warning in self.counter.warnings:
             log.warning("tokenizers: %s", warning)
@@ -81,6 +84,7 @@ class Gateway:
             ledger=self.ledger,
             metrics=self.metrics,
             default_max_output_tokens=s.server.default_max_output_tokens,
+            clock=self.clock,
         )
         self.relay = Relay(self.services)
 

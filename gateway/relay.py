@@ -14,8 +14,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -74,6 +74,8 @@ class Services:
     ledger: Ledger
     metrics: Metrics
     default_max_output_tokens: int = 4096
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    """Wall-clock time of a request's start; the economics simulator runs a compressed one."""
 
 
 class Metering:
@@ -114,7 +116,7 @@ class Metering:
         self.tenant = tenant
         self.endpoint = endpoint
         self.t0 = time.perf_counter()
-        self.started = datetime.now(UTC)
+        self.started = services.clock()
         self.model = ""
         self.prompt_tokens = 0
         self.quote: Quote | None = None
@@ -233,7 +235,7 @@ class Relay:
         s = self.services
         try:
             key, tenant = s.directory.authenticate(
-                request.headers.get("authorization"), datetime.now(UTC)
+                request.headers.get("authorization"), s.clock()
             )
         except ApiError as error:
             return error_response(error, request_id)
