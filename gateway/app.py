@@ -7,6 +7,7 @@ all (flushing the ledger) on shutdown.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -22,7 +23,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from billing.ledger import Ledger
 from billing.money import to_nanos
 from billing.pricing import PriceCatalog
-from billing.quota import build_quota_store
+from billing.quota import QuotaUnavailable, Scope, build_quota_store
 from gateway.auth import ApiKey, Directory, Tenant
 from gateway.config import Settings
 from gateway.errors import (
@@ -33,12 +34,13 @@ from gateway.errors import (
     not_found,
     server_error,
 )
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, multiprocess_enabled
 from gateway.relay import Relay, Services, error_response, new_request_id
 from gateway.routing import Router
 from gateway.tokens import TokenCounter
 from providers.base import Provider
 from providers.openai_compat import OpenAICompatProvider
+from providers.simulate_server import SimulatorCollector
 from providers.simulated import SimulatedProvider
 
 log = logging.getLogger("maas.app")
@@ -47,9 +49,7 @@ log = logging.getLogger("maas.app")
 class Gateway:
     """The running gateway's state: settings, services and the relay."""
 
-    def __init__(
-        self, settings: Settings, *, clock: Callable[[], datetime] | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, *, clock: Callable[[], datetime] | None = None) -> None:
         self.settings = settings
         self.clock = clock or _now
         self.counter = TokenCounter(settings.tokenizers)
@@ -69,6 +69,9 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings
         self.providers = build_providers(s, self.counter)
+        simulated = {n: p for n, p in self.providers.items() if isinstance(p, SimulatedProvider)}
+        if simulated and not multiprocess_enabled():
+            self.metrics.registry.register(SimulatorCollector(simulated))
         self.router = Router(s.models, self.providers, s.routing)
         self.quotas = build_quota_store(s.quotas)
         for tenant in self.directory.tenants.values():
@@ -93,6 +96,33 @@ class Gateway:
             await provider.aclose()
         await self.quotas.aclose()
         await self.ledger.aclose()
+        self.metrics.flush()
+
+    async def refresh_gauges(self) -> None:
+        """Bring the gauges that describe state (not events) up to date, for a scrape."""
+        m = self.metrics
+        m.set_ledger(queue_depth=self.ledger.queue_depth, lag_s=self.ledger.lag_seconds)
+        for state in self.router.health():
+            m.set_deployment_health(
+                state["name"], state["model"], state["state"], state["in_flight"]
+            )
+        now = self.clock()
+        for tenant in self.directory.tenants.values():
+            scope = Scope(f"tenant:{tenant.id}", tenant.limits, tenant.timezone)
+            try:
+                left = await self.quotas.remaining(scope, now)
+                balance = await self.quotas.balance(tenant.id) if tenant.prepaid else None
+            except QuotaUnavailable:
+                continue
+            windows = {"day": left.get("tokens_per_day"), "month": left.get("tokens_per_month")}
+            limits = {"day": tenant.limits.tokens_per_day, "month": tenant.limits.tokens_per_month}
+            m.set_tenant_budget(
+                tenant.id,
+                remaining_tokens=windows,
+                limit_tokens=limits,
+                balance_nanos=balance,
+                currency=tenant.currency,
+            )
 
     def ensure_demo_key(self) -> str | None:
         """Give the first tenant a key when the configuration asks for a demo key."""
@@ -222,7 +252,8 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litesta
 
     @get("/metrics")
     async def metrics() -> Response[Any]:
-        body, content_type = gw.metrics.render()
+        await gw.refresh_gauges()
+        body, content_type = await asyncio.to_thread(gw.metrics.render)
         return Response(body, media_type=content_type)
 
     from gateway.admin import admin_routes
