@@ -21,7 +21,9 @@ Availability: every command has a short socket timeout (`timeout_ms`), no retrie
 whole-call deadline of four timeouts, so a dead or hung Redis turns into `QuotaUnavailable`
 quickly; after a failure, calls fail fast for
 `retry_interval_ms` and then try again, so the store recovers by itself. A settle that
-cannot reach Redis is queued and replayed once Redis answers (settles are idempotent).
+cannot reach Redis is queued and replayed once Redis answers (settles are idempotent). An
+admission that was sent but got no answer (a timeout) may still have run: its release is
+queued the same way, so a refused request never keeps a reservation.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from billing.quota import (
     QuotaUnavailable,
     Scope,
     ScopeCharge,
+    ScopePlan,
     ScopeReading,
     account_base,
     counter_ttl_ms,
@@ -60,7 +63,7 @@ from billing.quota import (
     remaining_from,
 )
 
-__all__ = ["ADMIT_LUA", "SETTLE_LUA", "RedisQuotaStore"]
+__all__ = ["ADMIT_LUA", "RELEASE_LUA", "SETTLE_LUA", "RedisQuotaStore"]
 
 logger = logging.getLogger(__name__)
 
@@ -252,6 +255,40 @@ end
 return 1
 """
 
+#: KEYS: per scope: inflight, resv, then its counters; then, with an account: account,
+#: inflight, resv. ARGV: request id, scope count, has account, counters per scope.
+#: Releases whatever this request still holds (nothing when its admission never ran), by the
+#: amounts stored with the reservation; marks nothing, so a later settle still applies.
+RELEASE_LUA = """
+local rid = ARGV[1]
+local function istr(n) return string.format('%d', n) end
+local k = 0
+for i = 1, tonumber(ARGV[2]) do
+  local n = tonumber(ARGV[3 + i])
+  local held = redis.call('HGET', KEYS[k + 2], rid)
+  if held then
+    local amount = string.match(held, '%S+')
+    for j = 1, n do
+      if redis.call('EXISTS', KEYS[k + 2 + j]) == 1 then
+        redis.call('DECRBY', KEYS[k + 2 + j], amount)
+      end
+    end
+    redis.call('HDEL', KEYS[k + 2], rid)
+  end
+  redis.call('ZREM', KEYS[k + 1], rid)
+  k = k + 2 + n
+end
+if ARGV[3] == '1' then
+  local held = redis.call('HGET', KEYS[k + 3], rid)
+  if held then
+    redis.call('HINCRBY', KEYS[k + 1], 'held', istr(-tonumber(held)))
+    redis.call('HDEL', KEYS[k + 3], rid)
+  end
+  redis.call('ZREM', KEYS[k + 2], rid)
+end
+return 1
+"""
+
 _UNREACHABLE = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
@@ -303,13 +340,14 @@ class RedisQuotaStore(QuotaStore):
         self._client = Redis.from_pool(pool)
         self._admit_script = self._client.register_script(ADMIT_LUA)
         self._settle_script = self._client.register_script(SETTLE_LUA)
+        self._release_script = self._client.register_script(RELEASE_LUA)
         self._down_until = 0.0
-        self._pending: deque[tuple[Admission, int, int]] = deque(maxlen=PENDING_SETTLES_MAX)
+        self._pending: deque[Callable[[], Awaitable[Any]]] = deque(maxlen=PENDING_SETTLES_MAX)
         self._replay_task: asyncio.Task[None] | None = None
 
     @property
     def pending_settles(self) -> int:
-        """Settles waiting for Redis to answer again."""
+        """Settles (and releases of lost admissions) waiting for Redis to answer again."""
         return len(self._pending)
 
     async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
@@ -377,7 +415,12 @@ class RedisQuotaStore(QuotaStore):
         if req.balance_account is not None:
             abase = account_base(self.prefix, req.balance_account)
             keys += [abase, f"{abase}:inflight", f"{abase}:resv"]
-        reply = await self._call("admission", lambda: self._admit_script(keys=keys, args=args))
+        try:
+            reply = await self._call("admission", lambda: self._admit_script(keys=keys, args=args))
+        except QuotaUnavailable as exc:
+            if exc.__cause__ is not None:  # sent: the script may have run, its reply lost
+                self._pending.append(self._release_call(req, plans))
+            raise
         admitted, granted, balance, held = (int(reply[0]), int(reply[1]), reply[2], int(reply[3]))
         values = [int(v) for v in reply[4:]]
         readings = [ScopeReading(*values[i * 5 : i * 5 + 5]) for i in range(len(plans))]
@@ -432,14 +475,37 @@ class RedisQuotaStore(QuotaStore):
         ]
         return lambda: self._settle_script(keys=keys, args=args)
 
+    def _release_call(
+        self, req: AdmitRequest, plans: list[ScopePlan]
+    ) -> Callable[[], Awaitable[Any]]:
+        """Undo an admission whose reply never came (a timeout), so it holds nothing."""
+        keys: list[str] = []
+        per_scope = []
+        for plan in plans:
+            if plan.holds:
+                keys += [f"{plan.base}:inflight", f"{plan.base}:resv"]
+                keys += [plan.base + suffix for suffix in plan.counters]
+                per_scope.append(len(plan.counters))
+        if req.balance_account is not None:
+            abase = account_base(self.prefix, req.balance_account)
+            keys += [abase, f"{abase}:inflight", f"{abase}:resv"]
+        args = [
+            req.request_id,
+            len(per_scope),
+            1 if req.balance_account is not None else 0,
+            *per_scope,
+        ]
+        return lambda: self._release_script(keys=keys, args=args)
+
     async def settle(self, admission: Admission, used_tokens: int, cost_nanos: int) -> None:
         """Settle now, or queue the settle for replay if Redis cannot be reached."""
         if not admission.charges and admission.balance_account is None:
             return  # only request counters were charged: nothing to correct or release
+        call = self._settle_call(admission, used_tokens, cost_nanos)
         try:
-            await self._call("settle", self._settle_call(admission, used_tokens, cost_nanos))
+            await self._call("settle", call)
         except QuotaUnavailable as exc:
-            self._pending.append((admission, used_tokens, cost_nanos))
+            self._pending.append(call)
             logger.warning(
                 "settle of %s queued until Redis answers (%d queued): %s",
                 admission.request_id,
@@ -449,12 +515,12 @@ class RedisQuotaStore(QuotaStore):
 
     async def _replay_pending(self) -> None:
         while self._pending:
-            admission, used, cost = self._pending[0]
+            call = self._pending[0]
             try:
-                await self._call("settle replay", self._settle_call(admission, used, cost))
+                await self._call("settle replay", call)
             except QuotaUnavailable:
                 return
-            if self._pending and self._pending[0][0] is admission:
+            if self._pending and self._pending[0] is call:
                 self._pending.popleft()
 
     async def topup(self, account: str, nanos: int) -> int:
