@@ -32,6 +32,9 @@ class UsageRecord:
     unit_price_input_nanos: int = 0
     unit_price_cached_nanos: int = 0
     unit_price_output_nanos: int = 0
+    list_unit_price_input_nanos: int | None = None
+    list_unit_price_cached_nanos: int | None = None
+    list_unit_price_output_nanos: int | None = None
     cost_nanos: int = 0
     list_cost_nanos: int = 0
     compute_cost_nanos: int = 0

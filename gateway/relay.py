@@ -24,6 +24,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
+from billing.compute_cost import ComputeCosts
 from billing.ledger import Ledger
 from billing.money import format_amount
 from billing.pricing import PriceCatalog, Quote, Unpriced
@@ -76,6 +77,8 @@ class Services:
     default_max_output_tokens: int = 4096
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     """Wall-clock time of a request's start; the economics simulator runs a compressed one."""
+    compute_costs: ComputeCosts | None = None
+    """What serving tokens costs the operator, per deployment (`billing.compute_cost`)."""
 
 
 class Metering:
@@ -147,6 +150,8 @@ class Metering:
         output = 0
         if self.delivered:
             output = self.services.counter.count_text(self.model, "".join(self.delivered))
+        if self.cut_by == "upstream":
+            return Usage(output=output)  # the upstream failed: the prompt is not billed
         return Usage(uncached_input=self.prompt_tokens, output=output)
 
     def finish(self) -> UsageRecord:
@@ -157,6 +162,12 @@ class Metering:
         quote = self.quote
         cost = quote.cost(usage) if quote else 0
         deployment = self.deployment
+        costs = self.services.compute_costs
+        compute = (
+            costs.cost_nanos(deployment.name, usage, self.started)
+            if costs is not None and deployment is not None
+            else 0
+        )
         rec = UsageRecord(
             request_id=self.request_id,
             started_at=self.started,
@@ -174,6 +185,7 @@ class Metering:
             unit_price_output_nanos=quote.output_nanos if quote else 0,
             cost_nanos=cost,
             list_cost_nanos=quote.list_cost(usage) if quote else 0,
+            compute_cost_nanos=compute,
             status_code=self.status_code,
             error_type=self.error_type,
             stream=self.stream,
@@ -291,7 +303,11 @@ class Relay:
 
         def make_request(deployment: Deployment) -> ProviderRequest:
             return ProviderRequest(
-                endpoint, deployment.model, {**body, "model": deployment.model}, meter.request_id
+                endpoint,
+                deployment.model,
+                {**body, "model": deployment.model},
+                meter.request_id,
+                connect_timeout_s=deployment.timeouts.connect_s,
             )
 
         forwarded = await self._forward(meter, model, make_request)
