@@ -222,7 +222,10 @@ def admin_routes(gw: Gateway) -> list[HTTPRouteHandler]:
         tenant = tenant_or_404(request.path_params["tenant_id"])
         month = _month(request.path_params["month"])
         await gw.ledger.flush()
-        document = await finalize_invoice(gw.ledger, tenant_billing(tenant), month)
+        try:
+            document = await finalize_invoice(gw.ledger, tenant_billing(tenant), month)
+        except ValueError as exc:
+            raise invalid_request(str(exc), param="month") from None
         return Response(render_invoice(document, "json"), media_type="application/json")
 
     @get("/admin/reconcile/{month:str}")
