@@ -265,8 +265,6 @@ class Relay:
             return await self._admitted(meter, raw)
         except ApiError as error:
             meter.fail(error)
-            if error.type == "insufficient_quota" or error.code == "rate_limit_exceeded":
-                s.metrics.observe_refusal(tenant.id, meter.model, error.code or error.type)
             meter.finish()
             await meter.settle()
             return error_response(error, request_id)
@@ -389,6 +387,8 @@ class Relay:
         try:
             return await self.services.quotas.admit(request)
         except QuotaExceeded as exc:
+            # Counted here, by the limit that refused: an upstream's 429 is no quota refusal.
+            self.services.metrics.observe_refusal(tenant.id, meter.model, exc.reason)
             raise quota_error(exc) from None
         except QuotaUnavailable:
             raise service_unavailable(

@@ -65,10 +65,11 @@ class Timeouts(_Strict):
     """Per-deployment time limits, in seconds.
 
     `connect_s` is for the provider's HTTP client (the router cannot see a connection
-    being made); the router enforces the other three.
+    being made; unset, the provider's own connect timeout applies); the router enforces
+    the other three.
     """
 
-    connect_s: float = Field(default=5, gt=0)
+    connect_s: float | None = Field(default=None, gt=0)
     ttft_s: float = Field(default=60, gt=0, description="Until the first chunk of a stream")
     idle_s: float = Field(default=30, gt=0, description="Between two chunks of a stream")
     total_s: float = Field(default=600, gt=0, description="The whole request, retries included")

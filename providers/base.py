@@ -38,12 +38,15 @@ class ProviderRequest:
     `body` is the validated OpenAI request body with `model` already set to the
     upstream model name. For streams the gateway has set
     `stream_options.include_usage` so that the last chunk carries usage.
+    `connect_timeout_s`, when set, bounds the time to open a connection to the backend
+    (the deployment's own limit); otherwise the provider's default applies.
     """
 
     endpoint: Endpoint
     model: str
     body: dict[str, Any]
     request_id: str = ""
+    connect_timeout_s: float | None = None
 
     @property
     def stream(self) -> bool:

@@ -74,8 +74,16 @@ class OpenAICompatProvider(Provider):
         )
 
     async def send(self, request: ProviderRequest) -> ProviderResponse:
+        connect_s = request.connect_timeout_s
         http_request = self._client.build_request(
-            "POST", _PATHS[request.endpoint], content=_json_encode(request.body)
+            "POST",
+            _PATHS[request.endpoint],
+            content=_json_encode(request.body),
+            timeout=(
+                httpx.Timeout(self.config.read_timeout_s, connect=connect_s, pool=connect_s)
+                if connect_s is not None
+                else httpx.USE_CLIENT_DEFAULT
+            ),
         )
         try:
             response = await self._client.send(http_request, stream=request.stream)
