@@ -1,0 +1,1 @@
+"""Load tests: locust users that behave like tenants' apps, scenarios and reconciliation."""
