@@ -245,7 +245,7 @@ class QuotaConfig(BaseModel):
     on_unavailable: Literal["closed", "open"] = "closed"
     reservation_ttl_s: float = Field(default=600, gt=0)
     default_max_tokens: int = Field(default=4096, gt=0)
-    timeout_ms: int = Field(default=250, gt=0)
+    timeout_ms: int = Field(default=1000, gt=0)
     retry_interval_ms: int = Field(default=500, ge=0)
     max_connections: int = Field(default=64, gt=0)
     key_prefix: str = "maas:quota:"
