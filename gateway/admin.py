@@ -122,7 +122,7 @@ def admin_routes(gw: Gateway) -> list[HTTPRouteHandler]:
             initial_balance=balance,
             tax_rate=tax_rate,
         )
-        gw.directory.add_tenant(tenant)
+        await gw.directory_sync.create_tenant(tenant)  # stored first; 409 when taken
         if balance is not None:
             await gw.quotas.set_balance(tenant.id, to_nanos(balance))
         return _json(_tenant_json(tenant), 201)
@@ -131,13 +131,12 @@ def admin_routes(gw: Gateway) -> list[HTTPRouteHandler]:
     async def create_key(request: Request[Any, Any, Any]) -> Response[Any]:
         require_admin(request)
         tenant_id = request.path_params["tenant_id"]
-        tenant_or_404(tenant_id)
         new = await body_of(request, NewKey)
         served = {m.name for m in gw.settings.models}
         for model in new.models or ():
             if model not in served:
                 raise invalid_request(f"Unknown model {model!r}.", param="models")
-        key, secret = gw.directory.create_key(
+        created = await gw.directory_sync.create_key(
             tenant_id,
             name=new.name,
             models=frozenset(new.models) if new.models is not None else None,
@@ -145,6 +144,9 @@ def admin_routes(gw: Gateway) -> list[HTTPRouteHandler]:
             limits=Limits(**new.limits) if new.limits else None,
             created_at=datetime.now(UTC),
         )
+        if created is None:
+            raise ApiError(404, f"No tenant {tenant_id!r}.", code="tenant_not_found")
+        key, secret = created
         return _json({**key.public(), "key": secret}, 201)
 
     @get("/admin/tenants/{tenant_id:str}/keys")
@@ -158,9 +160,10 @@ def admin_routes(gw: Gateway) -> list[HTTPRouteHandler]:
     async def revoke_key(request: Request[Any, Any, Any]) -> Response[Any]:
         require_admin(request)
         key_id = request.path_params["key_id"]
-        if gw.directory.key(key_id) is None:
+        revoked = await gw.directory_sync.revoke(key_id)  # stored first; 409 for a file key
+        if revoked is None:
             raise ApiError(404, f"No key {key_id!r}.", code="key_not_found")
-        return _json(gw.directory.revoke(key_id).public())
+        return _json(revoked.public())
 
     @post("/admin/tenants/{tenant_id:str}/topup", status_code=200)
     async def topup(request: Request[Any, Any, Any]) -> Response[Any]:
@@ -272,7 +275,8 @@ async def _usage(
     finish = datetime.combine(last + timedelta(days=1), datetime.min.time(), tz)
     await gw.ledger.flush()
     rows = await gw.ledger.usage(tenant_id, begin, finish, zone)
-    return {"object": "list", "start": first.isoformat(), "end": last.isoformat(), "data": rows}
+    data = [row.as_dict() for row in rows]  # costs as exact nanos and as a decimal string
+    return {"object": "list", "start": first.isoformat(), "end": last.isoformat(), "data": data}
 
 
 def _dates(request: Request[Any, Any, Any]) -> tuple[date | None, date | None]:

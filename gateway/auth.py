@@ -37,6 +37,20 @@ def display_prefix(key: str) -> str:
     return key[:DISPLAY_PREFIX_LENGTH]
 
 
+def mint_key(tenant_id: str, **fields: object) -> tuple[ApiKey, str]:
+    """A new key record for a tenant and its secret (shown once, never stored)."""
+    secret = generate_key()
+    key_id = str(fields.pop("id", None) or "key_" + secrets.token_hex(8))
+    key = ApiKey(
+        id=key_id,
+        tenant_id=tenant_id,
+        hash=hash_key(secret),
+        prefix=display_prefix(secret),
+        **fields,  # type: ignore[arg-type]
+    )
+    return key, secret
+
+
 @dataclass(slots=True)
 class Tenant:
     """A customer: who is billed, in which time zone and currency, under which limits."""
@@ -86,41 +100,68 @@ class ApiKey:
 
 
 class Directory:
-    """The tenants and keys the gateway knows, looked up by key hash."""
+    """The tenants and keys the gateway knows, looked up by key hash.
+
+    Entries added with `stored=True` (or by `replace_stored`) come from the database
+    (`gateway.keystore`); all others come from the configuration and are never replaced.
+    """
 
     def __init__(self, tenants: Iterable[Tenant] = (), keys: Iterable[ApiKey] = ()) -> None:
         self.tenants: dict[str, Tenant] = {}
         self._keys_by_hash: dict[str, ApiKey] = {}
         self._keys_by_id: dict[str, ApiKey] = {}
+        self._stored_tenants: set[str] = set()
+        self._stored_keys: set[str] = set()
         for tenant in tenants:
-            self.add_tenant(tenant)
+            self.tenants[tenant.id] = tenant
         for key in keys:
             self.add_key(key)
 
-    def add_tenant(self, tenant: Tenant) -> None:
-        self.tenants[tenant.id] = tenant
+    def add_tenant(self, tenant: Tenant, *, stored: bool = False) -> None:
+        self.tenants = {**self.tenants, tenant.id: tenant}  # never changes a dict in use
+        if stored:
+            self._stored_tenants.add(tenant.id)
 
-    def add_key(self, key: ApiKey) -> None:
+    def add_key(self, key: ApiKey, *, stored: bool = False) -> None:
         if key.tenant_id not in self.tenants:
             raise ValueError(f"key {key.id!r} names unknown tenant {key.tenant_id!r}")
         if key.id in self._keys_by_id:
             raise ValueError(f"duplicate key id {key.id!r}")
         self._keys_by_hash[key.hash] = key
         self._keys_by_id[key.id] = key
+        if stored:
+            self._stored_keys.add(key.id)
 
     def create_key(self, tenant_id: str, **fields: object) -> tuple[ApiKey, str]:
         """Mint a key for a tenant; returns the stored record and the secret (shown once)."""
-        secret = generate_key()
-        key_id = str(fields.pop("id", None) or "key_" + secrets.token_hex(8))
-        key = ApiKey(
-            id=key_id,
-            tenant_id=tenant_id,
-            hash=hash_key(secret),
-            prefix=display_prefix(secret),
-            **fields,  # type: ignore[arg-type]
-        )
+        key, secret = mint_key(tenant_id, **fields)
         self.add_key(key)
         return key, secret
+
+    def is_stored_key(self, key_id: str) -> bool:
+        return key_id in self._stored_keys
+
+    def replace_stored(self, tenants: Iterable[Tenant], keys: Iterable[ApiKey]) -> list[Tenant]:
+        """Swap the database's tenants and keys in for the ones stored before; returns the
+        tenants that are new here. Configured entries win: stored rows with a configured
+        tenant id, key id or key hash are ignored, as are keys of unknown tenants. New
+        dicts are swapped in whole, so a loop over the old ones is never disturbed."""
+        configured = {i: t for i, t in self.tenants.items() if i not in self._stored_tenants}
+        stored_tenants = {t.id: t for t in tenants if t.id not in configured}
+        added = [t for t in stored_tenants.values() if t.id not in self.tenants]
+        by_id = {i: k for i, k in self._keys_by_id.items() if i not in self._stored_keys}
+        by_hash = {k.hash: k for k in by_id.values()}
+        stored_keys: set[str] = set()
+        for key in keys:
+            if key.id in by_id or key.hash in by_hash:
+                continue
+            if key.tenant_id in configured or key.tenant_id in stored_tenants:
+                by_id[key.id] = by_hash[key.hash] = key
+                stored_keys.add(key.id)
+        self.tenants = {**configured, **stored_tenants}
+        self._keys_by_id, self._keys_by_hash = by_id, by_hash
+        self._stored_tenants, self._stored_keys = set(stored_tenants), stored_keys
+        return added
 
     def revoke(self, key_id: str) -> ApiKey:
         key = self._keys_by_id[key_id]
