@@ -20,6 +20,7 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
+from billing.compute_cost import ComputeCosts, LatencyModel
 from billing.ledger import Ledger
 from billing.money import to_nanos
 from billing.pricing import PriceCatalog
@@ -34,6 +35,7 @@ from gateway.errors import (
     not_found,
     server_error,
 )
+from gateway.keystore import DirectorySync, KeyStore
 from gateway.metrics import Metrics, multiprocess_enabled
 from gateway.relay import Relay, Services, error_response, new_request_id
 from gateway.routing import Router
@@ -59,6 +61,7 @@ class Gateway:
         self.metrics = Metrics(settings.metrics)
         served = [m.name for m in settings.models]
         self.pricing = PriceCatalog(settings.pricing, served)
+        self.compute_costs = build_compute_costs(settings)
         self.admin_key: str | None = os.environ.get(settings.server.admin_key_env) or None
         self.demo_key: str | None = None
         self.providers: dict[str, Provider] = {}
@@ -78,6 +81,10 @@ class Gateway:
             if tenant.prepaid and tenant.initial_balance is not None:
                 await self.quotas.set_balance(tenant.id, to_nanos(tenant.initial_balance))
         self.ledger = await Ledger.open(s.ledger)
+        self.directory_sync = DirectorySync(
+            self.directory, KeyStore(self.ledger.engine), on_new_tenant=self._open_balance
+        )
+        await self.directory_sync.start()  # tenants and keys created through the admin API
         self.services = Services(
             directory=self.directory,
             router=self.router,
@@ -88,6 +95,7 @@ class Gateway:
             metrics=self.metrics,
             default_max_output_tokens=s.server.default_max_output_tokens,
             clock=self.clock,
+            compute_costs=self.compute_costs,
         )
         self.relay = Relay(self.services)
 
@@ -95,8 +103,13 @@ class Gateway:
         for provider in self.providers.values():
             await provider.aclose()
         await self.quotas.aclose()
+        await self.directory_sync.aclose()
         await self.ledger.aclose()
         self.metrics.flush()
+
+    async def _open_balance(self, tenant: Tenant) -> None:
+        if tenant.prepaid and tenant.initial_balance is not None:
+            await self.quotas.set_balance(tenant.id, to_nanos(tenant.initial_balance))
 
     async def refresh_gauges(self) -> None:
         """Bring the gauges that describe state (not events) up to date, for a scrape."""
@@ -187,6 +200,17 @@ def build_providers(settings: Settings, counter: TokenCounter) -> dict[str, Prov
         else:
             providers[config.name] = OpenAICompatProvider(config.name, config)
     return providers
+
+
+def build_compute_costs(settings: Settings) -> ComputeCosts:
+    """Compute cost rates for every deployment; simulated ones bring their latency model."""
+    simulated = {p.name: p for p in settings.providers if p.type == "simulated"}
+    deployments: dict[str, LatencyModel | None] = {}
+    for model in settings.models:
+        for d in model.deployments:
+            sim = simulated.get(d.provider)
+            deployments[d.resolved_name] = LatencyModel.of(sim) if sim is not None else None
+    return ComputeCosts(settings.compute_costs, deployments)
 
 
 def _first_model_on(settings: Settings, provider: str) -> str:

@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(rec)
     rec.add_argument("--month", required=True, help="month, e.g. 2026-11")
     rec.set_defaults(run=_reconcile)
+
+    from gateway.economics.cli import add_commands
+
+    add_commands(commands)
     return parser
 
 

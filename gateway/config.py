@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from billing.compute_cost import ComputeCostConfig
 from billing.ledger import LedgerConfig
 from billing.pricing import PricingConfig
 from billing.quota import Limits, QuotaConfig
@@ -101,6 +102,7 @@ class Settings(Strict):
     models: list[ModelConfig] = Field(default_factory=list)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     pricing: PricingConfig = Field(default_factory=PricingConfig)
+    compute_costs: ComputeCostConfig = Field(default_factory=ComputeCostConfig)
     quotas: QuotaConfig = Field(default_factory=QuotaConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)

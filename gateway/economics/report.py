@@ -1,0 +1,527 @@
+"""The margin report: revenue, compute cost, idle capacity and gross margin of a month.
+
+Money comes from the ledger's rollups (the same rows invoices are built from): revenue is
+the sum of request costs (what tenants were charged, before tax), compute cost the sum of
+request compute costs. Each tenant is counted over its own calendar month (its invoice's
+period); the report's window is the union of those months, and deployments' provisioned
+accelerator cost is counted over that window. Idle capacity is provisioned cost minus the
+compute cost of the tokens served: cost with no revenue. Gross margin is revenue minus
+compute cost minus idle capacity (by tenant and model, revenue minus compute cost; idle
+capacity is a row of its own).
+
+Latency is *modelled*: the simulated backends run with `time_scale: 0`, so each successful
+request's time to first token and total time are computed from its deployment's latency
+model at the load of its 15-minute bucket (the at-capacity slot time of the bucket's
+requests over the bucket's length). Refusals are requests the gateway answered with 429.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import func, select
+
+from billing.compute_cost import ComputeCosts, LatencyModel
+from billing.invoice import month_buckets
+from billing.ledger import ENTRIES, ROLLUPS, Ledger, bucket_of
+from billing.models import BUCKET_SECONDS
+from gateway.app import build_compute_costs
+from gateway.config import Settings
+
+__all__ = [
+    "IDLE",
+    "DailyPoint",
+    "DeploymentCost",
+    "LatencySummary",
+    "MarginReport",
+    "MarginRow",
+    "build_margin_report",
+]
+
+IDLE = "(idle capacity)"
+
+
+@dataclass(slots=True)
+class MarginRow:
+    """Revenue and compute cost of one group of requests (a tenant, model, deployment...)."""
+
+    key: str
+    requests: int = 0
+    error_requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    revenue_nanos: int = 0
+    compute_nanos: int = 0
+
+    @property
+    def margin_nanos(self) -> int:
+        return self.revenue_nanos - self.compute_nanos
+
+    @property
+    def margin_pct(self) -> float | None:
+        return 100 * self.margin_nanos / self.revenue_nanos if self.revenue_nanos else None
+
+    def add(self, values: dict[str, int]) -> None:
+        self.requests += values["requests"]
+        self.error_requests += values["error_requests"]
+        self.input_tokens += values["uncached_input"] + values["cached_input"]
+        self.output_tokens += values["output"]
+        self.revenue_nanos += values["cost_nanos"]
+        self.compute_nanos += values["compute_cost_nanos"]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["margin_nanos"] = self.margin_nanos
+        data["margin_pct"] = self.margin_pct
+        return data
+
+
+@dataclass(slots=True)
+class DeploymentCost:
+    """A deployment's costs over the report's window."""
+
+    deployment: str
+    kind: str  # "hardware", "wholesale" or "none"
+    accelerator: str = ""
+    count: int = 0
+    revenue_nanos: int = 0
+    compute_nanos: int = 0
+    provisioned_nanos: int = 0
+    input_per_million_at_capacity: Decimal = Decimal(0)
+    output_per_million_at_capacity: Decimal = Decimal(0)
+
+    @property
+    def idle_nanos(self) -> int:
+        return self.provisioned_nanos - self.compute_nanos if self.kind == "hardware" else 0
+
+    @property
+    def utilisation(self) -> float | None:
+        """Served tokens' share of the provisioned capacity (hardware only)."""
+        if self.kind != "hardware" or not self.provisioned_nanos:
+            return None
+        return self.compute_nanos / self.provisioned_nanos
+
+    def per_million_at_utilisation(self) -> tuple[Decimal, Decimal] | None:
+        """Cost per million (input, output) tokens at the measured utilisation."""
+        u = self.utilisation
+        if not u:
+            return None
+        share = Decimal(str(u))
+        return (
+            self.input_per_million_at_capacity / share,
+            self.output_per_million_at_capacity / share,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        at_u = self.per_million_at_utilisation()
+        return {
+            "deployment": self.deployment,
+            "kind": self.kind,
+            "accelerator": self.accelerator,
+            "count": self.count,
+            "revenue_nanos": self.revenue_nanos,
+            "compute_nanos": self.compute_nanos,
+            "provisioned_nanos": self.provisioned_nanos,
+            "idle_nanos": self.idle_nanos,
+            "utilisation": self.utilisation,
+            "input_per_million_at_capacity": str(round(self.input_per_million_at_capacity, 4)),
+            "output_per_million_at_capacity": str(round(self.output_per_million_at_capacity, 4)),
+            "input_per_million_at_utilisation": str(round(at_u[0], 4)) if at_u else None,
+            "output_per_million_at_utilisation": str(round(at_u[1], 4)) if at_u else None,
+        }
+
+
+@dataclass(slots=True)
+class DailyPoint:
+    """One UTC day of the window: revenue, compute cost, and hardware provisioned."""
+
+    day: date
+    revenue_nanos: int = 0
+    compute_nanos: int = 0
+    hardware_compute_nanos: int = 0
+    provisioned_nanos: int = 0
+
+    @property
+    def idle_nanos(self) -> int:
+        return self.provisioned_nanos - self.hardware_compute_nanos
+
+
+@dataclass(slots=True)
+class LatencySummary:
+    """Modelled latency of successful requests, in milliseconds."""
+
+    requests: int = 0
+    ttft_p50_ms: float = 0.0
+    ttft_p95_ms: float = 0.0
+    e2e_p50_ms: float = 0.0
+    e2e_p95_ms: float = 0.0
+    saturated_share: float = 0.0  # share of requests in buckets loaded beyond capacity
+
+
+@dataclass(slots=True)
+class MarginReport:
+    """A month's economics; money in integer nano-units of `currency`."""
+
+    scenario: str
+    month: str
+    currency: str
+    window_start: datetime
+    window_end: datetime
+    by_tenant: list[MarginRow] = field(default_factory=list)
+    by_model: list[MarginRow] = field(default_factory=list)
+    by_deployment: list[MarginRow] = field(default_factory=list)
+    by_tenant_model: list[MarginRow] = field(default_factory=list)
+    deployments: list[DeploymentCost] = field(default_factory=list)
+    daily: list[DailyPoint] = field(default_factory=list)
+    refusals: dict[str, int] = field(default_factory=dict)  # tenant -> 429 answers
+    failures: int = 0  # other error answers
+    latency: LatencySummary = field(default_factory=LatencySummary)
+
+    @property
+    def revenue_nanos(self) -> int:
+        return sum(r.revenue_nanos for r in self.by_tenant)
+
+    @property
+    def compute_nanos(self) -> int:
+        return sum(r.compute_nanos for r in self.by_tenant)
+
+    @property
+    def idle_nanos(self) -> int:
+        return sum(d.idle_nanos for d in self.deployments)
+
+    @property
+    def gross_margin_nanos(self) -> int:
+        return self.revenue_nanos - self.compute_nanos - self.idle_nanos
+
+    @property
+    def gross_margin_pct(self) -> float | None:
+        revenue = self.revenue_nanos
+        return 100 * self.gross_margin_nanos / revenue if revenue else None
+
+    @property
+    def requests(self) -> int:
+        return sum(r.requests for r in self.by_tenant)
+
+    @property
+    def refused(self) -> int:
+        return sum(self.refusals.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "month": self.month,
+            "currency": self.currency,
+            "window_start": self.window_start.isoformat(),
+            "window_end": self.window_end.isoformat(),
+            "totals": {
+                "requests": self.requests,
+                "refused": self.refused,
+                "failed": self.failures,
+                "revenue_nanos": self.revenue_nanos,
+                "compute_nanos": self.compute_nanos,
+                "idle_nanos": self.idle_nanos,
+                "gross_margin_nanos": self.gross_margin_nanos,
+                "gross_margin_pct": self.gross_margin_pct,
+            },
+            "by_tenant": [r.to_dict() for r in self.by_tenant],
+            "by_model": [r.to_dict() for r in self.by_model],
+            "by_deployment": [r.to_dict() for r in self.by_deployment],
+            "by_tenant_model": [r.to_dict() for r in self.by_tenant_model],
+            "deployments": [d.to_dict() for d in self.deployments],
+            "daily": [
+                {
+                    "day": p.day.isoformat(),
+                    "revenue_nanos": p.revenue_nanos,
+                    "compute_nanos": p.compute_nanos,
+                    "idle_nanos": p.idle_nanos,
+                }
+                for p in self.daily
+            ],
+            "refusals": self.refusals,
+            "latency": asdict(self.latency),
+        }
+
+    def to_text(self) -> str:
+        """The report as a plain-text table (amounts in currency units, 2 places)."""
+        c = self.currency
+        lines = [
+            f"Margin report: {self.scenario}, {self.month}"
+            f" ({self.window_start:%Y-%m-%d %H:%M}Z to {self.window_end:%Y-%m-%d %H:%M}Z), {c}",
+            "",
+            f"  revenue        {_money(self.revenue_nanos):>14}",
+            f"  compute cost   {_money(self.compute_nanos):>14}  (tokens served)",
+            f"  idle capacity  {_money(self.idle_nanos):>14}  (provisioned, not used)",
+            f"  gross margin   {_money(self.gross_margin_nanos):>14}"
+            f"  {_pct(self.gross_margin_pct)}",
+            f"  requests {self.requests}, refused (429) {self.refused}, failed {self.failures}",
+            f"  modelled latency: TTFT p50 {self.latency.ttft_p50_ms:.0f} ms,"
+            f" p95 {self.latency.ttft_p95_ms:.0f} ms; total p50 {self.latency.e2e_p50_ms:.0f}"
+            f" ms, p95 {self.latency.e2e_p95_ms:.0f} ms",
+        ]
+        for title, rows in (
+            ("By tenant", self.by_tenant),
+            ("By model", self.by_model),
+            ("By deployment", self.by_deployment),
+        ):
+            lines += ["", title, _row_header()]
+            lines += [_row_line(r) for r in rows]
+            if title == "By deployment" and self.idle_nanos:
+                idle = MarginRow(IDLE, compute_nanos=self.idle_nanos)
+                lines.append(_row_line(idle))
+        lines += [
+            "",
+            "Deployments",
+            f"  {'deployment':<28} {'kind':<9} {'provisioned':>12} {'idle':>12} {'util':>6}"
+            f" {'out/M@cap':>10} {'out/M@util':>10}",
+        ]
+        for d in self.deployments:
+            at_u = d.per_million_at_utilisation()
+            util = f"{100 * d.utilisation:.0f}%" if d.utilisation is not None else "-"
+            lines.append(
+                f"  {d.deployment:<28} {d.kind:<9} {_money(d.provisioned_nanos):>12}"
+                f" {_money(d.idle_nanos):>12} {util:>6}"
+                f" {d.output_per_million_at_capacity:>10.3f}"
+                f" {(f'{at_u[1]:.3f}' if at_u else '-'):>10}"
+            )
+        return "\n".join(lines) + "\n"
+
+
+def _money(nanos: int) -> str:
+    return f"{Decimal(nanos).scaleb(-9):,.2f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}%"
+
+
+def _row_header() -> str:
+    return (
+        f"  {'':<28} {'requests':>9} {'tokens in':>12} {'tokens out':>11}"
+        f" {'revenue':>12} {'compute':>12} {'margin':>12} {'margin%':>8}"
+    )
+
+
+def _row_line(r: MarginRow) -> str:
+    return (
+        f"  {r.key:<28} {r.requests:>9} {r.input_tokens:>12} {r.output_tokens:>11}"
+        f" {_money(r.revenue_nanos):>12} {_money(r.compute_nanos):>12}"
+        f" {_money(r.margin_nanos):>12} {_pct(r.margin_pct):>8}"
+    )
+
+
+_SUMS = (
+    "requests",
+    "error_requests",
+    "uncached_input",
+    "cached_input",
+    "output",
+    "cost_nanos",
+    "compute_cost_nanos",
+)
+
+
+async def build_margin_report(
+    ledger: Ledger, settings: Settings, month: str, scenario: str = ""
+) -> MarginReport:
+    """The month's margin report from the ledger's rollups (see the module doc)."""
+    await ledger.flush()
+    costs = build_compute_costs(settings)
+    tenants = {t.id: t for t in settings.tenants}
+    windows = {tid: month_buckets(month, t.timezone) for tid, t in tenants.items()}
+    first = min(w[0] for w in windows.values())
+    last = max(w[1] for w in windows.values())
+    window_start = datetime.fromtimestamp(first, UTC)
+    window_end = datetime.fromtimestamp(last, UTC)
+    query = (
+        select(
+            ROLLUPS.c.tenant_id,
+            ROLLUPS.c.model,
+            ROLLUPS.c.deployment,
+            ROLLUPS.c.bucket,
+            *(func.sum(ROLLUPS.c[name]) for name in _SUMS),
+        )
+        .where(ROLLUPS.c.bucket >= first, ROLLUPS.c.bucket < last)
+        .group_by(ROLLUPS.c.tenant_id, ROLLUPS.c.model, ROLLUPS.c.deployment, ROLLUPS.c.bucket)
+    )
+    async with ledger.engine.connect() as connection:
+        rows = (await connection.execute(query)).all()
+    by_tenant: dict[str, MarginRow] = {t: MarginRow(t) for t in tenants}
+    by_model: dict[str, MarginRow] = {}
+    by_deployment: dict[str, MarginRow] = {}
+    by_tenant_model: dict[str, MarginRow] = {}
+    day_of = _day_index(window_start, window_end)
+    daily = {d: DailyPoint(d) for d in day_of.values()}
+    hardware = {d for d in costs.deployments if _kind(costs, d, window_start) == "hardware"}
+    for tenant_id, model, deployment, bucket, *sums in rows:
+        lo, hi = windows.get(tenant_id, (first, last))
+        if not lo <= bucket < hi:
+            continue  # another month of this tenant
+        values = dict(zip(_SUMS, (int(v or 0) for v in sums), strict=True))
+        by_tenant.setdefault(tenant_id, MarginRow(tenant_id)).add(values)
+        by_model.setdefault(model, MarginRow(model)).add(values)
+        served_by = deployment or "(not served)"
+        by_deployment.setdefault(served_by, MarginRow(served_by)).add(values)
+        key = f"{tenant_id} / {model}"
+        by_tenant_model.setdefault(key, MarginRow(key)).add(values)
+        point = daily[day_of[bucket - bucket % 86400]]
+        point.revenue_nanos += values["cost_nanos"]
+        point.compute_nanos += values["compute_cost_nanos"]
+        if deployment in hardware:
+            point.hardware_compute_nanos += values["compute_cost_nanos"]
+    for name in sorted(set(by_deployment) - {"(not served)"} | costs.deployments):
+        by_deployment.setdefault(name, MarginRow(name))
+    report = MarginReport(
+        scenario=scenario,
+        month=month,
+        currency=settings.pricing.currency,
+        window_start=window_start,
+        window_end=window_end,
+        by_tenant=sorted(by_tenant.values(), key=lambda r: r.key),
+        by_model=sorted(by_model.values(), key=lambda r: r.key),
+        by_deployment=sorted(by_deployment.values(), key=lambda r: r.key),
+        by_tenant_model=sorted(by_tenant_model.values(), key=lambda r: r.key),
+    )
+    for name in sorted(costs.deployments | {r.key for r in report.by_deployment}):
+        if name == "(not served)":
+            continue
+        report.deployments.append(_deployment_cost(costs, name, by_deployment, report))
+    for point in daily.values():
+        start = datetime.combine(point.day, datetime.min.time(), UTC)
+        since, until = max(start, window_start), min(start + timedelta(days=1), window_end)
+        point.provisioned_nanos = sum(costs.provisioned_nanos(d, since, until) for d in hardware)
+    report.daily = [daily[d] for d in sorted(daily)]
+    await _refusals_and_latency(ledger, settings, costs, windows, report)
+    return report
+
+
+def _kind(costs: ComputeCosts, deployment: str, at: datetime) -> str:
+    rate = costs.rate(deployment, at) or costs.rate(deployment, datetime.max.replace(tzinfo=UTC))
+    return rate.kind if rate is not None else "none"
+
+
+def _deployment_cost(
+    costs: ComputeCosts, name: str, rows: dict[str, MarginRow], report: MarginReport
+) -> DeploymentCost:
+    row = rows.get(name, MarginRow(name))
+    mid = report.window_start + (report.window_end - report.window_start) / 2
+    rate = costs.rate(name, mid) or costs.rate(name, report.window_end - timedelta(seconds=1))
+    cost = DeploymentCost(
+        deployment=name,
+        kind=rate.kind if rate is not None else "none",
+        revenue_nanos=row.revenue_nanos,
+        compute_nanos=row.compute_nanos,
+        provisioned_nanos=costs.provisioned_nanos(name, report.window_start, report.window_end),
+    )
+    if rate is not None:
+        cost.accelerator, cost.count = rate.accelerator, rate.count
+        cost.input_per_million_at_capacity = rate.input_per_million
+        cost.output_per_million_at_capacity = rate.output_per_million
+    return cost
+
+
+def _day_index(start: datetime, end: datetime) -> dict[int, date]:
+    """UTC day start (epoch seconds) -> date, for every day the window touches."""
+    days = {}
+    day = datetime.combine(start.date(), datetime.min.time(), UTC)
+    while day < end:
+        days[int(day.timestamp())] = day.date()
+        day += timedelta(days=1)
+    return days
+
+
+async def _refusals_and_latency(
+    ledger: Ledger,
+    settings: Settings,
+    costs: ComputeCosts,
+    windows: dict[str, tuple[int, int]],
+    report: MarginReport,
+) -> None:
+    refusals: dict[str, int] = defaultdict(int)
+    failures = 0
+    samples: list[tuple[str, int, int, int]] = []  # deployment, bucket, input, output
+    for tenant_id, (lo, hi) in windows.items():
+        start = datetime.fromtimestamp(lo, UTC).replace(tzinfo=None)
+        end = datetime.fromtimestamp(hi, UTC).replace(tzinfo=None)
+        query = select(
+            ENTRIES.c.started_at,
+            ENTRIES.c.deployment,
+            ENTRIES.c.status_code,
+            ENTRIES.c.uncached_input + ENTRIES.c.cached_input,
+            ENTRIES.c.output,
+        ).where(
+            ENTRIES.c.tenant_id == tenant_id,
+            ENTRIES.c.started_at >= start,
+            ENTRIES.c.started_at < end,
+        )
+        async with ledger.engine.connect() as connection:
+            result = await connection.execute(query)
+            for started_at, deployment, status, tokens_in, tokens_out in result:
+                if status == 429:
+                    refusals[tenant_id] += 1
+                elif status >= 400:
+                    failures += 1
+                elif deployment:
+                    bucket = bucket_of(started_at)
+                    samples.append((deployment, bucket, int(tokens_in), int(tokens_out)))
+    report.refusals = {t: refusals.get(t, 0) for t in sorted(windows)}
+    report.failures = failures
+    report.latency = _modelled_latency(samples, costs)
+
+
+def _modelled_latency(
+    samples: list[tuple[str, int, int, int]], costs: ComputeCosts
+) -> LatencySummary:
+    """Each request's latency from its deployment's model at its bucket's utilisation.
+
+    A bucket's utilisation is the at-capacity slot time of its requests over the slot time
+    provisioned in it (`capacity x fleet_share x 15 minutes`); the decode slowdown grows
+    from 1 to `slowdown_at_capacity` with it. Beyond 1 the bucket is saturated.
+    """
+    models: dict[str, tuple[LatencyModel, float]] = {}
+    for name, model in costs.latency.items():
+        if model is not None:
+            rate = costs.rate(name, datetime.max.replace(tzinfo=UTC))
+            share = float(rate.fleet_share) if rate is not None else 1.0
+            models[name] = (model, model.capacity * share * BUCKET_SECONDS * 1000)
+    load: dict[tuple[str, int], float] = defaultdict(float)
+    for deployment, bucket, tokens_in, tokens_out in samples:
+        entry = models.get(deployment)
+        if entry is not None:
+            m, slot_ms = entry
+            busy = tokens_in * m.prefill_ms_per_token + tokens_out * float(m.output_slot_ms)
+            load[(deployment, bucket)] += busy / slot_ms
+    ttfts: list[float] = []
+    totals: list[float] = []
+    saturated = 0
+    for deployment, bucket, tokens_in, tokens_out in samples:
+        entry = models.get(deployment)
+        if entry is None:
+            continue
+        m = entry[0]
+        utilisation = load[(deployment, bucket)]
+        if utilisation > 1:
+            saturated += 1
+        slowdown = 1 + (m.slowdown_at_capacity - 1) * min(utilisation, 1.0)
+        ttft = m.ttft_overhead_ms + m.prefill_ms_per_token * tokens_in
+        ttfts.append(ttft)
+        totals.append(ttft + tokens_out * m.itl_ms * slowdown)
+    if not ttfts:
+        return LatencySummary()
+    ttfts.sort()
+    totals.sort()
+    return LatencySummary(
+        requests=len(ttfts),
+        ttft_p50_ms=_quantile(ttfts, 0.5),
+        ttft_p95_ms=_quantile(ttfts, 0.95),
+        e2e_p50_ms=_quantile(totals, 0.5),
+        e2e_p95_ms=_quantile(totals, 0.95),
+        saturated_share=saturated / len(ttfts),
+    )
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

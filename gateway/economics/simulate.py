@@ -1,0 +1,165 @@
+"""`maas-gateway simulate-month`: run a scenario's month, then invoice, reconcile and report.
+
+Writes into the output directory:
+
+- `ledger.db`: the run's ledger (every request, its rollups, the finalised invoices);
+- `invoices/<tenant>-<month>.json|.csv`: each tenant's finalised invoice (the tenant's
+  copy: no compute cost), and `invoices/<tenant>-<month>.internal.json`, the operator's
+  view of the same month: revenue, compute cost and margin by model and deployment;
+- `reconciliation.txt`: invoices against ledger rows and rollups (must be clean);
+- `margin-report.txt|.json`, `margin.svg` and `report.html`: the margin report and chart.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from billing.invoice import Invoice, TenantBilling, finalize_invoice, month_buckets, render_invoice
+from billing.ledger import ROLLUPS, Ledger
+from billing.reconcile import ReconciliationReport, reconcile
+from gateway.config import Settings
+from gateway.economics.charts import margin_chart
+from gateway.economics.report import MarginReport, MarginRow, build_margin_report
+from gateway.economics.runner import RunResult, run_month
+from gateway.economics.scenario import Scenario
+
+__all__ = ["MonthOutcome", "internal_view", "simulate_month", "tenant_billing"]
+
+
+@dataclass(slots=True)
+class MonthOutcome:
+    """Everything a simulated month produced."""
+
+    run: RunResult
+    invoices: dict[str, Invoice]
+    internal: dict[str, dict[str, Any]]
+    reconciliation: ReconciliationReport
+    report: MarginReport
+
+    @property
+    def workdir(self) -> Path:
+        return self.run.workdir
+
+
+def tenant_billing(settings: Settings) -> list[TenantBilling]:
+    return [
+        TenantBilling(t.id, t.name or t.id, t.timezone, t.currency, t.tax_rate)
+        for t in settings.tenants
+    ]
+
+
+async def internal_view(ledger: Ledger, tenant: TenantBilling, month: str) -> dict[str, Any]:
+    """The operator's view of a tenant's invoice month: revenue, compute cost and gross
+    margin by model and deployment, from the same rollups as the invoice. Never part of
+    the tenant's copy."""
+    first, end = month_buckets(month, tenant.timezone)
+    sums = ("requests", "uncached_input", "cached_input", "output", "cost_nanos")
+    query = (
+        select(
+            ROLLUPS.c.model,
+            ROLLUPS.c.deployment,
+            func.sum(ROLLUPS.c.requests),
+            func.sum(ROLLUPS.c.error_requests),
+            *(func.sum(ROLLUPS.c[name]) for name in sums[1:]),
+            func.sum(ROLLUPS.c.compute_cost_nanos),
+        )
+        .where(
+            ROLLUPS.c.tenant_id == tenant.tenant_id,
+            ROLLUPS.c.bucket >= first,
+            ROLLUPS.c.bucket < end,
+            ROLLUPS.c.currency == tenant.currency.upper(),
+        )
+        .group_by(ROLLUPS.c.model, ROLLUPS.c.deployment)
+        .order_by(ROLLUPS.c.model, ROLLUPS.c.deployment)
+    )
+    async with ledger.engine.connect() as connection:
+        rows = (await connection.execute(query)).all()
+    lines = []
+    total = MarginRow("total")
+    for row_values in rows:
+        model, deployment, requests, errors, uncached, cached, output, cost, compute = row_values
+        values = {
+            "requests": int(requests),
+            "error_requests": int(errors),
+            "uncached_input": int(uncached),
+            "cached_input": int(cached),
+            "output": int(output),
+            "cost_nanos": int(cost),
+            "compute_cost_nanos": int(compute),
+        }
+        row = MarginRow(f"{model} via {deployment or '(not served)'}")
+        row.add(values)
+        total.add(values)
+        lines.append({"model": model, "deployment": deployment, **row.to_dict()})
+    return {
+        "tenant_id": tenant.tenant_id,
+        "month": month,
+        "currency": tenant.currency.upper(),
+        "view": "internal (operator only)",
+        "lines": lines,
+        "total": total.to_dict(),
+    }
+
+
+async def simulate_month(
+    scenario: Scenario,
+    out_dir: Path,
+    *,
+    tokenizer_dir: Path | None = None,
+    progress: Any = None,
+) -> MonthOutcome:
+    """Run the month through the gateway, finalise invoices, reconcile, report; write all."""
+    run = await run_month(scenario, out_dir, tokenizer_dir=tokenizer_dir, progress=progress)
+    ledger = await Ledger.open(run.settings.ledger)
+    try:
+        return await _close_month(run, ledger)
+    finally:
+        await ledger.aclose()
+
+
+async def _close_month(run: RunResult, ledger: Ledger) -> MonthOutcome:
+    month = run.scenario.month
+    out = run.workdir
+    invoices_dir = out / "invoices"
+    tenants = tenant_billing(run.settings)
+    invoices: dict[str, Invoice] = {}
+    internal: dict[str, dict[str, Any]] = {}
+    for tenant in tenants:
+        invoice = await finalize_invoice(ledger, tenant, month, allow_open_period=True)
+        invoices[tenant.tenant_id] = invoice
+        stem = invoices_dir / f"{tenant.tenant_id}-{month}"
+        _write(Path(f"{stem}.json"), render_invoice(invoice, "json"))
+        _write(Path(f"{stem}.csv"), render_invoice(invoice, "csv"))
+        view = await internal_view(ledger, tenant, month)
+        internal[tenant.tenant_id] = view
+        _write(Path(f"{stem}.internal.json"), json.dumps(view, indent=2) + "\n")
+    reconciliation = await reconcile(ledger, tenants, month)
+    _write(out / "reconciliation.txt", str(reconciliation) + "\n")
+    report = await build_margin_report(ledger, run.settings, month, run.scenario.name)
+    _write(out / "margin-report.txt", report.to_text())
+    _write(out / "margin-report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    chart = margin_chart(report)
+    _write(out / "margin.svg", chart)
+    _write(out / "report.html", _html(report, chart))
+    return MonthOutcome(run, invoices, internal, reconciliation, report)
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _html(report: MarginReport, chart: str) -> str:
+    from html import escape
+
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>Margin report {escape(report.scenario)} {report.month}</title></head>"
+        "<body style='font-family: Helvetica, Arial, sans-serif'>"
+        f"{chart}<pre>{escape(report.to_text())}</pre></body></html>\n"
+    )
