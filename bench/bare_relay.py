@@ -1,0 +1,117 @@
+"""The bare relay: the gateway's server and HTTP client stack with no metering at all.
+
+Litestar on uvicorn (uvloop, httptools), forwarding to the upstream over one pooled
+httpx client on httpx-aiohttp's `AiohttpTransport` - the same stack as the gateway's
+`openai_compat` provider - but no keys, no validation, no token counting, no pricing, no
+quotas, no ledger and no metrics: the request body's bytes are forwarded as they came and
+the answer's bytes go back as they arrive. It is the baseline `bench/gateway_bench.py`
+divides the gateway's figures by.
+
+    python bench/bare_relay.py --port 9001 \
+        --json-url http://127.0.0.1:9000/json/v1/chat/completions \
+        --stream-url http://127.0.0.1:9000/stream/v1/chat/completions
+
+A request whose body asks for `"stream": true` goes to `--stream-url` and is relayed as a
+stream; any other goes to `--json-url` and is relayed as one body.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import uvicorn
+from httpx_aiohttp import AiohttpTransport
+from litestar import Litestar, Request, Response, get, post
+from litestar.response import Stream
+
+_STREAM_MARKERS = (b'"stream":true', b'"stream": true')
+
+
+def wants_stream(body: bytes) -> bool:
+    """Whether a request body asks for a stream (a byte search, not a JSON decode)."""
+    return any(marker in body for marker in _STREAM_MARKERS)
+
+
+def create_bare_relay(json_url: str, stream_url: str, max_connections: int = 512) -> Litestar:
+    """A Litestar app relaying `POST /v1/chat/completions` to the upstream, unmetered."""
+    state: dict[str, httpx.AsyncClient] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        client = httpx.AsyncClient(
+            transport=AiohttpTransport(limits=limits),
+            timeout=httpx.Timeout(600.0, connect=5.0, pool=5.0),
+            headers={"content-type": "application/json"},
+        )
+        state["client"] = client
+        try:
+            yield
+        finally:
+            await client.aclose()
+
+    @post("/v1/chat/completions", status_code=200)
+    async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
+        client = state["client"]
+        raw = await request.body()
+        stream = wants_stream(raw)
+        upstream = client.build_request("POST", stream_url if stream else json_url, content=raw)
+        answer = await client.send(upstream, stream=stream)
+        if not stream:
+            return Response(
+                answer.content, status_code=answer.status_code, media_type="application/json"
+            )
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for data in answer.aiter_raw():
+                    yield data
+            finally:
+                await answer.aclose()
+
+        return Stream(
+            relay(),
+            status_code=answer.status_code,
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache"},
+        )
+
+    @get("/healthz")
+    async def healthz() -> Response[Any]:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    return Litestar(
+        route_handlers=[chat_completions, healthz],
+        lifespan=[lifespan],
+        openapi_config=None,
+        logging_config=None,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--json-url", required=True, help="upstream URL for JSON requests")
+    parser.add_argument("--stream-url", required=True, help="upstream URL for stream requests")
+    args = parser.parse_args(argv)
+    uvicorn.run(
+        create_bare_relay(args.json_url, args.stream_url),
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
