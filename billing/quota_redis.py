@@ -297,6 +297,8 @@ _UNREACHABLE = (
     TimeoutError,
 )
 
+_TIMEOUTS = (redis_errors.TimeoutError, TimeoutError)
+
 #: A call's whole deadline (waiting for a pooled connection included), in socket timeouts.
 DEADLINE_FACTOR = 4
 
@@ -418,7 +420,7 @@ class RedisQuotaStore(QuotaStore):
         try:
             reply = await self._call("admission", lambda: self._admit_script(keys=keys, args=args))
         except QuotaUnavailable as exc:
-            if exc.__cause__ is not None:  # sent: the script may have run, its reply lost
+            if isinstance(exc.__cause__, _TIMEOUTS):  # the script may have run, its reply lost
                 self._pending.append(self._release_call(req, plans))
             raise
         admitted, granted, balance, held = (int(reply[0]), int(reply[1]), reply[2], int(reply[3]))

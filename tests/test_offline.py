@@ -56,7 +56,15 @@ def test_gateway_starts_and_counts_with_networking_disabled(
     tokenizer_dir: Path, tmp_path: Path
 ) -> None:
     result = subprocess.run(
-        ["unshare", "-rn", sys.executable, "-c", SCRIPT, str(tokenizer_dir), str(tmp_path / "l.db")],
+        [
+            "unshare",
+            "-rn",
+            sys.executable,
+            "-c",
+            SCRIPT,
+            str(tokenizer_dir),
+            str(tmp_path / "x.db"),
+        ],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
