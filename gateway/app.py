@@ -348,7 +348,8 @@ def _exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Respo
         elif status == 405:
             error = method_not_allowed(request.method, request.url.path)
         elif status == 413:
-            error = body_too_large(request.app.request_max_body_size or 0)
+            size = request.app.request_max_body_size
+            error = body_too_large(size if isinstance(size, int) else 0)
         elif status < 500:
             error = invalid_request(str(exc.detail))
             error.status_code = status

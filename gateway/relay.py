@@ -252,14 +252,17 @@ class Relay:
             key, tenant = s.directory.authenticate(
                 request.headers.get("authorization"), s.clock()
             )
-        except ApiError as error:
-            return error_response(error, request_id)
+        except ApiError as refused:
+            return error_response(refused, request_id)
         try:
             raw = await request.body()
         except HTTPException as exc:  # the body is over server.max_body_bytes
-            limit = request.app.request_max_body_size or 0
-            error = body_too_large(limit) if exc.status_code == 413 else invalid_request(exc.detail)
-            return error_response(error, request_id)
+            size = request.app.request_max_body_size
+            limit = size if isinstance(size, int) else 0
+            too_big = exc.status_code == 413
+            return error_response(
+                body_too_large(limit) if too_big else invalid_request(exc.detail), request_id
+            )
         meter = Metering(s, request_id, key, tenant, endpoint)
         try:
             return await self._admitted(meter, raw)
@@ -270,11 +273,11 @@ class Relay:
             return error_response(error, request_id)
         except Exception:
             log.exception("request %s failed", request_id)
-            error = ApiError(500, "internal error", type="server_error")
-            meter.fail(error)
+            internal = server_error(request_id)
+            meter.fail(internal)
             meter.finish()
             await meter.settle()
-            return error_response(server_error(request_id), request_id)
+            return error_response(internal, request_id)
 
     async def _admitted(self, meter: Metering, raw: bytes) -> Response[Any]:
         s = self.services

@@ -33,5 +33,6 @@ python=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
 
-.venv/bin/ruff check gateway billing providers loadtest tests
+.venv/bin/ruff check gateway billing providers loadtest bench tests
+.venv/bin/mypy
 .venv/bin/python -m pytest "$@"

@@ -82,7 +82,9 @@ async def internal_view(ledger: Ledger, tenant: TenantBilling, month: str) -> di
     lines = []
     total = MarginRow("total")
     for row_values in rows:
-        model, deployment, requests, errors, uncached, cached, output, cost, compute = row_values
+        model, deployment, requests, errors, uncached, cached, output, cost, compute = tuple(
+            row_values
+        )
         values = {
             "requests": int(requests),
             "error_requests": int(errors),

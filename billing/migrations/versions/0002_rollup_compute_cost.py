@@ -50,9 +50,14 @@ def _rollups_table(name: str, with_deployment: bool) -> None:
                 sa.Column(column, sa.String(_TEXT[column]), nullable=False, primary_key=True)
             )
         else:
-            columns.append(sa.Column(column, sa.BigInteger(), nullable=False, primary_key=True))
+            columns.append(
+                sa.Column(column, sa.BigInteger(), nullable=False, primary_key=True)  # type: ignore[arg-type]
+            )
     sums = (*_SUMS, "compute_cost_nanos") if with_deployment else _SUMS
-    columns += [sa.Column(column, sa.BigInteger(), nullable=False) for column in sums]
+    columns += [
+        sa.Column(column, sa.BigInteger(), nullable=False)  # type: ignore[arg-type]
+        for column in sums
+    ]
     op.create_table(name, *columns)
 
 
