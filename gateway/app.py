@@ -54,9 +54,7 @@ class Gateway:
     def __init__(self, settings: Settings, *, clock: Callable[[], datetime] | None = None) -> None:
         self.settings = settings
         self.clock = clock or _now
-        self.counter = TokenCounter(settings.tokenizers)
-        for warning in self.counter.warnings:
-            log.warning("tokenizers: %s", warning)
+        self.counter = TokenCounter(settings.tokenizers)  # logs its own warnings
         self.directory = build_directory(settings)
         self.metrics = Metrics(settings.metrics)
         served = [m.name for m in settings.models]

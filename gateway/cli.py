@@ -151,9 +151,8 @@ def _serve(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else settings.server.port
     gateway = Gateway(settings)
     demo_key = gateway.ensure_demo_key()
-    if gateway.admin_key is None and args.config is None:
-        gateway.admin_key = "sk-admin-" + secrets.token_urlsafe(24)
-        print(f"admin key (this run only): {gateway.admin_key}", flush=True)
+    if gateway.admin_key is None:
+        print(f"admin API disabled: set {settings.server.admin_key_env} to enable it", flush=True)
     if demo_key:
         print(f"demo tenant API key: {demo_key}", flush=True)
     print(f"OpenAI base_url: http://{host}:{port}/v1", flush=True)
