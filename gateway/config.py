@@ -8,6 +8,7 @@ variables (`api_key_env`, `url_env`, `admin_key_env`).
 
 from __future__ import annotations
 
+import copy
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -146,26 +147,47 @@ class ConfigError(ValueError):
     """The configuration file is missing, unreadable or invalid; the message names the field."""
 
 
+def describe_errors(exc: ValidationError) -> str:
+    """A pydantic error as one indented line per problem, each naming the field path."""
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        lines.append(f"  {where}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def read_yaml_mapping(path: Path, what: str, error: type[ValueError]) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; anything else raises `error`."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise error(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: the top level must be a mapping")
+    return data
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `overrides` into a copy of `base`: mappings merge, anything else replaces."""
+    result = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = deep_merge(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
 def parse_settings(data: dict[str, Any], source: str = "configuration") -> Settings:
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"]) or "(top level)"
-            problems.append(f"  {where}: {error['msg']}")
-        raise ConfigError(f"{source} is invalid:\n" + "\n".join(problems)) from None
+        raise ConfigError(f"{source} is invalid:\n{describe_errors(exc)}") from None
 
 
 def load_settings(path: Path | str) -> Settings:
     """Read and validate a YAML configuration file."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    return parse_settings(data, str(path))
+    return parse_settings(read_yaml_mapping(path, "configuration", ConfigError), str(path))

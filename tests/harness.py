@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import os
 import signal
 import socket
@@ -21,7 +20,7 @@ import yaml
 
 from gateway.app import Gateway, create_app
 from gateway.auth import hash_key
-from gateway.config import Settings, parse_settings
+from gateway.config import Settings, deep_merge, parse_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,18 +110,7 @@ def base_config(tmp: Path, tokenizer_dir: Path, **overrides: Any) -> dict[str, A
             },
         ],
     }
-    return merge(config, overrides)
-
-
-def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge `overrides` into a copy of `base` (lists are replaced)."""
-    result = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(result.get(key), dict):
-            result[key] = merge(result[key], value)
-        else:
-            result[key] = copy.deepcopy(value)
-    return result
+    return deep_merge(config, overrides)
 
 
 class RunningGateway:

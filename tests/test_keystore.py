@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 
 from gateway.auth import hash_key
-from tests.harness import ACME_KEY, ADMIN_KEY, base_config, gateway_process, merge, running_gateway
+from gateway.config import deep_merge
+from tests.harness import ACME_KEY, ADMIN_KEY, base_config, gateway_process, running_gateway
 
 PROPAGATION_SECONDS = 3.0
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -21,7 +22,7 @@ ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 
 def _config(tmp: Path, tokenizer_dir: Path, name: str, ledger_url: str) -> Any:
     ledger = {"url": ledger_url, "journal_dir": str(tmp / f"{name}.journal")}
-    return merge(base_config(tmp, tokenizer_dir), {"ledger": ledger})
+    return deep_merge(base_config(tmp, tokenizer_dir), {"ledger": ledger})
 
 
 def _admin_post(url: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:

