@@ -18,8 +18,10 @@ stream; any other goes to `--json-url` and is relayed as one body.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,6 +29,9 @@ import uvicorn
 from httpx_aiohttp import AiohttpTransport
 from litestar import Litestar, Request, Response, get, post
 from litestar.response import Stream
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from providers.openai_compat import CookielessAsyncClient  # the gateway provider's client
 
 _STREAM_MARKERS = (b'"stream":true', b'"stream": true')
 
@@ -39,13 +44,14 @@ def wants_stream(body: bytes) -> bool:
 def create_bare_relay(json_url: str, stream_url: str, max_connections: int = 512) -> Litestar:
     """A Litestar app relaying `POST /v1/chat/completions` to the upstream, unmetered."""
     state: dict[str, httpx.AsyncClient] = {}
+    urls = {False: httpx.URL(json_url), True: httpx.URL(stream_url)}  # parsed once
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         limits = httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections
         )
-        client = httpx.AsyncClient(
+        client = CookielessAsyncClient(  # as the gateway's provider: no cookie jar
             transport=AiohttpTransport(limits=limits),
             timeout=httpx.Timeout(600.0, connect=5.0, pool=5.0),
             headers={"content-type": "application/json"},
@@ -61,7 +67,7 @@ def create_bare_relay(json_url: str, stream_url: str, max_connections: int = 512
         client = state["client"]
         raw = await request.body()
         stream = wants_stream(raw)
-        upstream = client.build_request("POST", stream_url if stream else json_url, content=raw)
+        upstream = client.build_request("POST", urls[stream], content=raw)
         answer = await client.send(upstream, stream=stream)
         if not stream:
             return Response(

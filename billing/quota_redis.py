@@ -1,7 +1,9 @@
 """The Redis quota store: every gateway replica shares one truth through two Lua scripts.
 
 `admit` and `settle` are one round trip each (EVALSHA; the script is loaded again on
-NOSCRIPT, e.g. after Redis restarts). Python computes key names, calendar periods and TTLs
+NOSCRIPT, e.g. after Redis restarts), sent over one pipelined connection
+(`billing.redis_pipeline`; needs hiredis and a ``redis://`` or ``unix://`` URL, else
+redis-py's pool). Python computes key names, calendar periods and TTLs
 (zoneinfo); the scripts do the atomic arithmetic, mirroring `billing.quota.decide`.
 
 Keys (prefix ``maas:quota:`` by default), per scope ``s:<scope id>`` and account ``a:<id>``:
@@ -64,6 +66,11 @@ from billing.quota import (
 )
 
 __all__ = ["ADMIT_LUA", "RELEASE_LUA", "SETTLE_LUA", "RedisQuotaStore"]
+
+try:
+    from billing.redis_pipeline import LuaScript, PipelinedRedis
+except ImportError:  # hiredis is not installed: the scripts go through redis-py as well
+    LuaScript = PipelinedRedis = None  # type: ignore[assignment,misc]
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +313,23 @@ DEADLINE_FACTOR = 4
 PENDING_SETTLES_MAX = 100_000
 
 
+class _PipelinedScript:
+    """One script run on the pipelined connection (replayable: it can be called again)."""
+
+    __slots__ = ("args", "keys", "pipeline", "script")
+
+    def __init__(
+        self, pipeline: PipelinedRedis, script: LuaScript, keys: list[str], args: list[Any]
+    ) -> None:
+        self.pipeline = pipeline
+        self.script = script
+        self.keys = keys
+        self.args = args
+
+    def __call__(self) -> Awaitable[Any]:
+        return self.pipeline.evalsha(self.script, self.keys, self.args)
+
+
 class RedisQuotaStore(QuotaStore):
     """The quota contract on Redis, shared by every gateway process that uses the same URL."""
 
@@ -343,6 +367,18 @@ class RedisQuotaStore(QuotaStore):
         self._admit_script = self._client.register_script(ADMIT_LUA)
         self._settle_script = self._client.register_script(SETTLE_LUA)
         self._release_script = self._client.register_script(RELEASE_LUA)
+        # The two scripts every request runs go over one pipelined connection (hiredis
+        # packing, no pool checkout); everything else, and URLs it cannot reach, via redis-py.
+        self._pipeline = (
+            PipelinedRedis(url, timeout_s=self.timeout_s)
+            if PipelinedRedis is not None and PipelinedRedis.supports(url)
+            else None
+        )
+        self._lua = (
+            {lua: LuaScript(lua) for lua in (ADMIT_LUA, SETTLE_LUA, RELEASE_LUA)}
+            if self._pipeline is not None
+            else {}
+        )
         self._down_until = 0.0
         self._pending: deque[Callable[[], Awaitable[Any]]] = deque(maxlen=PENDING_SETTLES_MAX)
         self._replay_task: asyncio.Task[None] | None = None
@@ -352,13 +388,27 @@ class RedisQuotaStore(QuotaStore):
         """Settles (and releases of lost admissions) waiting for Redis to answer again."""
         return len(self._pending)
 
+    def _script(self, lua: str, keys: list[str], args: list[Any]) -> Callable[[], Awaitable[Any]]:
+        """A call running one of the Lua scripts (the pipelined connection when there is one)."""
+        if self._pipeline is not None:
+            return _PipelinedScript(self._pipeline, self._lua[lua], keys, args)
+        registered = {
+            ADMIT_LUA: self._admit_script,
+            SETTLE_LUA: self._settle_script,
+            RELEASE_LUA: self._release_script,
+        }[lua]
+        return lambda: registered(keys=keys, args=args)
+
     async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis call with a hard deadline; failures become `QuotaUnavailable`."""
         if time.monotonic() < self._down_until:
             raise QuotaUnavailable(f"quota store (Redis) is unreachable; {what} refused")
         try:
-            async with asyncio.timeout(self.timeout_s * DEADLINE_FACTOR):
+            if isinstance(call, _PipelinedScript):  # it has a deadline per command already
                 result = await call()
+            else:
+                async with asyncio.timeout(self.timeout_s * DEADLINE_FACTOR):
+                    result = await call()
         except _UNREACHABLE as exc:
             self._down_until = time.monotonic() + self.retry_interval_s
             raise QuotaUnavailable(
@@ -418,7 +468,7 @@ class RedisQuotaStore(QuotaStore):
             abase = account_base(self.prefix, req.balance_account)
             keys += [abase, f"{abase}:inflight", f"{abase}:resv"]
         try:
-            reply = await self._call("admission", lambda: self._admit_script(keys=keys, args=args))
+            reply = await self._call("admission", self._script(ADMIT_LUA, keys, args))
         except QuotaUnavailable as exc:
             if isinstance(exc.__cause__, _TIMEOUTS):  # the script may have run, its reply lost
                 self._pending.append(self._release_call(req, plans))
@@ -475,7 +525,7 @@ class RedisQuotaStore(QuotaStore):
             1 if admission.balance_account is not None else 0,
             *per_scope,
         ]
-        return lambda: self._settle_script(keys=keys, args=args)
+        return self._script(SETTLE_LUA, keys, args)
 
     def _release_call(
         self, req: AdmitRequest, plans: list[ScopePlan]
@@ -497,7 +547,7 @@ class RedisQuotaStore(QuotaStore):
             1 if req.balance_account is not None else 0,
             *per_scope,
         ]
-        return lambda: self._release_script(keys=keys, args=args)
+        return self._script(RELEASE_LUA, keys, args)
 
     async def settle(self, admission: Admission, used_tokens: int, cost_nanos: int) -> None:
         """Settle now, or queue the settle for replay if Redis cannot be reached."""
@@ -577,4 +627,6 @@ class RedisQuotaStore(QuotaStore):
                 await self._replay_task
             except (asyncio.CancelledError, Exception):
                 pass
+        if self._pipeline is not None:
+            await self._pipeline.aclose()
         await self._client.aclose()

@@ -41,6 +41,28 @@ class OpenAICompatConfig(BaseModel):
     transport: Literal["aiohttp", "httpx"] = "aiohttp"
 
 
+class _NoCookies(httpx.Cookies):
+    """A cookie jar that never keeps anything: one tenant's upstream answer must not set
+    cookies sent with another tenant's request (and extracting them costs CPU per call)."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
+class CookielessAsyncClient(httpx.AsyncClient):
+    """`httpx.AsyncClient` that neither stores nor sends cookies."""
+
+    _no_cookies = _NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, cookies: Any) -> None:
+        return None
+
+
 class OpenAICompatProvider(Provider):
     """Relays requests to an OpenAI-compatible HTTP API."""
 
@@ -66,24 +88,25 @@ class OpenAICompatProvider(Provider):
             transport = AiohttpTransport(limits=limits)
         else:
             transport = httpx.AsyncHTTPTransport(limits=limits)
-        self._client = httpx.AsyncClient(
-            base_url=config.base_url.rstrip("/"),
-            headers=headers,
-            timeout=timeout,
-            transport=transport,
+        base_url = config.base_url.rstrip("/")
+        self._client = CookielessAsyncClient(
+            base_url=base_url, headers=headers, timeout=timeout, transport=transport
         )
+        # The absolute URLs, merged with the base URL once: httpx then neither parses nor
+        # merges one per request.
+        self._urls = {
+            endpoint: self._client.build_request("POST", path).url
+            for endpoint, path in _PATHS.items()
+        }
+        self._timeouts: dict[float, httpx.Timeout] = {}
 
     async def send(self, request: ProviderRequest) -> ProviderResponse:
         connect_s = request.connect_timeout_s
         http_request = self._client.build_request(
             "POST",
-            _PATHS[request.endpoint],
+            self._urls[request.endpoint],
             content=_json_encode(request.body),
-            timeout=(
-                httpx.Timeout(self.config.read_timeout_s, connect=connect_s, pool=connect_s)
-                if connect_s is not None
-                else httpx.USE_CLIENT_DEFAULT
-            ),
+            timeout=self._timeout(connect_s) if connect_s is not None else httpx.USE_CLIENT_DEFAULT,
         )
         try:
             response = await self._client.send(http_request, stream=request.stream)
@@ -111,17 +134,28 @@ class OpenAICompatProvider(Provider):
                 502, f"Upstream {self.name} sent a body that is not JSON.", retryable=True
             ) from None
 
+    def _timeout(self, connect_s: float) -> httpx.Timeout:
+        timeout = self._timeouts.get(connect_s)
+        if timeout is None:
+            read_s = self.config.read_timeout_s
+            timeout = self._timeouts[connect_s] = httpx.Timeout(
+                read_s, connect=connect_s, pool=connect_s
+            )
+        return timeout
+
     async def _events(self, response: httpx.Response) -> AsyncIterator[Chunk]:
         """Server-sent events as chunk dicts, until `[DONE]`; a cut stream raises."""
         buffer = b""
         try:
             async for data in response.aiter_raw():
-                buffer += data
+                buffer = buffer + data if buffer else data
+                start = 0  # events are sliced out by offset; the rest is kept once per read
                 while True:
-                    end = buffer.find(b"\n\n")
+                    end = buffer.find(b"\n\n", start)
                     if end < 0:
+                        buffer = buffer[start:]
                         break
-                    event, buffer = buffer[:end], buffer[end + 2 :]
+                    event, start = buffer[start:end], end + 2
                     payload = _event_data(event)
                     if payload is None:
                         continue
@@ -158,9 +192,9 @@ class OpenAICompatProvider(Provider):
 
 def _event_data(event: bytes) -> bytes | None:
     """The `data:` payload of one SSE event (multi-line data joined), or None."""
-    event = event.replace(b"\r\n", b"\n")
     if event.startswith(b"data: ") and b"\n" not in event:
         return event[6:]
+    event = event.replace(b"\r\n", b"\n")
     parts = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
     return b"\n".join(parts) if parts else None
 
