@@ -73,7 +73,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    values,
+)
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.multiprocess import mark_process_dead as _mark_process_dead
@@ -348,6 +355,9 @@ class Metrics:
         self._backend: VllmStyleMetrics | None = None
         if not self.enabled:
             return
+        # Every counter and histogram would otherwise carry a `_created` series: a third of
+        # the exposition, rendered on every scrape and stored by Prometheus, used by nobody.
+        disable_created_metrics()
         if self.multiprocess:
             if not getattr(values.ValueClass, "_multiprocess", False):
                 raise RuntimeError(
