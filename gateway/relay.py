@@ -421,6 +421,9 @@ class Relay:
         delivered = meter.delivered
         usage_chunk: Chunk | None = None
         completed = False
+        # Chunks that came in one upstream read leave in one write (`ready` says whether
+        # the next chunk is already at hand); nothing is held across a wait.
+        out: list[bytes] = []
         try:
             try:
                 async for chunk in stream:
@@ -431,19 +434,23 @@ class Relay:
                     if not choices:
                         if usage:
                             usage_chunk = chunk
-                        continue
-                    for choice in choices:
-                        _collect_delta(choice, delivered)
-                    chunk["model"] = public_model
-                    if not include_usage:
-                        chunk.pop("usage", None)
-                    yield b"data: " + _encode(chunk) + b"\n\n"
+                    else:
+                        for choice in choices:
+                            _collect_delta(choice, delivered)
+                        chunk["model"] = public_model
+                        if not include_usage:
+                            chunk.pop("usage", None)
+                        out.append(b"data: " + _encode(chunk) + b"\n\n")
+                    if out and not getattr(stream, "ready", False):
+                        yield b"".join(out)
+                        out.clear()
             except UpstreamError as exc:
                 meter.cut_by = "upstream"
                 meter.status_code = exc.status_code if exc.status_code >= 400 else 502
                 meter.error_type = exc.type
                 meter.finish()
-                yield b"data: " + upstream_api_error(exc).encode() + b"\n\n"
+                out.append(b"data: " + upstream_api_error(exc).encode() + b"\n\n")
+                yield b"".join(out)
                 return
             completed = True
             meter.finish()
@@ -452,8 +459,9 @@ class Relay:
                 final["model"] = public_model
                 final["usage"] = {**(meter.upstream_usage or meter.record.usage.to_openai())}  # type: ignore[union-attr]
                 final["usage"]["maas"] = meter.cost_object()
-                yield b"data: " + _encode(final) + b"\n\n"
-            yield _DONE
+                out.append(b"data: " + _encode(final) + b"\n\n")
+            out.append(_DONE)
+            yield b"".join(out)
         finally:
             if not completed and meter.record is None:
                 meter.cut_by = "client"

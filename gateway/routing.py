@@ -703,6 +703,11 @@ class GuardedStream:
     def __aiter__(self) -> GuardedStream:
         return self
 
+    @property
+    def ready(self) -> bool:
+        """Whether the next chunk is already at hand (a hint for batching writes)."""
+        return self._first is not _NO_CHUNK or bool(getattr(self._upstream, "ready", False))
+
     async def __anext__(self) -> Chunk:
         first = self._first
         if first is not _NO_CHUNK:

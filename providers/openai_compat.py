@@ -9,7 +9,7 @@ the default one. Streams are relayed event by event as they arrive.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Literal
 
 import httpx
@@ -126,7 +126,7 @@ class OpenAICompatProvider(Provider):
             await response.aclose()
             raise _upstream_error(self.name, response.status_code, body, response.headers)
         if request.stream:
-            return ProviderResponse(stream=self._events(response))
+            return ProviderResponse(stream=_EventStream(self, response))
         try:
             return ProviderResponse(body=_json_decode(response.content))
         except msgspec.DecodeError:
@@ -143,8 +143,12 @@ class OpenAICompatProvider(Provider):
             )
         return timeout
 
-    async def _events(self, response: httpx.Response) -> AsyncIterator[Chunk]:
-        """Server-sent events as chunk dicts, until `[DONE]`; a cut stream raises."""
+    async def _events(self, response: httpx.Response, stream: _EventStream) -> AsyncIterator[Chunk]:
+        """Server-sent events as chunk dicts, until `[DONE]`; a cut stream raises.
+
+        Before each chunk is handed out, `stream.ready` tells whether another complete
+        event is already in the buffer.
+        """
         buffer = b""
         try:
             async for data in response.aiter_raw():
@@ -169,6 +173,7 @@ class OpenAICompatProvider(Provider):
                             str(error.get("message") or "upstream error mid-stream"),
                             type=str(error.get("type") or "upstream_error"),
                         )
+                    stream.ready = buffer.find(b"\n\n", start) >= 0
                     yield chunk
             raise UpstreamError(
                 502, f"Upstream {self.name} ended the stream early.", type="stream_cut"
@@ -188,6 +193,26 @@ class OpenAICompatProvider(Provider):
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+class _EventStream:
+    """An upstream's event stream that can tell whether its next chunk is at hand."""
+
+    __slots__ = ("_events", "ready")
+
+    def __init__(self, provider: OpenAICompatProvider, response: httpx.Response) -> None:
+        self.ready = False
+        self._events = provider._events(response, self)
+
+    def __aiter__(self) -> _EventStream:
+        return self
+
+    def __anext__(self) -> Awaitable[Chunk]:
+        self.ready = False
+        return self._events.__anext__()
+
+    async def aclose(self) -> None:
+        await self._events.aclose()  # type: ignore[attr-defined]
 
 
 def _event_data(event: bytes) -> bytes | None:
