@@ -59,6 +59,8 @@ class ProviderResponse:
 
     A stream yields chunk objects as the backend produces them and may raise
     `UpstreamError` part-way; closing it (`aclose()`) must cancel the upstream work.
+    A stream may also offer a boolean attribute `ready`, true when its next chunk is
+    already at hand; the gateway then sends such chunks together in one write.
     `headers` carries upstream headers worth passing on (none are required).
     """
 
