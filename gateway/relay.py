@@ -249,9 +249,7 @@ class Relay:
         request_id = new_request_id()
         s = self.services
         try:
-            key, tenant = s.directory.authenticate(
-                request.headers.get("authorization"), s.clock()
-            )
+            key, tenant = s.directory.authenticate(request.headers.get("authorization"), s.clock())
         except ApiError as refused:
             return error_response(refused, request_id)
         try:
@@ -455,7 +453,7 @@ class Relay:
             completed = True
             meter.finish()
             if include_usage:
-                final = usage_chunk or _usage_chunk(meter, forwarded)
+                final = usage_chunk or _usage_chunk(meter)
                 final["model"] = public_model
                 final["usage"] = {**(meter.upstream_usage or meter.record.usage.to_openai())}  # type: ignore[union-attr]
                 final["usage"]["maas"] = meter.cost_object()
@@ -483,18 +481,11 @@ _background: set[asyncio.Task[None]] = set()
 
 
 async def _settle_later(meter: Metering) -> None:
-    """Settle now, or in the background when the request's own task is being cancelled."""
-    try:
-        await asyncio.shield(_settle_task(meter))
-    except asyncio.CancelledError:
-        raise
-
-
-def _settle_task(meter: Metering) -> asyncio.Task[None]:
+    """Settle, shielded: when a departing client cancels the request, settling goes on."""
     task = asyncio.ensure_future(meter.settle())
     _background.add(task)
     task.add_done_callback(_background.discard)
-    return task
+    await asyncio.shield(task)
 
 
 def _collect_delta(choice: dict[str, Any], delivered: list[str]) -> None:
@@ -526,7 +517,7 @@ def _message_texts(body: dict[str, Any]) -> list[str]:
     return texts
 
 
-def _usage_chunk(meter: Metering, forwarded: Forwarded) -> Chunk:
+def _usage_chunk(meter: Metering) -> Chunk:
     chat = meter.endpoint == "chat.completions"
     return {
         "id": ("chatcmpl-" if chat else "cmpl-") + meter.request_id[4:],

@@ -34,5 +34,6 @@ python=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e '.[test]'
 
 .venv/bin/ruff check gateway billing providers loadtest bench tests
+.venv/bin/ruff format --check gateway billing providers loadtest bench tests
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"
