@@ -61,6 +61,10 @@ API_KEY = "sk-bench-000000000000000000000000000000000000000000"
 CONCURRENCIES = (1, 16, 64)
 KINDS = ("json", "stream")
 CHUNKS = 64
+PACED_FIRST_TOKEN_MS, PACED_CHUNK_GAP_MS = 5, 20
+PACED_STREAM_S = (PACED_FIRST_TOKEN_MS + CHUNKS * PACED_CHUNK_GAP_MS) / 1000
+"""How long one paced stream lasts: the steady paced load starts its streams this far apart
+in all (one every PACED_STREAM_S / 64 seconds)."""
 PROMPT = [
     {"role": "system", "content": "You are a concise assistant."},
     {"role": "user", "content": "Explain in a few sentences why a gateway should be fast."},
@@ -312,9 +316,9 @@ class Bench:
         port = free_port()
         config = {
             "sim-paced": {
-                "ttft_overhead_ms": 5,
+                "ttft_overhead_ms": PACED_FIRST_TOKEN_MS,
                 "prefill_ms_per_token": 0,
-                "itl_ms": 20,
+                "itl_ms": PACED_CHUNK_GAP_MS,
                 "jitter": 0,
                 "capacity": 4096,
                 "slowdown_at_capacity": 1,
@@ -499,11 +503,17 @@ class Bench:
         if result.errors:
             self.notes.append(f"{target.name} {kind} c={concurrency}: {result.errors} errors")
 
-    def run_paced(self, name: str, url: str, model: str, headers: dict[str, str]) -> None:
+    def run_paced(
+        self, name: str, url: str, model: str, headers: dict[str, str], herd: bool = False
+    ) -> None:
+        """64 concurrent paced streams: started evenly over one stream's length (a steady
+        load, the target), or all at once (`herd`, shown for information)."""
         body = self.tmp / f"paced-{model}.json"
         body.write_text(request_body(model, True))
+        stagger = 0.0 if herd else PACED_STREAM_S
+        name = f"{name} (herd)" if herd else name
         command = [sys.executable, str(BENCH_DIR / "loadgen.py"), "paced", "--url", url]
-        command += ["--body-file", str(body), "--concurrency", "64"]
+        command += ["--body-file", str(body), "--concurrency", "64", "--stagger-s", str(stagger)]
         command += ["--streams-per-worker", str(self.args.paced_streams), "--deadline-s", "120"]
         for key, value in headers.items():
             command += ["--header", f"{key}:{value}"]
@@ -685,10 +695,14 @@ class Bench:
             self.procs.stop(gw)
             return
         print("paced upstream (simulator, 20 ms between chunks), 64 concurrent streams:")
-        for _ in range(self.args.repeat):
-            self.run_paced("direct", sim_chat, "sim-paced", {})
-            self.run_paced("bare relay", paced_bare_url + "/v1/chat/completions", "sim-paced", {})
-            self.run_paced("gateway", gw_url + "/v1/chat/completions", "bench-paced", auth)
+        for herd in (False, True):
+            for _ in range(self.args.repeat):
+                self.run_paced("direct", sim_chat, "sim-paced", {}, herd)
+                bare_chat = paced_bare_url + "/v1/chat/completions"
+                self.run_paced("bare relay", bare_chat, "sim-paced", {}, herd)
+                self.run_paced(
+                    "gateway", gw_url + "/v1/chat/completions", "bench-paced", auth, herd
+                )
         if self.args.soak_seconds > 0:
             print("memory soak (gateway, alternating JSON and stream requests):", flush=True)
             self.run_soak(gw_target, gw.pid)
@@ -758,18 +772,25 @@ def report(bench: Bench) -> list[tuple[str, str, str, bool | None]]:
     print()
     paced = {name: best_paced(runs) for name, runs in bench.paced_runs.items()}
     direct = paced.get("direct")
-    if direct:
-        print("paced, 64 streams   TTFT p50  TTFT p99   gap p50   gap p99  (ms; added vs direct)")
+    for suffix in ("", " (herd)"):
+        base = paced.get("direct" + suffix)
+        if base is None:
+            continue
+        print(
+            "paced, 64 streams"
+            + (" started at once" if suffix else ", steady")
+            + "   TTFT p50  TTFT p99   gap p50   gap p99  (ms; added vs direct)"
+        )
         for name in ("direct", "bare relay", "gateway"):
-            r = paced.get(name)
+            r = paced.get(name + suffix)
             if r is None:
                 continue
             added = ""
             if name != "direct":
                 added = (
-                    f"  (+{r['ttft_p50_ms'] - direct['ttft_p50_ms']:.2f} / "
-                    f"+{r['ttft_p99_ms'] - direct['ttft_p99_ms']:.2f} TTFT, "
-                    f"+{r['gap_p99_ms'] - direct['gap_p99_ms']:.2f} gap p99)"
+                    f"  (+{r['ttft_p50_ms'] - base['ttft_p50_ms']:.2f} / "
+                    f"+{r['ttft_p99_ms'] - base['ttft_p99_ms']:.2f} TTFT, "
+                    f"+{r['gap_p99_ms'] - base['gap_p99_ms']:.2f} gap p99)"
                 )
             print(
                 f"  {name:16} {r['ttft_p50_ms']:8.2f}  {r['ttft_p99_ms']:8.2f}  "

@@ -8,7 +8,7 @@
   process so it can be pinned to a core:
 
       python bench/loadgen.py paced --url http://127.0.0.1:8000/v1/chat/completions \
-          --body-file body.json --concurrency 64 --streams-per-worker 5
+          --body-file body.json --concurrency 64 --streams-per-worker 5 --stagger-s 1.3
 
   It prints one JSON line: streams, chunks, errors, and TTFT and gap percentiles in ms.
 """
@@ -196,8 +196,14 @@ async def paced(
     concurrency: int,
     streams_per_worker: int,
     deadline_s: float,
+    stagger_s: float = 0.0,
 ) -> dict[str, Any]:
-    """`concurrency` workers each run `streams_per_worker` streams back to back."""
+    """`concurrency` workers each run `streams_per_worker` streams back to back.
+
+    Worker i starts `i * stagger_s / concurrency` seconds in, so with `stagger_s` set to
+    one stream's length the streams begin evenly spread, as in a steady load of
+    `concurrency` streams, rather than all at once in one herd (0: all at once).
+    """
     import aiohttp
 
     ttfts: list[float] = []
@@ -210,19 +216,23 @@ async def paced(
     all_headers = {"content-type": "application/json", **headers}
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
-        async def worker() -> None:
+        async def worker(index: int) -> None:
             nonlocal chunks, streams
+            await asyncio.sleep(index * stagger_s / concurrency)
             for _ in range(streams_per_worker):
                 if time.monotonic() > stop_at:
                     return
                 try:
-                    chunks += await _one_stream(session, url, body, all_headers, ttfts, gaps)
+                    # Awaited first: `chunks += await ...` would read `chunks` before the
+                    # await and lose the other workers' additions made meanwhile.
+                    got = await _one_stream(session, url, body, all_headers, ttfts, gaps)
+                    chunks += got
                     streams += 1
                 except Exception as exc:  # counted and reported, never hidden
                     errors.append(f"{type(exc).__name__}: {exc}")
 
         stop_at = time.monotonic() + deadline_s
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
     ms = 1000.0
     return {
         "streams": streams,
@@ -246,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--streams-per-worker", type=int, default=5)
     p.add_argument("--deadline-s", type=float, default=120.0)
+    p.add_argument(
+        "--stagger-s", type=float, default=0.0, help="spread the workers' starts over this time"
+    )
     args = parser.parse_args(argv)
     headers = dict(h.split(":", 1) for h in args.header)
     import uvloop
@@ -258,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             args.concurrency,
             args.streams_per_worker,
             args.deadline_s,
+            args.stagger_s,
         )
     )
     print("PACED_RESULT " + json.dumps(result), flush=True)

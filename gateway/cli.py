@@ -149,7 +149,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = settings_from(args.config)
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, freeze_heap=True)
     demo_key = gateway.ensure_demo_key()
     if gateway.admin_key is None:
         print(f"admin API disabled: set {settings.server.admin_key_env} to enable it", flush=True)
