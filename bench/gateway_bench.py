@@ -584,13 +584,15 @@ class Bench:
         )
 
     def run_profile(self, target: Target, pid: int) -> None:
-        """Sample the gateway with py-spy under JSON load at concurrency 64."""
+        """Sample the gateway with py-spy under JSON load (concurrency 64 by default)."""
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         seconds = self.args.profile
         out = self.tmp / "profile.txt"
         script = self.script(target, "json")
         load = subprocess.Popen(
-            wrk_command(target.base_url, script, 64, seconds + 4, self.load_core),
+            wrk_command(
+                target.base_url, script, self.args.profile_concurrency, seconds + 4, self.load_core
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -688,7 +690,10 @@ class Bench:
         if not self.args.profile_only:
             self.measure([direct, bare_target, gw_target])
         if self.args.profile:
-            print(f"profile: py-spy for {self.args.profile} s, JSON at concurrency 64:")
+            print(
+                f"profile: py-spy for {self.args.profile} s, JSON at concurrency "
+                f"{self.args.profile_concurrency}:"
+            )
             self.run_profile(gw_target, gw.pid)
 
         if self.args.profile_only or self.args.no_paced:
@@ -904,6 +909,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paced-streams", type=int, default=6, help="streams per paced worker")
     parser.add_argument("--soak-seconds", type=int, default=0, help="memory soak (0: none)")
     parser.add_argument("--profile", type=int, default=0, help="py-spy seconds (0: none)")
+    parser.add_argument("--profile-concurrency", type=int, default=64, help="wrk connections")
     parser.add_argument("--targets", help="subset, e.g. bare,gateway (default: all)")
     parser.add_argument("--kinds", help="subset of json,stream (default: both)")
     parser.add_argument("--concurrency", help="subset, e.g. 64 (default: 1,16,64)")

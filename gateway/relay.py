@@ -131,7 +131,7 @@ class Metering:
         self.error_type: str | None = None
         self.cut_by: str | None = None
         self.upstream_usage: dict[str, Any] | None = None
-        self.delivered: list[str] = []
+        self.delivered: dict[int, list[str]] = {}
         self.ttft_s: float | None = None
         self.upstream_s: float | None = None
         self.finished = False
@@ -143,13 +143,12 @@ class Metering:
 
     def usage(self) -> Usage:
         """Upstream usage when it is authoritative, else counted from what was delivered."""
-        if self.status_code >= 400 and self.cut_by is None and not self.delivered:
+        if self.status_code >= 400 and self.cut_by is None and not any(self.delivered.values()):
             return Usage()  # refused, or failed before any output: error text is never billed
         if self.upstream_usage is not None and self.cut_by is None:
             return Usage.from_openai(self.upstream_usage)
-        output = 0
-        if self.delivered:
-            output = self.services.counter.count_text(self.model, "".join(self.delivered))
+        count = self.services.counter.count_text
+        output = sum(count(self.model, "".join(parts)) for parts in self.delivered.values())
         if self.cut_by == "upstream":
             return Usage(output=output)  # the upstream failed: the prompt is not billed
         return Usage(uncached_input=self.prompt_tokens, output=output)
@@ -252,30 +251,34 @@ class Relay:
             key, tenant = s.directory.authenticate(request.headers.get("authorization"), s.clock())
         except ApiError as refused:
             return error_response(refused, request_id)
+        meter = Metering(s, request_id, key, tenant, endpoint)
         try:
             raw = await request.body()
         except HTTPException as exc:  # the body is over server.max_body_bytes
             size = request.app.request_max_body_size
             limit = size if isinstance(size, int) else 0
             too_big = exc.status_code == 413
-            return error_response(
-                body_too_large(limit) if too_big else invalid_request(exc.detail), request_id
+            return await self._refused(
+                meter, body_too_large(limit) if too_big else invalid_request(exc.detail)
             )
-        meter = Metering(s, request_id, key, tenant, endpoint)
         try:
             return await self._admitted(meter, raw)
         except ApiError as error:
-            meter.fail(error)
-            meter.finish()
-            await meter.settle()
-            return error_response(error, request_id)
+            return await self._refused(meter, error)
         except Exception:
             log.exception("request %s failed", request_id)
-            internal = server_error(request_id)
-            meter.fail(internal)
-            meter.finish()
-            await meter.settle()
-            return error_response(internal, request_id)
+            return await self._refused(meter, server_error(request_id))
+
+    async def _refused(self, meter: Metering, error: ApiError) -> Response[Any]:
+        """Record a request that ends in an error, release its reservation, answer it.
+
+        A request that was admitted keeps the rate-limit headers of its admission.
+        """
+        meter.fail(error)
+        meter.finish()
+        limits = meter.admission.headers if meter.admission is not None else {}
+        await meter.settle()
+        return error_response(error, meter.request_id, limits)
 
     async def _admitted(self, meter: Metering, raw: bytes) -> Response[Any]:
         s = self.services
@@ -293,7 +296,7 @@ class Relay:
         limit_field, requested = _output_limit(endpoint, body)
         n = int(body.get("n") or 1)
         wanted = requested if requested is not None else s.default_max_output_tokens
-        meter.admission = await self._admit(meter, prompt_tokens, wanted * n, quote)
+        meter.admission = await self._admit(meter, prompt_tokens, wanted * n, quote, n)
         if endpoint != "embeddings":
             granted = meter.admission.granted_max_tokens // n
             if requested is None or granted < requested:
@@ -362,7 +365,7 @@ class Relay:
         return counter.count_input(model, typed.input)
 
     async def _admit(
-        self, meter: Metering, prompt_tokens: int, max_tokens: int, quote: Quote
+        self, meter: Metering, prompt_tokens: int, max_tokens: int, quote: Quote, n: int
     ) -> Admission:
         tenant, key = meter.tenant, meter.key
         scopes = [Scope(f"tenant:{tenant.id}", tenant.limits, tenant.timezone)]
@@ -379,7 +382,7 @@ class Relay:
             scopes=scopes,
             prompt_tokens=prompt_tokens,
             max_tokens=0 if embeddings else max_tokens,
-            min_tokens=0 if embeddings else 1,
+            min_tokens=0 if embeddings else n,  # at least one output token per choice
             input_cost_nanos=quote.input_nanos * prompt_tokens,
             output_price_nanos=quote.output_nanos,
             balance_account=tenant.id if tenant.prepaid else None,
@@ -434,7 +437,7 @@ class Relay:
                             usage_chunk = chunk
                     else:
                         for choice in choices:
-                            _collect_delta(choice, delivered)
+                            _collect_delta(choice, delivered.setdefault(choice.get("index", 0), []))
                         chunk["model"] = public_model
                         if not include_usage:
                             chunk.pop("usage", None)
@@ -503,17 +506,19 @@ def _collect_delta(choice: dict[str, Any], delivered: list[str]) -> None:
         delivered.append((function.get("name") or "") + (function.get("arguments") or ""))
 
 
-def _message_texts(body: dict[str, Any]) -> list[str]:
-    texts: list[str] = []
-    for choice in body.get("choices") or ():
+def _message_texts(body: dict[str, Any]) -> dict[int, list[str]]:
+    """The output texts of a JSON answer, by choice."""
+    texts: dict[int, list[str]] = {}
+    for number, choice in enumerate(body.get("choices") or ()):
+        parts = texts.setdefault(choice.get("index", number), [])
         message = choice.get("message")
         if message is None:
-            texts.append(choice.get("text") or "")
+            parts.append(choice.get("text") or "")
             continue
-        texts.append(message.get("content") or "")
+        parts.append(message.get("content") or "")
         for call in message.get("tool_calls") or ():
             function = call.get("function") or {}
-            texts.append((function.get("name") or "") + (function.get("arguments") or ""))
+            parts.append((function.get("name") or "") + (function.get("arguments") or ""))
     return texts
 
 
@@ -572,10 +577,13 @@ def upstream_api_error(exc: UpstreamError) -> ApiError:
     return ApiError(status, exc.message, type="upstream_error", code=exc.code or exc.type)
 
 
-def error_response(error: ApiError, request_id: str) -> Response[Any]:
+def error_response(
+    error: ApiError, request_id: str, limits: dict[str, str] | None = None
+) -> Response[Any]:
+    """An OpenAI-shaped error answer; `limits` are rate-limit headers to carry along."""
     return Response(
         error.encode(),
         status_code=error.status_code,
         media_type="application/json",
-        headers={"x-request-id": request_id, **error.headers},
+        headers={"x-request-id": request_id, **(limits or {}), **error.headers},
     )

@@ -13,7 +13,9 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlmodel.ext.asyncio.session import AsyncSession
 
+from billing.models import LedgerEntry
 from gateway.auth import hash_key
 from gateway.config import parse_settings
 from tests.harness import ACME_KEY, ACME_LIMITED_KEY, RunningGateway, base_config
@@ -106,9 +108,20 @@ async def test_wrong_endpoint_for_model(http: httpx.AsyncClient) -> None:
     assert_openai_error(await http.post("/v1/chat/completions", json=body), 400)
 
 
-async def test_oversized_body(http: httpx.AsyncClient) -> None:
+async def ledger_row(gateway: RunningGateway, request_id: str) -> LedgerEntry | None:
+    await gateway.gateway.ledger.flush()
+    async with AsyncSession(gateway.gateway.ledger.engine) as session:
+        return await session.get(LedgerEntry, request_id)
+
+
+async def test_oversized_body(gateway: RunningGateway, http: httpx.AsyncClient) -> None:
     huge = {**GOOD, "messages": [{"role": "user", "content": "x" * 100_000}]}
-    assert_openai_error(await http.post("/v1/chat/completions", json=huge), 413)
+    response = await http.post("/v1/chat/completions", json=huge)
+    assert_openai_error(response, 413)
+    # Recorded like every request that got past authentication, at no cost.
+    row = await ledger_row(gateway, response.headers["x-request-id"])
+    assert row is not None
+    assert (row.status_code, row.cost_nanos, row.uncached_input, row.output) == (413, 0, 0, 0)
 
 
 @pytest.mark.parametrize(
