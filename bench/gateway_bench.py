@@ -584,11 +584,11 @@ class Bench:
         )
 
     def run_profile(self, target: Target, pid: int) -> None:
-        """Sample the gateway with py-spy under JSON load (concurrency 64 by default)."""
+        """Sample the gateway with py-spy under load (JSON at concurrency 64 by default)."""
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         seconds = self.args.profile
         out = self.tmp / "profile.txt"
-        script = self.script(target, "json")
+        script = self.script(target, self.args.profile_kind)
         load = subprocess.Popen(
             wrk_command(
                 target.base_url, script, self.args.profile_concurrency, seconds + 4, self.load_core
@@ -691,8 +691,8 @@ class Bench:
             self.measure([direct, bare_target, gw_target])
         if self.args.profile:
             print(
-                f"profile: py-spy for {self.args.profile} s, JSON at concurrency "
-                f"{self.args.profile_concurrency}:"
+                f"profile: py-spy for {self.args.profile} s, {self.args.profile_kind} at "
+                f"concurrency {self.args.profile_concurrency}:"
             )
             self.run_profile(gw_target, gw.pid)
 
@@ -910,6 +910,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak-seconds", type=int, default=0, help="memory soak (0: none)")
     parser.add_argument("--profile", type=int, default=0, help="py-spy seconds (0: none)")
     parser.add_argument("--profile-concurrency", type=int, default=64, help="wrk connections")
+    parser.add_argument("--profile-kind", choices=KINDS, default="json")
     parser.add_argument("--targets", help="subset, e.g. bare,gateway (default: all)")
     parser.add_argument("--kinds", help="subset of json,stream (default: both)")
     parser.add_argument("--concurrency", help="subset, e.g. 64 (default: 1,16,64)")

@@ -60,8 +60,12 @@ TRANSPARENT: frozenset[tuple[str, str]] = frozenset(
     }
 )
 
+#: Files that are client libraries of our own: charged like redis-py or aiohttp are.
+TRANSPARENT_FILES: tuple[str, ...] = ("billing/redis_pipeline.py",)
+
 #: Used only when no step frame is on the stack.
 LIBRARY_RULES: list[tuple[str, str]] = [
+    ("redis I/O (quota pipeline writes, replies)", "billing/redis_pipeline.py"),
     ("aiohttp client I/O callbacks", "aiohttp/"),
     ("aiohttp client I/O callbacks", "httpx_aiohttp/"),
     ("aiohttp client I/O callbacks", "httpx/"),
@@ -86,6 +90,8 @@ def classify(frames: list[tuple[str, str]]) -> str:
     for func, file in reversed(frames):
         name = func.rsplit(".", 1)[-1]  # py-spy writes methods as Class.method
         if any(fragment in file and name == skipped for fragment, skipped in TRANSPARENT):
+            continue
+        if any(fragment in file for fragment in TRANSPARENT_FILES):
             continue
         for step, fragment, names in STEP_RULES:
             if fragment in file and (names is None or name in names):
