@@ -7,6 +7,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 from collections import Counter
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -247,3 +248,53 @@ def test_example_scenarios_and_their_variants_are_valid(path: Path) -> None:
     assert len(scenario.settings().models) >= 3
     for name in scenario.variants:
         scenario.variant(name).settings()
+
+
+def test_the_example_month_runs_in_minutes_reconciles_and_agrees_with_the_rollups(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    """The shipped scenario (5 tenants, 3 models, ~30,000 requests), end to end."""
+    scenario_file = PROJECT_ROOT / "examples/scenarios/month.yaml"
+    scenario = load_scenario(scenario_file)
+    assert len(scenario.tenants) >= 5 and len(scenario.settings().models) >= 3
+    out = tmp_path / "month"
+    command = [
+        sys.executable, "-m", "gateway.cli", "simulate-month", str(scenario_file),
+        "--out", str(out), "--tokenizer-dir", str(tokenizer_dir),
+    ]  # fmt: skip
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert elapsed < 600
+    assert "OK, no differences" in (out / "reconciliation.txt").read_text()
+    report = json.loads((out / "margin-report.json").read_text())
+    connection = sqlite3.connect(out / "ledger.db")
+    try:
+
+        def rolled(column: str) -> dict[str, tuple[int, int, int]]:
+            query = (
+                f"SELECT {column}, sum(requests), sum(cost_nanos), sum(compute_cost_nanos)"
+                f" FROM usage_rollups GROUP BY {column}"
+            )
+            return {key: (n, rev, comp) for key, n, rev, comp in connection.execute(query)}
+
+        by_tenant, by_model = rolled("tenant_id"), rolled("model")
+        by_deployment = rolled("deployment")
+    finally:
+        connection.close()
+    assert len(by_tenant) >= 5 and len(by_model) >= 3
+    for section, sums in (
+        ("by_tenant", by_tenant),
+        ("by_model", by_model),
+        ("by_deployment", by_deployment),
+    ):
+        shown = {r["key"]: (r["requests"], r["revenue_nanos"], r["compute_nanos"])
+                 for r in report[section]}  # fmt: skip
+        assert shown == sums, section
+    totals = report["totals"]
+    assert totals["revenue_nanos"] == sum(rev for _, rev, _ in by_tenant.values())
+    assert totals["compute_nanos"] == sum(comp for _, _, comp in by_tenant.values())
+    assert totals["gross_margin_nanos"] == (
+        totals["revenue_nanos"] - totals["compute_nanos"] - totals["idle_nanos"]
+    )
