@@ -765,6 +765,34 @@ def test_invoice_formats_from_the_admin_api_and_the_cli_agree(mixed_run: MixedRu
         assert api["number"] in mixed_run.drafts[tenant]["html"]
 
 
+async def test_a_quiet_stream_is_billed_from_the_usage_the_gateway_asked_for(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    """The caller asks for no usage; the gateway asks the upstream anyway and bills what the
+    upstream reported (cached input, which no local count could know), hiding that chunk."""
+    with cached_upstream(tmp_path) as cached_url:
+        config = mixed_config(tmp_path, tokenizer_dir, cached_url)
+        async with (
+            RunningGateway(parse_settings(config)) as gw,
+            httpx.AsyncClient(base_url=gw.url, timeout=30) as http,
+        ):
+            body = {"model": "gpt-4o-cached", **chat("one two three four"), "stream": True}
+            headers = {"authorization": f"Bearer {KEYS['acme']}"}
+            async with http.stream(
+                "POST", "/v1/chat/completions", json=body, headers=headers
+            ) as response:
+                assert response.status_code == 200
+                request_id = response.headers["x-request-id"]
+                events = [line[6:] async for line in response.aiter_lines() if line[:6] == "data: "]
+            await gw.gateway.ledger.flush()
+    assert events[-1] == "[DONE]"
+    assert not any("usage" in json.loads(e) for e in events[:-1])  # hidden from the caller
+    row = sqlite_rows(tmp_path / "ledger.db")[request_id]
+    # The upstream reports 10 + 2 x 4 words = 18 prompt tokens, 18 // 2 + 4 % 3 = 10 of them
+    # cached, and 3 + 4 % 5 = 7 output tokens.
+    assert (row["uncached_input"], row["cached_input"], row["output"]) == (8, 10, 7)
+
+
 def test_finalised_invoice_is_the_draft(mixed_run: MixedRun) -> None:
     """Finalising stores the same lines and totals the draft showed."""
     for tenant in KEYS:
