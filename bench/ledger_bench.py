@@ -249,16 +249,9 @@ async def _reset_postgres(url: str) -> None:
     from sqlalchemy.ext.asyncio import create_async_engine
 
     engine = create_async_engine(url)
-    async with engine.begin() as connection:
-        for table in (
-            "ledger_entries",
-            "usage_rollups",
-            "invoices",
-            "invoiced_lines",
-            "ledger_state",
-            "alembic_version",
-        ):
-            await connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
+    async with engine.begin() as connection:  # every table, whatever the migrations added
+        await connection.execute(text("DROP SCHEMA public CASCADE"))
+        await connection.execute(text("CREATE SCHEMA public"))
     await engine.dispose()
 
 
