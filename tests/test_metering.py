@@ -1,7 +1,10 @@
-"""Metering at the edges: several choices per request, and errors after admission."""
+"""Metering at the edges: several choices per request, errors after admission, and limits
+that apply to one model or one key only."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +14,7 @@ import pytest
 
 from gateway.config import parse_settings
 from gateway.tokens import TokenCounter
-from tests.harness import ACME_KEY, RunningGateway, base_config
+from tests.harness import ACME_KEY, ACME_LIMITED_KEY, RunningGateway, base_config
 
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
 OUTPUT_ROOM = 5
@@ -75,3 +78,49 @@ async def test_an_upstream_failure_after_admission_keeps_the_rate_limit_headers(
     # The failed request spent nothing: the whole output room is still there.
     answer = await http.post("/chat/completions", json={**chat(1), "max_tokens": OUTPUT_ROOM})
     assert answer.status_code == 200, answer.text
+
+
+@pytest.fixture
+async def limited(tmp_path: Path, tokenizer_dir: Path) -> AsyncIterator[RunningGateway]:
+    """Acme: at most 2 gpt-4 requests a minute; its limited key at most 3 requests a minute."""
+    config = base_config(tmp_path, tokenizer_dir)
+    acme = config["tenants"][0]
+    acme["model_limits"] = {"gpt-4": {"rpm": 2}}
+    acme["keys"][1]["limits"] = {"rpm": 3}
+    async with RunningGateway(parse_settings(config)) as gw:
+        yield gw
+
+
+async def clear_of_the_minute_end() -> None:
+    """Start just after a clock minute turns if it is about to: RPM windows are UTC minutes."""
+    left = 60 - time.time() % 60
+    if left < 5:
+        await asyncio.sleep(left + 0.1)
+
+
+async def send(gw: RunningGateway, key: str, model: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=gw.url + "/v1", timeout=30) as http:
+        return await http.post(
+            "/chat/completions",
+            json={"model": model, "messages": MESSAGES, "max_tokens": 5},
+            headers={"authorization": f"Bearer {key}"},
+        )
+
+
+async def test_a_model_limit_refuses_that_model_only(limited: RunningGateway) -> None:
+    await clear_of_the_minute_end()
+    answers = [await send(limited, ACME_KEY, "gpt-4") for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert answers[2].json()["error"]["code"] == "rate_limit_exceeded"
+    assert int(answers[2].headers["retry-after"]) >= 1
+    assert (await send(limited, ACME_KEY, "gpt-4o-mini")).status_code == 200
+
+
+async def test_a_key_limit_refuses_that_key_only(limited: RunningGateway) -> None:
+    await clear_of_the_minute_end()
+    answers = [await send(limited, ACME_LIMITED_KEY, "gpt-4o-mini") for _ in range(4)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert answers[3].json()["error"]["code"] == "rate_limit_exceeded"
+    assert answers[2].headers["x-ratelimit-limit-requests"] == "3"
+    assert answers[2].headers["x-ratelimit-remaining-requests"] == "0"
+    assert (await send(limited, ACME_KEY, "gpt-4o-mini")).status_code == 200  # same tenant
