@@ -109,11 +109,13 @@ class Gateway:
             compute_costs=self.compute_costs,
         )
         self.relay = Relay(self.services)
+        self.router.start_health_checks()  # when routing.health_check_interval_s is set
         if self.freeze_heap:
             gc.collect()
             gc.freeze()
 
     async def stop(self) -> None:
+        await self.router.aclose()  # health checks first: they use the providers
         for provider in self.providers.values():
             await provider.aclose()
         await self.quotas.aclose()

@@ -21,11 +21,17 @@ Timeouts are per deployment. For a stream, the call and its first chunk must arr
 within `ttft_s`; then each chunk within `idle_s`; the whole request within `total_s`
 (counted from the start of `forward`, so retries do not extend it). A non-streaming call
 is bounded by `total_s`. A timed-out upstream call is cancelled and its stream closed.
+
+With `health_check_interval_s` set, `start_health_checks` probes every deployment in the
+background with a one-token request (`probe_request`); a probe counts toward the breaker
+like a request, so a dead deployment opens without traffic, and the probe sent once it is
+half-open closes it again when the deployment is back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -36,7 +42,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.breaker import BreakerConfig, CircuitBreaker, RetryBudget
-from providers.base import Chunk, Provider, ProviderRequest, ProviderResponse, UpstreamError
+from providers.base import (
+    Chunk,
+    Endpoint,
+    Provider,
+    ProviderRequest,
+    ProviderResponse,
+    UpstreamError,
+)
 
 __all__ = [
     "BreakerConfig",
@@ -49,6 +62,7 @@ __all__ = [
     "RoutingConfig",
     "Timeouts",
     "UnknownModel",
+    "probe_request",
 ]
 
 logger = logging.getLogger(__name__)
@@ -135,7 +149,10 @@ class RoutingConfig(_Strict):
         default_factory=dict, description="tenant -> model (or alias) -> deployment name"
     )
     health_check_interval_s: float | None = Field(
-        default=None, gt=0, description="Probe every deployment this often; None turns it off"
+        default=None,
+        gt=0,
+        description="Probe every deployment this often with a one-token request (never"
+        " billed); None turns it off",
     )
 
 
@@ -221,6 +238,7 @@ class Router:
             config.retry.budget_window_s,
             clock,
         )
+        self._health_task: asyncio.Task[None] | None = None
         self._routes: dict[str, _Route] = {}
         self._names: dict[str, str] = {}  # name or alias -> model name
         self._deployments: dict[str, Deployment] = {}
@@ -615,8 +633,57 @@ class Router:
     ) -> None:
         """Probe all deployments every `interval_s` seconds until cancelled."""
         while True:
-            await self.check_health(make_request)
+            try:
+                await self.check_health(make_request)
+            except Exception:  # a bug in building probes must not end the checks for good
+                logger.exception("active health check failed")
             await asyncio.sleep(interval_s)
+
+    def start_health_checks(
+        self, make_request: Callable[[Deployment], ProviderRequest] | None = None
+    ) -> None:
+        """Run `run_health_checks` in the background every `health_check_interval_s`
+        (nothing when it is unset); `aclose()` stops it. Needs a running event loop."""
+        interval = self._config.health_check_interval_s
+        if interval is None or self._health_task is not None:
+            return
+        self._health_task = asyncio.create_task(
+            self.run_health_checks(make_request or probe_request, interval),
+            name="health-checks",
+        )
+
+    async def aclose(self) -> None:
+        """Stop the background health checks (probes in flight are cancelled)."""
+        task, self._health_task = self._health_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+_PROBE_ENDPOINTS: dict[str, Endpoint] = {
+    "chat": "chat.completions",
+    "completion": "completions",
+    "embedding": "embeddings",
+}
+
+
+def probe_request(deployment: Deployment) -> ProviderRequest:
+    """The smallest request a deployment's kind serves: one input word, one output token."""
+    body: dict[str, Any] = {"model": deployment.model}
+    if deployment.kind == "embedding":
+        body["input"] = "ping"
+    elif deployment.kind == "completion":
+        body.update(prompt="ping", max_tokens=1)
+    else:
+        body.update(messages=[{"role": "user", "content": "ping"}], max_tokens=1)
+    return ProviderRequest(
+        endpoint=_PROBE_ENDPOINTS[deployment.kind],
+        model=deployment.model,
+        body=body,
+        request_id="health-check",
+        connect_timeout_s=deployment.timeouts.connect_s,
+    )
 
 
 def _outcome(error: UpstreamError) -> str:

@@ -148,6 +148,7 @@ def gateway_settings(
     providers: list[dict[str, Any]],
     deployments: list[dict[str, Any]],
     breaker: dict[str, Any] | None = None,
+    **routing: Any,
 ) -> Any:
     """The test configuration with `MODEL` served by `deployments` (other models unchanged)."""
     config = base_config(tmp, tokenizer_dir)
@@ -157,6 +158,7 @@ def gateway_settings(
     config["routing"] = {
         "retry": {"max_attempts": 3, "backoff_base_s": 0.01, "budget_min_per_s": 100},
         "breaker": breaker or {},
+        **routing,
     }
     return parse_settings(config)
 
@@ -371,6 +373,68 @@ async def test_breaker_opens_on_killed_upstream_and_closes_when_it_returns(
     assert served[probing_live[-1]["id"]] == ("primary", 1)
     assert any(served[t["id"]][0] == "primary" for t in after)
     assert all(served[t["id"]][1] == 1 for t in probing_live + after)
+
+
+async def wait_for_state(
+    gw: RunningGateway, name: str, wanted: str, within_s: float
+) -> dict[str, Any]:
+    """Poll GET /admin/deployments (sending no other traffic) until `name` is `wanted`."""
+    deadline = time.monotonic() + within_s
+    while True:
+        report = await health(gw, name)
+        if report["state"] == wanted:
+            return report
+        assert time.monotonic() < deadline, f"{name} is {report['state']}, not {wanted}"
+        await asyncio.sleep(0.05)
+
+
+async def test_active_health_checks_open_and_close_the_breaker_without_traffic(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    """With `health_check_interval_s` set and no caller at all, the gateway probes its
+    upstream: killing it opens the breaker, restarting it closes the breaker again, and the
+    probes are never billed to anyone."""
+    interval, open_s = 0.2, 1.0
+    async with simulator(tmp_path, "watched", FAST) as watched, httpx.AsyncClient() as http:
+        settings = gateway_settings(
+            tmp_path,
+            tokenizer_dir,
+            [upstream("watched", watched)],
+            [deployment("watched")],
+            breaker={"consecutive_failures": 2, "min_requests": 1000, "open_s": open_s},
+            health_check_interval_s=interval,
+        )
+        async with RunningGateway(settings) as gw:
+            await asyncio.sleep(5 * interval)
+            probed = await watched.metric(http, "maas_simulator_requests_total", outcome="success")
+            assert probed >= 2, "no probe reached the upstream"
+            report = await health(gw, "watched")
+            assert report["state"] == "closed" and report["recent_requests"] >= 2
+
+            watched.kill()
+            killed = time.monotonic()
+            report = await wait_for_state(gw, "watched", "open", within_s=10 * interval)
+            assert report["healthy"] is False and report["open_remaining_s"] > 0
+            opened_after = time.monotonic() - killed
+
+            await watched.start()  # back on the same port
+            restarted = time.monotonic()
+            report = await wait_for_state(gw, "watched", "closed", within_s=open_s + 20 * interval)
+            assert report["healthy"] is True
+            closed_after = time.monotonic() - restarted
+            # The model serves again at once.
+            told = await ask(sdk(gw), 1, stream=False)
+            rows = await ledger_rows(gw)
+        stopped_at = await watched.metric(http, "maas_simulator_requests_total", outcome="success")
+        await asyncio.sleep(3 * interval)
+        assert (
+            await watched.metric(http, "maas_simulator_requests_total", outcome="success")
+            == stopped_at
+        ), "probes went on after the gateway stopped"
+
+    print(f"breaker opened {opened_after:.2f}s after the kill, closed {closed_after:.2f}s after")
+    assert list(rows) == [told["id"]], "health probes must not reach the ledger"
+    assert rows[told["id"]]["deployment"] == "watched"
 
 
 # -- streams cut mid-way ------------------------------------------------------------------

@@ -747,6 +747,74 @@ async def test_active_health_check_probes_and_feeds_the_breaker() -> None:
     assert bad.calls == 2
 
 
+class RecordingProvider(ScriptedProvider):
+    """A scripted provider that also keeps every request it was sent."""
+
+    def __init__(self, name: str, script: Script | Callable[[int], Script] = OK) -> None:
+        super().__init__(name, script)
+        self.requests: list[ProviderRequest] = []
+
+    async def send(self, request: ProviderRequest) -> ProviderResponse:
+        self.requests.append(request)
+        return await super().send(request)
+
+
+async def test_background_health_checks_run_on_their_interval_until_closed() -> None:
+    clock = FakeClock()
+    chat, embed = RecordingProvider("chat"), RecordingProvider("embed")
+    router = build(
+        [
+            model("m", dep("chat", timeouts={"connect_s": 0.5})),
+            model("e", dep("embed"), kind="embedding"),
+        ],
+        [chat, embed],
+        clock,
+        health_check_interval_s=0.05,
+    )
+    router.start_health_checks()
+    await asyncio.sleep(0.3)
+    await router.aclose()
+    probes = chat.calls
+    assert 3 <= probes <= 8 and embed.calls == probes
+    await asyncio.sleep(0.15)
+    assert chat.calls == probes, "probes went on after aclose()"
+    # One-token probes, shaped for each deployment's kind; no traffic was needed.
+    request = chat.requests[0]
+    assert (request.endpoint, request.model) == ("chat.completions", "up-chat")
+    assert not request.stream
+    assert request.body["max_tokens"] == 1 and request.body["messages"][0]["role"] == "user"
+    assert request.connect_timeout_s == 0.5
+    assert embed.requests[0].endpoint == "embeddings" and "input" in embed.requests[0].body
+    assert state_of(router, "chat")["recent_requests"] == probes
+
+
+async def test_health_checks_are_off_without_an_interval() -> None:
+    provider = ScriptedProvider("a")
+    router = build([model("m", dep("a"))], [provider], FakeClock())
+    router.start_health_checks()
+    await asyncio.sleep(0.05)
+    await router.aclose()
+    assert provider.calls == 0
+
+
+async def test_health_checks_outlive_a_probe_that_cannot_be_built() -> None:
+    provider = ScriptedProvider("a")
+    router = build([model("m", dep("a"))], [provider], FakeClock(), health_check_interval_s=0.02)
+    built = 0
+
+    def flaky_probe(deployment: Deployment) -> ProviderRequest:
+        nonlocal built
+        built += 1
+        if built == 1:
+            raise RuntimeError("a bug in building the probe")
+        return make_request()(deployment)
+
+    router.start_health_checks(flaky_probe)
+    await asyncio.sleep(0.15)
+    await router.aclose()
+    assert built >= 3 and provider.calls == built - 1
+
+
 # -- timeouts and cancellation ----------------------------------------------------------
 
 
