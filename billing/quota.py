@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from billing.money import format_amount
 
 __all__ = [
+    "MAX_BALANCE_NANOS",
     "AccountReading",
     "Admission",
     "AdmitRequest",
@@ -83,6 +84,8 @@ PERIOD_MARGIN_MS = 3_600_000
 SETTLED_KEEP_MS = 86_400_000
 #: Retry hint when a concurrency limit refuses (a slot frees when any request finishes).
 CONCURRENCY_RETRY_S = 1.0
+#: The largest prepaid balance (nanos): Redis Lua counts in doubles, exact below 2**53.
+MAX_BALANCE_NANOS = 2**53 - 1
 
 
 class Limits(BaseModel):
@@ -211,7 +214,8 @@ class QuotaStore(ABC):
 
     @abstractmethod
     async def topup(self, account: str, nanos: int) -> int:
-        """Add `nanos` (> 0) to a prepaid balance; returns the new balance."""
+        """Add `nanos` (> 0) to a prepaid balance; returns the new balance. `ValueError`
+        (nothing added) when the balance would pass `MAX_BALANCE_NANOS`."""
 
     @abstractmethod
     async def set_balance(self, account: str, nanos: int) -> None:
@@ -783,6 +787,7 @@ class MemoryQuotaStore(QuotaStore):
         _check_topup(nanos)
         with self._lock:
             state = self._accounts.setdefault(account, [0, 0])
+            _check_topup(nanos, state[0])
             state[0] += nanos
             return state[0]
 
@@ -809,9 +814,11 @@ class MemoryQuotaStore(QuotaStore):
             )
 
 
-def _check_topup(nanos: int) -> None:
+def _check_topup(nanos: int, balance: int = 0) -> None:
     if nanos <= 0:
         raise ValueError(f"a top-up must be positive, not {nanos}")
+    if balance + nanos > MAX_BALANCE_NANOS:
+        raise ValueError(f"a balance cannot exceed {format_amount(MAX_BALANCE_NANOS)}")
 
 
 def remaining_from(

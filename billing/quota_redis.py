@@ -43,8 +43,10 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from billing.money import format_amount
 from billing.quota import (
     HOLDS_KEEP_MS,
+    MAX_BALANCE_NANOS,
     SETTLED_KEEP_MS,
     AccountReading,
     Admission,
@@ -65,7 +67,7 @@ from billing.quota import (
     remaining_from,
 )
 
-__all__ = ["ADMIT_LUA", "RELEASE_LUA", "SETTLE_LUA", "RedisQuotaStore"]
+__all__ = ["ADMIT_LUA", "RELEASE_LUA", "SETTLE_LUA", "TOPUP_LUA", "RedisQuotaStore"]
 
 try:
     from billing.redis_pipeline import LuaScript, PipelinedRedis
@@ -296,6 +298,14 @@ end
 return 1
 """
 
+#: KEYS: the account. ARGV: nanos to add, the largest balance allowed. Returns the new
+#: balance, or nil (nothing added) when it would pass the largest.
+TOPUP_LUA = """
+local balance = tonumber(redis.call('HGET', KEYS[1], 'balance') or '0')
+if balance + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return false end
+return redis.call('HINCRBY', KEYS[1], 'balance', ARGV[1])
+"""
+
 _UNREACHABLE = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
@@ -367,6 +377,7 @@ class RedisQuotaStore(QuotaStore):
         self._admit_script = self._client.register_script(ADMIT_LUA)
         self._settle_script = self._client.register_script(SETTLE_LUA)
         self._release_script = self._client.register_script(RELEASE_LUA)
+        self._topup_script = self._client.register_script(TOPUP_LUA)
         # The two scripts every request runs go over one pipelined connection (hiredis
         # packing, no pool checkout); everything else, and URLs it cannot reach, via redis-py.
         self._pipeline = (
@@ -578,8 +589,10 @@ class RedisQuotaStore(QuotaStore):
     async def topup(self, account: str, nanos: int) -> int:
         if nanos <= 0:
             raise ValueError(f"a top-up must be positive, not {nanos}")
-        key = account_base(self.prefix, account)
-        result = await self._call("top-up", lambda: self._client.hincrby(key, "balance", nanos))
+        keys, args = [account_base(self.prefix, account)], [nanos, MAX_BALANCE_NANOS]
+        result = await self._call("top-up", lambda: self._topup_script(keys=keys, args=args))
+        if result is None:
+            raise ValueError(f"a balance cannot exceed {format_amount(MAX_BALANCE_NANOS)}")
         return int(result)
 
     async def set_balance(self, account: str, nanos: int) -> None:

@@ -2,13 +2,17 @@
 
 Admin routes take `Authorization: Bearer <admin key>`; the admin key comes from the
 environment variable named by `server.admin_key_env`. Without one the admin API refuses.
+Balances live in the quota store: while it cannot be reached, the routes that read or move
+them answer 503 (creating a prepaid tenant then stores nothing).
 """
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
@@ -18,10 +22,10 @@ from litestar.handlers import HTTPRouteHandler
 
 from billing.invoice import TenantBilling, build_invoice, finalize_invoice, render_invoice
 from billing.money import format_amount, to_nanos
-from billing.quota import Limits
+from billing.quota import MAX_BALANCE_NANOS, Limits, QuotaUnavailable
 from billing.reconcile import reconcile
 from gateway.auth import Tenant
-from gateway.errors import ApiError, invalid_request
+from gateway.errors import ApiError, invalid_request, service_unavailable
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -72,8 +76,8 @@ def admin_routes(gw: Gateway) -> list[HTTPRouteHandler]:
                 "The admin API is disabled: set the admin key environment variable.",
                 type="permission_error",
             )
-        header = request.headers.get("authorization") or ""
-        presented = header.partition(" ")[2].strip().encode()
+        scheme, _, secret = (request.headers.get("authorization") or "").partition(" ")
+        presented = secret.strip().encode() if scheme.lower() == "bearer" else b""
         if not hmac.compare_digest(presented, gw.admin_key.encode()):
             raise ApiError(401, "Invalid admin key.", code="invalid_api_key")
 
@@ -106,9 +110,15 @@ def admin_routes(gw: Gateway) -> list[HTTPRouteHandler]:
             ZoneInfo(new.timezone)
             limits = Limits(**new.limits)
             balance = Decimal(new.balance) if new.balance is not None else None
+            balance_nanos = to_nanos(balance) if balance is not None else None
             tax_rate = Decimal(new.tax_rate)
-        except (ValueError, InvalidOperation, KeyError) as exc:
+        except (ValueError, ArithmeticError, KeyError) as exc:
             raise invalid_request(f"Invalid tenant: {exc}") from None
+        if balance_nanos is not None and not 0 <= balance_nanos <= MAX_BALANCE_NANOS:
+            raise invalid_request(
+                f"An initial balance must be between 0 and {format_amount(MAX_BALANCE_NANOS)}.",
+                param="balance",
+            )
         if new.plan is not None and new.plan not in gw.settings.pricing.plans:
             raise invalid_request(f"Unknown plan {new.plan!r}.", param="plan")
         tenant = Tenant(
@@ -122,9 +132,12 @@ def admin_routes(gw: Gateway) -> list[HTTPRouteHandler]:
             initial_balance=balance,
             tax_rate=tax_rate,
         )
+        if balance_nanos is not None:
+            with _quota_errors():  # a 503 now stores nothing, so the call can be repeated
+                await gw.quotas.balance(tenant.id)
         await gw.directory_sync.create_tenant(tenant)  # stored first; 409 when taken
-        if balance is not None:
-            await gw.quotas.set_balance(tenant.id, to_nanos(balance))
+        if balance_nanos is not None:  # kept by the store if it has just become unreachable
+            await gw.quotas.set_balance(tenant.id, balance_nanos)
         return _json(_tenant_json(tenant), 201)
 
     @post("/admin/tenants/{tenant_id:str}/keys", status_code=201)
@@ -136,12 +149,16 @@ def admin_routes(gw: Gateway) -> list[HTTPRouteHandler]:
         for model in new.models or ():
             if model not in served:
                 raise invalid_request(f"Unknown model {model!r}.", param="models")
+        try:
+            limits = Limits(**new.limits) if new.limits else None
+        except ValueError as exc:
+            raise invalid_request(f"Invalid key limits: {exc}", param="limits") from None
         created = await gw.directory_sync.create_key(
             tenant_id,
             name=new.name,
             models=frozenset(new.models) if new.models is not None else None,
             expires_at=new.expires_at,
-            limits=Limits(**new.limits) if new.limits else None,
+            limits=limits,
             created_at=datetime.now(UTC),
         )
         if created is None:
@@ -175,11 +192,18 @@ def admin_routes(gw: Gateway) -> list[HTTPRouteHandler]:
         amount = (await body_of(request, TopUp)).amount
         try:
             nanos = to_nanos(Decimal(amount))
-        except (ValueError, InvalidOperation):
+        except (ValueError, ArithmeticError):  # not a number, finer than 1e-9, infinite
             raise invalid_request(f"Invalid amount {amount!r}.", param="amount") from None
         if nanos <= 0:
             raise invalid_request("A top-up must be positive.", param="amount")
-        balance = await gw.quotas.topup(tenant_id, nanos)
+        # A store that timed out may still apply the top-up: say so rather than invite a repeat.
+        with _quota_errors(
+            "The quota service is unavailable: check the balance before repeating the top-up."
+        ):
+            try:
+                balance = await gw.quotas.topup(tenant_id, nanos)
+            except ValueError as exc:  # the balance would grow past the largest one
+                raise invalid_request(f"Invalid top-up: {exc}.", param="amount") from None
         return _json({"tenant": tenant_id, "balance": format_amount(balance)})
 
     @get("/admin/tenants/{tenant_id:str}/balance")
@@ -187,7 +211,8 @@ def admin_routes(gw: Gateway) -> list[HTTPRouteHandler]:
         require_admin(request)
         tenant_id = request.path_params["tenant_id"]
         tenant_or_404(tenant_id)
-        nanos = await gw.quotas.balance(tenant_id)
+        with _quota_errors():
+            nanos = await gw.quotas.balance(tenant_id)
         value = format_amount(nanos) if nanos is not None else None
         return _json({"tenant": tenant_id, "balance": value})
 
@@ -296,6 +321,17 @@ def _month(value: str) -> str:
     except ValueError:
         raise invalid_request("month must look like 2026-11.", param="month") from None
     return value
+
+
+@contextmanager
+def _quota_errors(
+    message: str = "The quota service is unavailable. Retry shortly.",
+) -> Iterator[None]:
+    """The quota store being unreachable, as an OpenAI-shaped 503."""
+    try:
+        yield
+    except QuotaUnavailable:
+        raise service_unavailable(message) from None
 
 
 def _tenant_json(tenant: Tenant) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from billing.quota import (
+    MAX_BALANCE_NANOS,
     Admission,
     AdmitRequest,
     FailOpenQuotaStore,
@@ -108,6 +109,14 @@ async def test_topup_and_initial_balance(store: QuotaStore) -> None:
     assert await store.balance("acme") == 2_000
     with pytest.raises(ValueError):
         await store.topup("acme", 0)
+
+
+async def test_a_top_up_cannot_take_a_balance_past_the_largest(store: QuotaStore) -> None:
+    await store.set_balance("acme", MAX_BALANCE_NANOS - 10)
+    with pytest.raises(ValueError, match="cannot exceed"):
+        await store.topup("acme", 11)
+    assert await store.balance("acme") == MAX_BALANCE_NANOS - 10  # nothing was added
+    assert await store.topup("acme", 10) == MAX_BALANCE_NANOS
 
 
 async def test_clamps_max_tokens_to_the_token_budget(store: QuotaStore) -> None:
