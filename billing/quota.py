@@ -219,7 +219,10 @@ class QuotaStore(ABC):
 
     @abstractmethod
     async def set_balance(self, account: str, nanos: int) -> None:
-        """Set an initial balance, only if the account is not yet known."""
+        """Set an initial balance, only if the account is not yet known (so a restart never
+        resets a balance). Does not raise when the store is unavailable: a store that can
+        be unavailable keeps the balance and writes it before anything else once it answers.
+        """
 
     @abstractmethod
     async def balance(self, account: str) -> int | None:

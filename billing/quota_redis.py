@@ -25,7 +25,9 @@ quickly; after a failure, calls fail fast for
 `retry_interval_ms` and then try again, so the store recovers by itself. A settle that
 cannot reach Redis is queued and replayed once Redis answers (settles are idempotent). An
 admission that was sent but got no answer (a timeout) may still have run: its release is
-queued the same way, so a refused request never keeps a reservation.
+queued the same way, so a refused request never keeps a reservation. An initial balance
+(`set_balance`) that cannot be written is kept too, and written before any other call
+once Redis answers, so a settle replayed into a new account never comes first.
 """
 
 from __future__ import annotations
@@ -393,11 +395,19 @@ class RedisQuotaStore(QuotaStore):
         self._down_until = 0.0
         self._pending: deque[Callable[[], Awaitable[Any]]] = deque(maxlen=PENDING_SETTLES_MAX)
         self._replay_task: asyncio.Task[None] | None = None
+        self._openings: dict[str, int] = {}  # account -> initial balance not yet written
+        self._openings_lock = asyncio.Lock()
+        self._openings_kept = False  # some were kept through an outage (for the log)
 
     @property
     def pending_settles(self) -> int:
         """Settles (and releases of lost admissions) waiting for Redis to answer again."""
         return len(self._pending)
+
+    @property
+    def pending_openings(self) -> int:
+        """Initial balances waiting for Redis to answer again."""
+        return len(self._openings)
 
     def _script(self, lua: str, keys: list[str], args: list[Any]) -> Callable[[], Awaitable[Any]]:
         """A call running one of the Lua scripts (the pipelined connection when there is one)."""
@@ -411,7 +421,15 @@ class RedisQuotaStore(QuotaStore):
         return lambda: registered(keys=keys, args=args)
 
     async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Run one Redis call with a hard deadline; failures become `QuotaUnavailable`."""
+        """Run one Redis call with a hard deadline; failures become `QuotaUnavailable`.
+
+        Initial balances still waiting are written first, so every call sees them.
+        """
+        if self._openings:
+            await self._write_openings()
+        return await self._run(what, call)
+
+    async def _run(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         if time.monotonic() < self._down_until:
             raise QuotaUnavailable(f"quota store (Redis) is unreachable; {what} refused")
         try:
@@ -596,8 +614,40 @@ class RedisQuotaStore(QuotaStore):
         return int(result)
 
     async def set_balance(self, account: str, nanos: int) -> None:
-        key = account_base(self.prefix, account)
-        await self._call("set balance", lambda: self._client.hsetnx(key, "balance", nanos))
+        """Open an account with `nanos` unless Redis knows it already (HSETNX: a restart or
+        another replica never resets a balance). When Redis cannot be reached this does not
+        raise: the balance is kept and written before any other call once Redis answers."""
+        self._openings.setdefault(account, nanos)
+        try:
+            await self._write_openings()
+        except QuotaUnavailable as exc:
+            self._openings_kept = True
+            logger.warning(
+                "initial balance of account %s kept until Redis answers (%d kept): %s",
+                account,
+                len(self._openings),
+                exc,
+            )
+
+    async def _write_openings(self) -> None:
+        """Write every initial balance still waiting, in one round trip."""
+        async with self._openings_lock:
+            waiting = dict(self._openings)
+            if not waiting:
+                return
+
+            async def write() -> list[Any]:
+                pipe = self._client.pipeline(transaction=False)
+                for account, nanos in waiting.items():
+                    pipe.hsetnx(account_base(self.prefix, account), "balance", nanos)
+                return await pipe.execute()  # type: ignore[no-any-return]
+
+            await self._run("set balance", write)
+            for account in waiting:
+                self._openings.pop(account, None)
+            if self._openings_kept:
+                self._openings_kept = False
+                logger.info("wrote the initial balances kept while Redis was unreachable")
 
     async def balance(self, account: str) -> int | None:
         key = account_base(self.prefix, account)

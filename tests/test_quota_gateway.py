@@ -772,3 +772,78 @@ def own_redis_pid(server: RedisServer) -> int:
     process = server._process
     assert process is not None
     return process.pid
+
+
+# ---- Redis down at start-up --------------------------------------------------------------------
+
+
+async def admin_call(gw: GatewayProcess, method: str, path: str, **kwargs: Any) -> Reply:
+    async with httpx.AsyncClient(headers={"authorization": f"Bearer {ADMIN_KEY}"}) as client:
+        started = time.perf_counter()
+        response = await client.request(method, gw.url + path, timeout=30, **kwargs)
+    seconds = time.perf_counter() - started
+    return Reply(gw.name, response.status_code, response.headers, response.json(), seconds)
+
+
+async def test_gateways_start_with_redis_down_and_open_prepaid_balances_when_it_returns(
+    tmp_path: Path, tokenizer_dir: Path, own_redis: RedisServer
+) -> None:
+    """Redis is down when the gateways start: both start and answer (503s failing closed,
+    200s failing open, 503s from the admin API); once Redis is up the configured balance
+    is opened and everything spent meanwhile is charged to it, exactly; a restart later
+    does not reset the balance."""
+    initial = 10**9  # 1 USD in nanos
+    prepaid = [tenant("prepaid", {"rpm": 10**6, "tpm": 10**9}, balance=initial)]
+    quotas = {
+        "backend": "redis",
+        "redis_url": own_redis.url,
+        "redis_url_env": None,
+        "retry_interval_ms": 200,
+    }
+    configs = {
+        "closed": fleet_config(tmp_path, tokenizer_dir, quotas, prepaid),
+        "open": fleet_config(
+            tmp_path, tokenizer_dir, {**quotas, "on_unavailable": "open"}, prepaid
+        ),
+    }
+    own_redis.stop()
+    served: list[Reply] = []
+    with gateway_processes(configs, tmp_path) as gateways:
+        closed, opened = gateways
+        async with http_client() as client:
+            for gw in gateways:
+                assert (await client.get(gw.url + "/readyz")).status_code == 200
+            refused = await chat(client, closed, "prepaid", model=FULL_MODEL, max_tokens=5)
+            assert_openai_error(refused, 503, "service_unavailable")
+            while_down = await chat(client, opened, "prepaid", model=FULL_MODEL, max_tokens=5)
+            assert while_down.status == 200, while_down.body
+            served.append(while_down)
+            for gw in gateways:
+                balance = await admin_call(gw, "GET", "/admin/tenants/prepaid/balance")
+                assert_openai_error(balance, 503, "service_unavailable")
+                topup = await admin_call(
+                    gw, "POST", "/admin/tenants/prepaid/topup", json={"amount": "5"}
+                )
+                assert_openai_error(topup, 503, "service_unavailable")
+
+            await asyncio.to_thread(own_redis.start)
+            await asyncio.sleep(0.3)  # past the fail-fast interval
+            for gw in (closed, opened, closed):
+                reply = await chat(client, gw, "prepaid", model=FULL_MODEL, max_tokens=5)
+                assert reply.status == 200, reply.body
+                served.append(reply)
+        spent = sum(r.cost_nanos for r in served)
+        assert spent > 0
+
+        async def charged() -> bool:
+            return await balance_nanos(opened, "prepaid") == initial - spent
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                while not await charged():  # noqa: ASYNC110 - replayed by the other process
+                    await asyncio.sleep(0.05)
+        assert await balance_nanos(opened, "prepaid") == initial - spent
+        assert await balance_nanos(closed, "prepaid") == initial - spent
+
+    with gateway_processes({"restarted": configs["closed"]}, tmp_path) as (restarted,):
+        assert await balance_nanos(restarted, "prepaid") == initial - spent  # not reset

@@ -305,3 +305,79 @@ def pause(url: str, milliseconds: int) -> None:
     """Make Redis stop answering every client for a while, keeping its data."""
     with redis.Redis.from_url(url) as client:
         client.client_pause(milliseconds, all=True)
+
+
+# ---- initial balances while Redis is away ----------------------------------------------------
+
+
+async def test_initial_balance_waits_for_redis_and_is_written_before_anything_else(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """A gateway starting with Redis down opens its prepaid accounts once Redis is back, before
+    its first admission there; a later start (a restart, a replica) never resets them."""
+    paid = {"input_cost_nanos": INPUT_COST, "output_price_nanos": OUT_PRICE}
+    scope = Scope("tenant:acme", Limits(rpm=1_000))
+    redis_server.stop()
+    try:
+        store = RedisQuotaStore(redis_url, timeout_ms=200, retry_interval_ms=100)
+        await store.set_balance("acme", 10 * WORST_CASE)  # does not raise: kept for later
+        assert store.pending_openings == 1
+        with pytest.raises(QuotaUnavailable):
+            await store.admit(ask(scope, balance_account="acme", **paid))
+    finally:
+        redis_server.start()
+    await asyncio.sleep(0.15)  # past the fail-fast interval
+
+    admission = await store.admit(ask(scope, balance_account="acme", **paid))
+    assert admission.granted_max_tokens == MAX_OUT  # the balance was there before the admission
+    assert store.pending_openings == 0
+    await store.settle(admission, PROMPT + 40, INPUT_COST + 40 * OUT_PRICE)
+    spent = INPUT_COST + 40 * OUT_PRICE
+    assert await store.balance("acme") == 10 * WORST_CASE - spent
+
+    replica = RedisQuotaStore(redis_url)
+    await replica.set_balance("acme", 10 * WORST_CASE)
+    assert await replica.balance("acme") == 10 * WORST_CASE - spent  # not reset
+    await replica.aclose()
+    await store.aclose()
+
+
+async def test_fail_open_from_the_start_replays_spending_into_the_opened_account(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """Failing open with Redis down since start-up: what was spent meanwhile is charged to the
+    initial balance once Redis answers (the account is opened before the settles replay)."""
+    store = build_quota_store(
+        QuotaConfig(
+            backend="redis",
+            redis_url=redis_url,
+            redis_url_env=None,
+            on_unavailable="open",
+            timeout_ms=200,
+            retry_interval_ms=100,
+        )
+    )
+    paid = {"input_cost_nanos": INPUT_COST, "output_price_nanos": OUT_PRICE}
+    scope = Scope("tenant:acme", Limits(rpm=1_000))
+    redis_server.stop()
+    try:
+        await store.set_balance("acme", 1_000_000)
+        served = [await store.admit(ask(scope, balance_account="acme", **paid)) for _ in range(3)]
+        assert [a.backend for a in served] == ["fallback"] * 3
+        for admission in served:
+            await store.settle(admission, PROMPT + 10, 1_200)
+    finally:
+        redis_server.start()
+    await asyncio.sleep(0.15)
+
+    after = await store.admit(ask(scope, balance_account="acme", **paid))
+    assert after.backend == "redis"
+    await store.settle(after, PROMPT, 1_000)
+    primary = store.primary  # type: ignore[attr-defined]
+
+    async def replayed() -> bool:
+        return primary.pending_settles == 0
+
+    await eventually(replayed)
+    assert await store.balance("acme") == 1_000_000 - 3 * 1_200 - 1_000
+    await store.aclose()
