@@ -307,6 +307,8 @@ class Relay:
         include_usage = bool(options and options.include_usage)
 
         def make_request(deployment: Deployment) -> ProviderRequest:
+            meter.deployment = deployment  # the last one tried names a failed request's row
+            meter.attempts += 1
             return ProviderRequest(
                 endpoint,
                 deployment.model,
@@ -404,6 +406,8 @@ class Relay:
         try:
             forwarded = await self.services.router.forward(model, meter.tenant.id, make_request)
         except UpstreamError as exc:
+            if exc.status_code in (401, 403):
+                log.warning("upstream refused the gateway's credentials: %s", exc.message)
             raise upstream_api_error(exc) from None
         finally:
             meter.upstream_s = time.perf_counter() - started
@@ -569,9 +573,21 @@ def upstream_api_error(exc: UpstreamError) -> ApiError:
     if status == 429:
         headers = {"retry-after": str(max(1, int((exc.retry_after or 1) + 0.999)))}
         return ApiError(429, exc.message, type="rate_limit_error", code=exc.code, headers=headers)
+    if status in (401, 403):  # the upstream refused the gateway's credential, not the caller's
+        return ApiError(
+            502,
+            f"The upstream refused the gateway's credentials (HTTP {status}): a gateway "
+            "configuration problem, not one of your API key.",
+            type="upstream_error",
+            code="upstream_auth_failed",
+        )
     if 400 <= status < 500:
         return ApiError(
-            status, exc.message, type=exc.type or "invalid_request_error", code=exc.code
+            status,
+            exc.message,
+            type=exc.type or "invalid_request_error",
+            param=exc.param,
+            code=exc.code,
         )
     status = status if status in (502, 503, 504) else 502
     return ApiError(status, exc.message, type="upstream_error", code=exc.code or exc.type)

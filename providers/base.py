@@ -83,6 +83,7 @@ class UpstreamError(Exception):
         *,
         type: str = "upstream_error",
         code: str | None = None,
+        param: str | None = None,
         retryable: bool = False,
         retry_after: float | None = None,
     ) -> None:
@@ -91,6 +92,7 @@ class UpstreamError(Exception):
         self.message = message
         self.type = type
         self.code = code
+        self.param = param
         self.retryable = retryable
         self.retry_after = retry_after
 

@@ -8,8 +8,11 @@ the default one. Streams are relayed event by event as they arrive.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
 import httpx
@@ -226,12 +229,14 @@ def _event_data(event: bytes) -> bytes | None:
 
 def _upstream_error(name: str, status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
     message, type_, code = f"Upstream {name} answered HTTP {status}.", "upstream_error", None
+    param = None
     try:
         error: Any = _json_decode(body).get("error")
         if isinstance(error, dict):
             message = str(error.get("message") or message)
             type_ = str(error.get("type") or type_)
             code = error.get("code")
+            param = error.get("param")
         elif isinstance(error, str):
             message = error
     except (msgspec.DecodeError, AttributeError):
@@ -242,17 +247,27 @@ def _upstream_error(name: str, status: int, body: bytes, headers: httpx.Headers)
         message,
         type=type_,
         code=str(code) if code is not None else None,
+        param=str(param) if param is not None else None,
         retryable=status in (408, 409, 429) or status >= 500,
         retry_after=retry_after,
     )
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value:
-            try:
-                return float(value) * scale
-            except ValueError:
-                return None
-    return None
+    """Seconds to wait, from `retry-after-ms`, else `retry-after` (seconds or an HTTP date)."""
+    value = headers.get("retry-after-ms")
+    if value:
+        with contextlib.suppress(ValueError):
+            return float(value) / 1000
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    with contextlib.suppress(ValueError):
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())

@@ -200,9 +200,6 @@ def http_date_in(seconds: float) -> str:
             1.7,
             3.0,
             id="retry-after-http-date",
-            marks=pytest.mark.xfail(
-                strict=True, reason="openai_compat does not parse the HTTP-date form yet"
-            ),
         ),
     ],
 )
@@ -330,9 +327,10 @@ async def test_upstream_4xx_reaches_the_caller_with_its_status_and_openai_error(
     error = assert_openai_error(refused, reply.status)
     sent = msgspec.json.decode(reply.body) if reply.body.startswith(b"{") else None
     if sent is not None:
-        assert (error["message"], error["type"], error["code"]) == (
+        assert (error["message"], error["type"], error["param"], error["code"]) == (
             sent["error"]["message"],
             sent["error"]["type"],
+            sent["error"]["param"],
             sent["error"]["code"],
         )
     else:
@@ -343,7 +341,27 @@ async def test_upstream_4xx_reaches_the_caller_with_its_status_and_openai_error(
     row = rows[refused.headers["x-request-id"]]
     assert row["status_code"] == reply.status
     assert row["cost_nanos"] == 0
+    assert (row["deployment"], row["attempts"]) == ("scripted", 1)  # who refused, once
     assert report["state"] == "closed" and report["healthy"] is True
     assert report["consecutive_failures"] == 0
     assert served.status_code == 200
     assert rows[served.headers["x-request-id"]]["deployment"] == "scripted"
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_an_upstream_refusing_the_gateways_credential_is_a_gateway_error(
+    tmp_path: Path, tokenizer_dir: Path, status: int
+) -> None:
+    """The caller's own key is fine: it gets a 502, not a 401 that would blame its key."""
+    async with (
+        scripted_upstream() as upstream,
+        gateway_before(tmp_path, tokenizer_dir, upstream, spare=False) as gw,
+        httpx.AsyncClient(timeout=30) as http,
+    ):
+        upstream.replies.append(
+            error_reply(status, "Incorrect API key provided.", "invalid_request_error", "bad_key")
+        )
+        refused = await post_chat(http, gw)
+    error = assert_openai_error(refused, 502)
+    assert error["code"] == "upstream_auth_failed"
+    assert "Incorrect API key" not in error["message"]
