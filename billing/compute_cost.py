@@ -302,6 +302,15 @@ class ComputeCosts:
         """Deployments with a compute cost configured."""
         return frozenset(self._lines)
 
+    @property
+    def hardware_deployments(self) -> frozenset[str]:
+        """Deployments with a hardware cost version: the ones that provision capacity."""
+        return frozenset(
+            name
+            for name, line in self._lines.items()
+            if any(rate.kind == "hardware" for rate in line.rates)
+        )
+
     def rate(self, deployment: str, at: datetime) -> CostRate | None:
         """The cost rate in force for `deployment` at `at`, if any."""
         line = self._lines.get(deployment)

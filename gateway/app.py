@@ -37,7 +37,7 @@ from gateway.errors import (
     server_error,
 )
 from gateway.keystore import DirectorySync, KeyStore
-from gateway.metrics import Metrics, multiprocess_enabled
+from gateway.metrics import Metrics
 from gateway.relay import Relay, Services, error_response, new_request_id
 from gateway.routing import Router
 from gateway.tokens import TokenCounter
@@ -76,6 +76,8 @@ class Gateway:
         self.admin_key: str | None = os.environ.get(settings.server.admin_key_env) or None
         self.demo_key: str | None = None
         self.providers: dict[str, Provider] = {}
+        self.simulated: dict[str, SimulatedProvider] = {}
+        self._gauge_ticker: asyncio.Task[None] | None = None
         self.relay: Relay | None = None
         self.services: Services | None = None
         self.started_at = time.time()
@@ -84,8 +86,10 @@ class Gateway:
         s = self.settings
         self.providers = build_providers(s, self.counter)
         simulated = {n: p for n, p in self.providers.items() if isinstance(p, SimulatedProvider)}
-        if simulated and not multiprocess_enabled():
+        self.simulated = simulated
+        if simulated and not self.metrics.multiprocess:
             self.metrics.registry.register(SimulatorCollector(simulated))
+        self.metrics.track_provisioned(self.compute_costs, s.pricing.currency, self.clock)
         self.router = Router(s.models, self.providers, s.routing)
         self.quotas = build_quota_store(s.quotas)
         for tenant in self.directory.tenants.values():
@@ -109,12 +113,17 @@ class Gateway:
             compute_costs=self.compute_costs,
         )
         self.relay = Relay(self.services)
+        if self.metrics.multiprocess and self.metrics.enabled:
+            self._gauge_ticker = asyncio.create_task(self._tick_local_gauges())
         self.router.start_health_checks()  # when routing.health_check_interval_s is set
         if self.freeze_heap:
             gc.collect()
             gc.freeze()
 
     async def stop(self) -> None:
+        if self._gauge_ticker is not None:
+            self._gauge_ticker.cancel()
+            self._publish_backends()
         await self.router.aclose()  # health checks first: they use the providers
         for provider in self.providers.values():
             await provider.aclose()
@@ -127,14 +136,38 @@ class Gateway:
         if tenant.prepaid and tenant.initial_balance is not None:
             await self.quotas.set_balance(tenant.id, to_nanos(tenant.initial_balance))
 
-    async def refresh_gauges(self) -> None:
-        """Bring the gauges that describe state (not events) up to date, for a scrape."""
+    def refresh_local_gauges(self) -> None:
+        """This process's own state: ledger backlog, deployment health and load, and (with
+        several workers) the simulated backends' statistics."""
         m = self.metrics
         m.set_ledger(queue_depth=self.ledger.queue_depth, lag_s=self.ledger.lag_seconds)
         for state in self.router.health():
             m.set_deployment_health(
                 state["name"], state["model"], state["state"], state["in_flight"]
             )
+        self._publish_backends()
+
+    def _publish_backends(self) -> None:
+        """With several workers each has its own simulated backends: their totals go to the
+        shared files and are summed over workers (one process reads them with a collector)."""
+        if self.metrics.multiprocess and self.metrics.enabled:
+            for name, provider in self.simulated.items():
+                self.metrics.backend.publish(name, provider.stats())
+
+    async def _tick_local_gauges(self) -> None:
+        """With several workers any one answers a scrape: keep every worker's share of the
+        summed gauges and backend counters fresh, not only the scraped one's."""
+        while True:
+            await asyncio.sleep(self.metrics.config.flush_interval_s)
+            try:
+                self.refresh_local_gauges()
+            except Exception:
+                log.exception("refreshing this worker's gauges failed")
+
+    async def refresh_gauges(self) -> None:
+        """Bring the gauges that describe state (not events) up to date, for a scrape."""
+        m = self.metrics
+        self.refresh_local_gauges()
         now = self.clock()
         for tenant in self.directory.tenants.values():
             scope = Scope(f"tenant:{tenant.id}", tenant.limits, tenant.timezone)

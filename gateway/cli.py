@@ -9,10 +9,23 @@ import os
 import secrets
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from gateway.config import ConfigError, Settings, load_settings
 
+if TYPE_CHECKING:
+    from litestar import Litestar
+
 EPILOG = "Configuration reference: see the README's 'Configuration' section."
+CONFIG_ENV = "MAAS_CONFIG"
+#: How every serving process runs uvicorn.
+UVICORN_OPTIONS: dict[str, Any] = {
+    "loop": "uvloop",
+    "http": "httptools",
+    "access_log": False,
+    "log_level": "warning",
+    "timeout_graceful_shutdown": 30,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,15 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
-    logging.basicConfig(
-        level=os.environ.get("MAAS_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging()
     try:
         return int(args.run(args) or 0)
     except ConfigError as exc:
         print(f"maas-gateway: {exc}", file=sys.stderr)
         return 2
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("MAAS_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,12 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the gateway",
         description="Run the gateway. With no --config it runs the embedded default: "
         "simulated models, SQLite ledger, in-process quotas and a demo tenant whose API key "
-        "is printed at start-up.",
+        "is printed at start-up. Several workers share one socket; they need "
+        "quotas.backend: redis, and their metrics are summed in PROMETHEUS_MULTIPROC_DIR "
+        "(a fresh temporary directory unless set).",
     )
     _config_arg(serve)
     serve.add_argument("--host", help="address to listen on (default: from config, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: from config, 8080)")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes (default 1; more than one needs quotas.backend: redis)",
+    )
     serve.set_defaults(run=_serve)
 
     simulate = commands.add_parser(
@@ -149,25 +173,131 @@ def _serve(args: argparse.Namespace) -> int:
     settings = settings_from(args.config)
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, not {args.workers}")
+    if args.workers > 1:
+        return _serve_workers(args.config, settings, host, port, args.workers)
     gateway = Gateway(settings, freeze_heap=True)
-    demo_key = gateway.ensure_demo_key()
-    if gateway.admin_key is None:
+    _print_banner(settings, host, port, gateway.ensure_demo_key())
+    app = create_app(settings, gateway=gateway)
+    uvicorn.run(app, host=host, port=port, **UVICORN_OPTIONS)
+    return 0
+
+
+def _print_banner(settings: Settings, host: str, port: int, demo_key: str | None) -> None:
+    if not os.environ.get(settings.server.admin_key_env):
         print(f"admin API disabled: set {settings.server.admin_key_env} to enable it", flush=True)
     if demo_key:
         print(f"demo tenant API key: {demo_key}", flush=True)
     print(f"OpenAI base_url: http://{host}:{port}/v1", flush=True)
-    app = create_app(settings, gateway=gateway)
-    uvicorn.run(
-        app,
+
+
+def _serve_workers(
+    config: Path | None, settings: Settings, host: str, port: int, workers: int
+) -> int:
+    """Run `workers` gateway processes on one socket under uvicorn's supervisor.
+
+    Each worker builds its own gateway from the environment prepared here (`worker_app`):
+    the configuration file, the demo key (so every worker accepts the one printed) and the
+    Prometheus multiprocess directory, in which each worker's metrics are summed once.
+    """
+    import shutil
+    import tempfile
+
+    import uvicorn
+
+    from gateway.auth import generate_key
+    from gateway.metrics import MULTIPROC_ENV, reset_multiprocess_dir
+
+    if settings.quotas.backend != "redis":
+        raise ConfigError(
+            f"--workers {workers} needs quotas.backend: redis (it is"
+            f" {settings.quotas.backend!r}): an in-process quota store is per process, so"
+            " each worker would enforce the limits, budgets and balances on its own."
+            " Configure Redis, or run one worker."
+        )
+    given = os.environ.get(MULTIPROC_ENV)
+    directory = Path(given) if given else Path(tempfile.mkdtemp(prefix="maas-metrics-"))
+    reset_multiprocess_dir(directory)
+    os.environ[MULTIPROC_ENV] = str(directory)
+    if config is not None:
+        os.environ[CONFIG_ENV] = str(config.resolve())
+    else:
+        os.environ.pop(CONFIG_ENV, None)  # the workers run the embedded default too
+    demo_key = None
+    if settings.demo_key_env and settings.tenants:
+        demo_key = os.environ.get(settings.demo_key_env) or generate_key()
+        os.environ[settings.demo_key_env] = demo_key
+    _print_banner(settings, host, port, demo_key)
+    print(f"{workers} workers; metrics summed in {MULTIPROC_ENV}={directory}", flush=True)
+    server_config = uvicorn.Config(
+        "gateway.cli:worker_app",
+        factory=True,
         host=host,
         port=port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level="warning",
-        timeout_graceful_shutdown=30,
+        workers=workers,
+        **UVICORN_OPTIONS,
     )
+    sock = server_config.bind_socket()
+    try:
+        _supervisor(server_config, sock, directory).run()
+    finally:
+        sock.close()
+        if not given:
+            shutil.rmtree(directory, ignore_errors=True)
     return 0
+
+
+def _supervisor(config: Any, sock: Any, directory: Path) -> Any:
+    """uvicorn's worker supervisor (it restarts a worker that dies), marking every worker
+    that has exited dead in the multiprocess directory: its live gauges (requests in
+    flight, ledger backlog, backend load) leave the sums; its counters stay in them."""
+    from uvicorn.supervisors import Multiprocess
+
+    from gateway.metrics import mark_process_dead
+
+    class Supervisor(Multiprocess):
+        def __init__(self, config: Any, sockets: list[Any]) -> None:
+            super().__init__(config, sockets)
+            self.known: set[int] = set()
+
+        def init_processes(self) -> None:
+            super().init_processes()
+            self._mark_exited()
+
+        def keep_subprocess_alive(self) -> None:
+            super().keep_subprocess_alive()
+            self._mark_exited()
+
+        def handle_signals(self) -> None:  # SIGHUP restarts workers, SIGTTOU retires one
+            super().handle_signals()
+            self._mark_exited()
+
+        def join_all(self) -> None:
+            super().join_all()
+            for pid in self.known:
+                mark_process_dead(pid, directory)
+            self.known = set()
+
+        def _mark_exited(self) -> None:
+            alive = {p.pid for p in self.processes if p.pid is not None}
+            for pid in self.known - alive:
+                mark_process_dead(pid, directory)
+            self.known = alive
+
+    return Supervisor(config, sockets=[sock])
+
+
+def worker_app() -> Litestar:
+    """One worker of `serve --workers N` (a uvicorn app factory, run in a fresh process)."""
+    from gateway.app import Gateway, create_app
+
+    _configure_logging()
+    path = os.environ.get(CONFIG_ENV)
+    settings = settings_from(Path(path) if path else None)
+    gateway = Gateway(settings, freeze_heap=True)
+    gateway.ensure_demo_key()
+    return create_app(settings, gateway=gateway)
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -25,8 +25,14 @@ Everything else is `maas_*`, in base units with `_total` counters:
 - `maas_requests_total{tenant,model,provider,status}` (status = HTTP status code)
 - `maas_tokens_total{tenant,model,provider,token_type}`, token_type = uncached_input,
   cached_input or output (the ledger's columns; reasoning tokens are part of output)
-- `maas_cost_nanos_total{tenant,model,provider,currency}`: the charged cost in integer
-  nano-units; `maas_compute_cost_nanos_total{model,provider,currency}`: the upstream's cost
+- `maas_cost_nanos_total{tenant,model,provider,deployment,currency}`: revenue, the charged
+  cost in integer nano-units; `maas_compute_cost_nanos_total{...same labels}`: what serving
+  the request cost the operator (`billing.compute_cost`), so that gross margin by tenant,
+  model or deployment is one subtraction
+- `maas_provisioned_cost_nanos_total{deployment,currency}`: what the accelerators of a
+  deployment with a hardware profile cost since the counters started, busy or idle, growing
+  with the clock at the profile's hourly cost (computed at scrape time). Idle capacity, cost
+  with no revenue, is this minus the deployment's compute cost
 - `maas_upstream_retries_total{model,provider}`: attempts beyond the first
 - `maas_quota_refusals_total{tenant,model,reason}`
 - `maas_gateway_overhead_seconds{endpoint,stream}`: the time the gateway itself adds, with
@@ -40,6 +46,8 @@ Everything else is `maas_*`, in base units with `_total` counters:
 Backends in the vLLM style (`VllmStyleMetrics`) expose `vllm:num_requests_running`,
 `vllm:num_requests_waiting`, `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`,
 `vllm:request_success_total` and `vllm:time_to_first_token_seconds`, labelled `model_name`.
+With several workers, each worker's in-process simulated backends `publish` their running
+totals into these, so the sums cover every worker.
 
 Exactness: a counter sample is a float64, which holds every integer up to 2**53 exactly, and
 only integers are ever added to the token and cost counters, so their totals equal the
@@ -52,12 +60,17 @@ microseconds); they reach the prometheus_client metrics on every `render()` and 
 
 Cardinality: key ids and request ids are never labels. Tenants beyond
 `MetricsConfig.max_tenant_labels` (first come, first labelled, per process) are counted under
-`tenant="other"`; models and error types are capped the same way.
+`tenant="other"`; models and error types are capped the same way, and deployments, refusal
+reasons and budget windows share one cap of 200.
 
 Several worker processes: when `PROMETHEUS_MULTIPROC_DIR` is set (before `prometheus_client`
 is first imported), values live in memory-mapped files in that directory and `render()` sums
-every process's files exactly once. Empty the directory before the workers start
-(`reset_multiprocess_dir`) and call `mark_process_dead(pid)` when a worker exits.
+every process's files exactly once; a worker's observations reach the files within
+`flush_interval_s`. Empty the directory before the workers start (`reset_multiprocess_dir`,
+which also stamps the time the counters start from) and call `mark_process_dead(pid)` when a
+worker exits. Collectors registered on `registry` (provisioned cost, and in one process the
+simulated backends' statistics) are rendered by the worker answering the scrape only, so
+they must not depend on which worker that is.
 """
 
 from __future__ import annotations
@@ -65,13 +78,13 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import shutil
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -81,14 +94,21 @@ from prometheus_client import (
     disable_created_metrics,
     values,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.multiprocess import mark_process_dead as _mark_process_dead
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field
 
+from billing.compute_cost import ComputeCosts
 from billing.record import UsageRecord
 
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+#: In a multiprocess directory: when its counters started (Unix seconds), for every worker.
+ORIGIN_FILE: Final = "counters-since"
+#: prometheus_client's value files: `<type>_<pid>.db`, or `gauge_<mode>_<pid>.db`.
+_VALUE_FILE_TYPES: Final = ("counter_", "gauge_", "histogram_", "summary_")
 OTHER: Final = "other"
 NONE: Final = "none"
 
@@ -127,8 +147,8 @@ _MAX_ERROR_TYPE_LABELS: Final = 50
 _MAX_SMALL_LABELS: Final = 200  # deployments, refusal reasons, windows, model names
 _MAX_CACHED_SERIES: Final = 20_000
 
-#: tenant, model, provider, endpoint, status code, error type, currency, stream
-_SeriesKey = tuple[str, str, str, str, int, str | None, str, bool]
+#: tenant, model, provider, deployment, endpoint, status code, error type, currency, stream
+_SeriesKey = tuple[str, str, str, str, str, int, str | None, str, bool]
 
 
 class MetricsConfig(BaseModel):
@@ -170,13 +190,30 @@ def multiprocess_enabled() -> bool:
     return bool(os.environ.get(MULTIPROC_ENV) or os.environ.get(MULTIPROC_ENV.lower()))
 
 
-def reset_multiprocess_dir(path: str | os.PathLike[str]) -> Path:
-    """Create `path` empty, for the parent process to call before starting workers."""
+def reset_multiprocess_dir(path: str | os.PathLike[str], now: float | None = None) -> Path:
+    """Prepare `path` for a fresh set of workers: created if missing, emptied of the value
+    files of earlier runs (other files are left alone), and stamped with the time their
+    counters start from (`now`, Unix seconds; default the current time)."""
     directory = Path(path)
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    for file in directory.glob("*.db"):
+        if file.name.startswith(_VALUE_FILE_TYPES):
+            file.unlink(missing_ok=True)
+    stamp = time.time() if now is None else now
+    (directory / ORIGIN_FILE).write_text(f"{stamp!r}\n", encoding="ascii")
     return directory
+
+
+def multiprocess_origin() -> datetime | None:
+    """When the counters of this process's multiprocess directory started, if stamped."""
+    path = os.environ.get(MULTIPROC_ENV) or os.environ.get(MULTIPROC_ENV.lower())
+    if not path:
+        return None
+    try:
+        stamp = float((Path(path) / ORIGIN_FILE).read_text(encoding="ascii"))
+    except (OSError, ValueError):
+        return None
+    return datetime.fromtimestamp(stamp, UTC)
 
 
 def mark_process_dead(pid: int, path: str | os.PathLike[str] | None = None) -> None:
@@ -223,10 +260,21 @@ class _RequestSeries:
     __slots__ = ("dirty", "has_output", "pending", "targets", "timed")
 
     def __init__(self, m: Metrics, key: _SeriesKey) -> None:
-        tenant_raw, model_raw, provider_raw, endpoint, status, error_raw, currency, stream = key
+        (
+            tenant_raw,
+            model_raw,
+            provider_raw,
+            deployment_raw,
+            endpoint,
+            status,
+            error_raw,
+            currency,
+            stream,
+        ) = key
         tenant = m._tenant_cap(tenant_raw)
         model = m._model_cap(model_raw)
         provider = m._small_cap(provider_raw)
+        deployment = m._small_cap(deployment_raw)
         error_type = m._error_cap(error_raw or str(status)) if status >= 400 else ""
         operation = OPERATION_NAMES.get(endpoint) or m._small_cap(endpoint)
         currency = currency.upper() or NONE
@@ -242,8 +290,9 @@ class _RequestSeries:
             (_TOK_OUTPUT, "output"),
         ):
             targets[slot] = m.tokens.labels(tenant, model, provider, token_type).inc
-        targets[_COST] = m.cost.labels(tenant, model, provider, currency).inc
-        targets[_COMPUTE_COST] = m.compute_cost.labels(model, provider, currency).inc
+        money = (tenant, model, provider, deployment, currency)
+        targets[_COST] = m.cost.labels(*money).inc
+        targets[_COMPUTE_COST] = m.compute_cost.labels(*money).inc
         targets[_RETRIES] = m.retries.labels(model, provider).inc
         gen_ai = (operation, provider, model)
         histograms: list[tuple[int, Histogram]] = [
@@ -270,14 +319,34 @@ class _RequestSeries:
         self.targets = targets
 
 
+class BackendStats(Protocol):
+    """Running totals of a model backend since it started (`providers.simulated.SimulatorStats`)."""
+
+    @property
+    def running(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def prompt_tokens_total(self) -> int: ...
+    @property
+    def generation_tokens_total(self) -> int: ...
+    @property
+    def finished_total(self) -> Mapping[str, int]: ...
+    @property
+    def ttft_histogram(self) -> Sequence[tuple[float, int]]: ...
+    @property
+    def ttft_sum_seconds(self) -> float: ...
+
+
 class VllmStyleMetrics:
     """Capacity metrics of a model backend, named as vLLM names them (label `model_name`).
 
     Used by the simulated backends; `set_load` reports the current queue, `observe_finished`
-    one finished request.
+    one finished request, `publish` a backend's running totals.
     """
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
+        self._published: dict[str, BackendStats] = {}
         self.num_requests_running = Gauge(
             "vllm:num_requests_running",
             "Number of requests currently running.",
@@ -335,6 +404,78 @@ class VllmStyleMetrics:
         if ttft_s is not None:
             self.time_to_first_token.labels(model_name).observe(ttft_s)
 
+    def publish(self, model_name: str, stats: BackendStats) -> None:
+        """Bring one backend's series up to its running totals: the load is set, counters
+        and the time-to-first-token histogram advance by what is new since the last call.
+
+        The histogram keeps its own boundaries: each of the backend's buckets is added to the
+        smallest boundary at or above its own, the backend's +Inf bucket to +Inf.
+        """
+        self.set_load(model_name, running=stats.running, waiting=stats.waiting)
+        last = self._published.get(model_name)
+        self._published[model_name] = stats
+        prompt = stats.prompt_tokens_total - (last.prompt_tokens_total if last else 0)
+        generation = stats.generation_tokens_total - (last.generation_tokens_total if last else 0)
+        if prompt > 0:
+            self.prompt_tokens.labels(model_name).inc(prompt)
+        if generation > 0:
+            self.generation_tokens.labels(model_name).inc(generation)
+        for reason, count in stats.finished_total.items():
+            new = count - (last.finished_total.get(reason, 0) if last else 0)
+            if new > 0:
+                self.request_success.labels(model_name, reason).inc(new)
+        child = self.time_to_first_token.labels(model_name)
+        previous = last.ttft_histogram if last else ()
+        below = below_before = 0  # the cumulative counts of the bucket before, now and then
+        for i, (bound, cumulative) in enumerate(stats.ttft_histogram):
+            before = previous[i][1] if i < len(previous) else 0
+            new = (cumulative - below) - (before - below_before)
+            below, below_before = cumulative, before
+            if new > 0:
+                index = (
+                    len(VLLM_TTFT_BUCKETS)
+                    if math.isinf(bound)
+                    else bisect_left(VLLM_TTFT_BUCKETS, bound)
+                )
+                child._buckets[index].inc(new)
+        seconds = stats.ttft_sum_seconds - (last.ttft_sum_seconds if last else 0.0)
+        if seconds > 0:
+            child._sum.inc(seconds)
+
+
+class ProvisionedCost(Collector):
+    """`maas_provisioned_cost_nanos_total`: what each hardware deployment's accelerators have
+    cost since `since`, busy or idle, read from `ComputeCosts.provisioned_nanos` at scrape
+    time (so it grows with the clock, not with requests)."""
+
+    def __init__(
+        self,
+        costs: ComputeCosts,
+        deployments: Mapping[str, Iterable[str]],
+        currency: str,
+        since: datetime,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._costs = costs
+        self._deployments = {label: tuple(names) for label, names in deployments.items()}
+        self._currency = currency
+        self._since = since
+        self._clock = clock
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "maas_provisioned_cost_nanos",
+            "Provisioned accelerator cost of a deployment since the counters started, busy or"
+            " idle, in integer nano-units (1e-9) of the currency.",
+            labels=["deployment", "currency"],
+        )
+        now = self._clock()
+        provisioned = self._costs.provisioned_nanos
+        for label, names in self._deployments.items():
+            total = sum(provisioned(name, self._since, now) for name in names)
+            family.add_metric([label, self._currency], total)
+        yield family
+
 
 class Metrics:
     """The gateway's metrics. Create one per process; all methods are cheap and never block.
@@ -353,6 +494,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._metrics_target: CollectorRegistry | None = None
         self._backend: VllmStyleMetrics | None = None
+        self._provisioned: ProvisionedCost | None = None
         if not self.enabled:
             return
         # Every counter and histogram would otherwise carry a `_created` series: a third of
@@ -396,14 +538,14 @@ class Metrics:
         )
         self.cost = Counter(
             "maas_cost_nanos",
-            "Charged cost in integer nano-units (1e-9) of the currency.",
-            [*tenant_model_provider, "currency"],
+            "Revenue: charged cost in integer nano-units (1e-9) of the currency.",
+            [*tenant_model_provider, "deployment", "currency"],
             registry=target,
         )
         self.compute_cost = Counter(
             "maas_compute_cost_nanos",
-            "Upstream (compute) cost in integer nano-units (1e-9) of the currency.",
-            ["model", "provider", "currency"],
+            "Compute cost of the tokens served, in integer nano-units (1e-9) of the currency.",
+            [*tenant_model_provider, "deployment", "currency"],
             registry=target,
         )
         self.retries = Counter(
@@ -519,6 +661,31 @@ class Metrics:
             self._backend = VllmStyleMetrics(self._metrics_target)
         return self._backend
 
+    def track_provisioned(
+        self,
+        costs: ComputeCosts,
+        currency: str,
+        clock: Callable[[], datetime],
+        since: datetime | None = None,
+    ) -> None:
+        """Expose `maas_provisioned_cost_nanos_total` for every deployment with a hardware
+        profile (none without one), counted from `since`: by default when the counters
+        started (the stamp of the multiprocess directory, so every worker answers alike),
+        else `clock()` now. Replaces an earlier call's series."""
+        if not self.enabled:
+            return
+        if self._provisioned is not None:
+            self.registry.unregister(self._provisioned)
+            self._provisioned = None
+        labels: dict[str, list[str]] = {}
+        for name in sorted(costs.hardware_deployments):
+            labels.setdefault(self._small_cap(name), []).append(name)
+        if not labels:
+            return
+        start = since or (multiprocess_origin() if self.multiprocess else None) or clock()
+        self._provisioned = ProvisionedCost(costs, labels, currency.upper(), start, clock)
+        self.registry.register(self._provisioned)
+
     def observe_request(
         self, rec: UsageRecord, *, overhead_s: float, upstream_s: float | None
     ) -> None:
@@ -533,6 +700,7 @@ class Metrics:
             rec.tenant_id,
             rec.model,
             rec.provider,
+            rec.deployment,
             rec.endpoint,
             rec.status_code,
             rec.error_type,

@@ -5,8 +5,10 @@ a real metrics endpoint under realistic traffic."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -22,6 +24,7 @@ import pytest_asyncio
 import uvicorn
 import yaml
 
+from billing.compute_cost import ComputeCostConfig, ComputeCosts, LatencyModel
 from billing.record import UsageRecord
 from billing.usage import Usage
 from gateway.metrics import Metrics, MetricsConfig
@@ -107,6 +110,30 @@ def test_dashboards_show_what_the_issue_asks_for() -> None:
         "vllm:generation_tokens_total",
     ):
         assert needle in exprs["provider"], needle
+    # margin: revenue, compute cost and idle capacity by tenant, model and deployment
+    for name in ("overview", "provider"):
+        assert "maas_compute_cost_nanos_total" in exprs[name], name
+        assert "maas_provisioned_cost_nanos_total" in exprs[name], name
+    for label in ("tenant", "model"):
+        assert f"sum by ({label}, currency) (increase(maas_compute_cost" in exprs["overview"]
+    assert "sum by (deployment, currency) (increase(maas_compute_cost" in exprs["provider"]
+
+
+_METRIC = re.compile(r"\b(?:maas_|gen_ai_|vllm:)[\w:]+")
+
+
+def test_no_panel_hides_a_missing_metric_behind_a_zero_fallback() -> None:
+    """`X or Y * 0` shows zeros when X is missing; that is honest only when Y is the same
+    metric (no 5xx series means no 5xx), not when X is another metric that may be absent."""
+    hiding = []
+    for path in DASHBOARD_FILES:
+        for item in iter_dashboard_exprs(json.loads(path.read_text())):
+            parts = re.split(r"\)\s+or\s+", item.expr)
+            for left, right in itertools.pairwise(parts):
+                if re.search(r"\*\s*0\b|\b0\s*\*", right):
+                    if not set(_METRIC.findall(right)) <= set(_METRIC.findall(left)):
+                        hiding.append(f"{path.stem} / {item.panel}: {item.expr}")
+    assert hiding == [], "\n".join(hiding)
 
 
 def test_provisioning_uses_the_same_datasource_uid() -> None:
@@ -171,6 +198,8 @@ MODELS = {  # public model -> (endpoint, unit prices in nanos per token: input, 
     "text-embedding-3-small": ("embeddings", 20, 0, 0),
 }
 PROVIDERS = ["sim-a", "sim-b"]
+#: Deployments with accelerators (and so idle capacity); the others are wholesale.
+HARDWARE = {"sim-a/gpt-4o": 4, "sim-b/llama-3-8b": 1}
 STATUSES = [200] * 14 + [400, 429, 502, 503]
 REFUSAL_REASONS = ["rpm", "tpm", "budget", "balance"]
 STATES = ["healthy", "degraded", "open"]
@@ -182,6 +211,7 @@ def realistic_record(rng: random.Random, n: int) -> tuple[UsageRecord, float, fl
     model = rng.choice(list(MODELS))
     endpoint, price_in, price_cached, price_out = MODELS[model]
     status = rng.choice(STATUSES)
+    provider = rng.choice(PROVIDERS)
     stream = endpoint != "embeddings" and rng.random() < 0.6
     prompt = rng.randint(5, 3000)
     cached = rng.choice([0, 0, prompt // 2])
@@ -201,12 +231,12 @@ def realistic_record(rng: random.Random, n: int) -> tuple[UsageRecord, float, fl
         key_id=f"key-{tenant}-{n % 3}",
         model=model,
         endpoint=endpoint,
-        provider=rng.choice(PROVIDERS),
-        deployment="d1",
+        provider=provider,
+        deployment=f"{provider}/{model}" if status != 429 else "",
         usage=usage,
         cost_nanos=cost,
         list_cost_nanos=cost,
-        compute_cost_nanos=cost // 2,
+        compute_cost_nanos=cost // 3,
         status_code=status,
         error_type=None if status < 400 else {400: "invalid_request_error"}.get(status),
         stream=stream,
@@ -227,6 +257,8 @@ class FedTotals:
         default_factory=lambda: {"uncached_input": 0, "cached_input": 0, "output": 0}
     )
     cost_nanos: int = 0
+    revenue: dict[str, int] = field(default_factory=dict)  # by deployment
+    compute: dict[tuple[str, str], int] = field(default_factory=dict)  # by tenant, deployment
 
     def add(self, rec: UsageRecord) -> None:
         self.requests += 1
@@ -234,6 +266,10 @@ class FedTotals:
         self.tokens["cached_input"] += rec.usage.cached_input
         self.tokens["output"] += rec.usage.output
         self.cost_nanos += rec.cost_nanos
+        deployment = rec.deployment or "none"
+        self.revenue[deployment] = self.revenue.get(deployment, 0) + rec.cost_nanos
+        key = (rec.tenant_id, deployment)
+        self.compute[key] = self.compute.get(key, 0) + rec.compute_cost_nanos
 
 
 async def feed_traffic(metrics: Metrics, stop: asyncio.Event, totals: FedTotals) -> None:
@@ -276,6 +312,27 @@ async def feed_traffic(metrics: Metrics, stop: asyncio.Event, totals: FedTotals)
         await asyncio.sleep(0.05)
 
 
+def fleet_costs() -> ComputeCosts:
+    """Accelerators behind the hardware deployments, wholesale prices for the rest."""
+    latency = LatencyModel(
+        capacity=16, prefill_ms_per_token=0.02, itl_ms=15, slowdown_at_capacity=2
+    )
+    deployments = {f"{p}/{m}": latency for p in PROVIDERS for m in MODELS}
+    versions = {
+        name: [
+            {
+                "effective_from": "2020-01-01",
+                "hardware": {"price_per_hour": "2000", "count": HARDWARE[name]},
+            }
+            if name in HARDWARE
+            else {"effective_from": "2020-01-01", "wholesale": {"input": "1", "output": "2"}}
+        ]
+        for name in deployments
+    }
+    config = ComputeCostConfig.model_validate({"deployments": versions})
+    return ComputeCosts(config, deployments)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -311,6 +368,7 @@ class LiveScrape:
 async def live(prometheus_launcher: PrometheusLauncher) -> AsyncIterator[LiveScrape]:
     """A Prometheus (with the alert rules loaded) scraping a metrics endpoint under traffic."""
     metrics = Metrics(MetricsConfig())
+    metrics.track_provisioned(fleet_costs(), "USD", lambda: datetime.now(UTC))
     port = _free_port()
     config = uvicorn.Config(
         metrics_endpoint(metrics), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
@@ -405,3 +463,18 @@ async def test_scraped_totals_equal_the_exact_totals_of_the_run(live: LiveScrape
         kind: Decimal(total) for kind, total in live.totals.tokens.items()
     }
     assert Decimal(requests.series[0]["value"][1]) == live.totals.requests
+    revenue = await prometheus.query("sum by (deployment) (maas_cost_nanos_total)")
+    assert {k[0]: Decimal(str(v)) for k, v in revenue.by_labels("deployment").items()} == {
+        deployment: Decimal(total) for deployment, total in live.totals.revenue.items()
+    }
+    compute = await prometheus.query("sum by (tenant, deployment) (maas_compute_cost_nanos_total)")
+    assert {k: Decimal(str(v)) for k, v in compute.by_labels("tenant", "deployment").items()} == {
+        key: Decimal(total) for key, total in live.totals.compute.items()
+    }
+    provisioned = (await prometheus.query("maas_provisioned_cost_nanos_total")).by_labels(
+        "deployment"
+    )
+    assert set(provisioned) == {(name,) for name in HARDWARE}
+    # four cards cost four times one card over the same time
+    four, one = provisioned[("sim-a/gpt-4o",)], provisioned[("sim-b/llama-3-8b",)]
+    assert one > 0 and four == pytest.approx(4 * one, rel=1e-6)

@@ -10,7 +10,8 @@ import subprocess
 import sys
 import textwrap
 import time
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from billing.compute_cost import ComputeCostConfig, ComputeCosts, LatencyModel
 from billing.record import UsageRecord
 from billing.usage import Usage
 from gateway.metrics import (
@@ -28,8 +30,10 @@ from gateway.metrics import (
     TIME_PER_OUTPUT_TOKEN_BUCKETS,
     TOKEN_USAGE_BUCKETS,
     TTFT_BUCKETS,
+    VLLM_TTFT_BUCKETS,
     Metrics,
     MetricsConfig,
+    reset_multiprocess_dir,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -103,9 +107,54 @@ def test_business_counters_count_requests_tokens_and_cost() -> None:
     assert value(samples, "maas_tokens_total", **who, token_type="cached_input") == 40
     assert value(samples, "maas_tokens_total", **who, token_type="output") == 100
     assert value(samples, "maas_cost_nanos_total", **who, currency="USD") == 90_000
-    assert value(samples, "maas_compute_cost_nanos_total", model="gpt-4o-mini") == 40_000
+    assert value(samples, "maas_compute_cost_nanos_total", **who, currency="USD") == 40_000
     assert label_names(samples, "maas_requests") == {"tenant", "model", "provider", "status"}
-    assert label_names(samples, "maas_cost_nanos") == {"tenant", "model", "provider", "currency"}
+    money_labels = {"tenant", "model", "provider", "deployment", "currency"}
+    assert label_names(samples, "maas_cost_nanos") == money_labels
+    assert label_names(samples, "maas_compute_cost_nanos") == money_labels
+
+
+def test_revenue_and_compute_cost_split_by_tenant_model_and_deployment() -> None:
+    metrics = Metrics(MetricsConfig(max_tenant_labels=2))
+    served = [
+        ("acme", "gpt-4o-mini", "sim/mini-a", 45_000, 20_000),
+        ("acme", "gpt-4o-mini", "sim/mini-b", 45_000, 7_000),  # a second deployment
+        ("globex", "gpt-4o-mini", "sim/mini-a", 10_000, 20_000),  # sold below cost
+        ("initech", "gpt-4o-mini", "sim/mini-a", 1_000, 300),  # beyond the cap
+        ("umbrella", "gpt-4o-mini", "", 0, 0),  # refused before a deployment was chosen
+    ]
+    for tenant, model, deployment, cost, compute in served:
+        rec = record(
+            tenant_id=tenant,
+            model=model,
+            deployment=deployment,
+            cost_nanos=cost,
+            compute_cost_nanos=compute,
+        )
+        metrics.observe_request(rec, overhead_s=0.0003, upstream_s=0.5)
+    samples = scrape(metrics)
+
+    def by(name: str, *labels: str) -> dict[tuple[str, ...], float]:
+        totals: dict[tuple[str, ...], float] = {}
+        for s in samples[name.removesuffix("_total")]:
+            key = tuple(s.labels[label] for label in labels)
+            totals[key] = totals.get(key, 0) + s.value
+        return totals
+
+    assert by("maas_compute_cost_nanos_total", "tenant", "deployment") == {
+        ("acme", "sim/mini-a"): 20_000,
+        ("acme", "sim/mini-b"): 7_000,
+        ("globex", "sim/mini-a"): 20_000,
+        ("other", "sim/mini-a"): 300,  # the same tenant cap as revenue
+        ("other", "none"): 0,
+    }
+    assert by("maas_cost_nanos_total", "tenant", "deployment") == {
+        ("acme", "sim/mini-a"): 45_000,
+        ("acme", "sim/mini-b"): 45_000,
+        ("globex", "sim/mini-a"): 10_000,
+        ("other", "sim/mini-a"): 1_000,
+        ("other", "none"): 0,
+    }
 
 
 def test_token_usage_follows_the_opentelemetry_convention() -> None:
@@ -273,6 +322,124 @@ def test_backend_metrics_appear_only_once_used() -> None:
     assert value(samples, "vllm:num_requests_running", model_name="sim-small") == 4
 
 
+# ------------------------------------------------------------------ provisioned capacity
+
+
+def hardware_costs() -> ComputeCosts:
+    """Two cards at 2.50 an hour on one simulated deployment, a wholesale price on another;
+    from 12:00 the hardware deployment moves to three cards."""
+    hardware = {"accelerator": "L4", "price_per_hour": "2.50", "count": 2}
+    config = ComputeCostConfig.model_validate(
+        {
+            "deployments": {
+                "sim/sim-mini": [
+                    {"effective_from": "2026-03-01T00:00:00Z", "hardware": hardware},
+                    {
+                        "effective_from": "2026-03-01T12:00:00Z",
+                        "hardware": {**hardware, "count": 3},
+                    },
+                ],
+                "api/gpt-4": [
+                    {
+                        "effective_from": "2026-03-01",
+                        "wholesale": {"input": "1", "output": "2"},
+                    }
+                ],
+            }
+        }
+    )
+    latency = LatencyModel(capacity=8, prefill_ms_per_token=0.02, itl_ms=15, slowdown_at_capacity=2)
+    return ComputeCosts(config, {"sim/sim-mini": latency, "api/gpt-4": None, "sim/idle": latency})
+
+
+@dataclass
+class FakeClock:
+    now: datetime = field(default_factory=lambda: datetime(2026, 3, 1, 11, 0, tzinfo=UTC))
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def test_provisioned_cost_grows_with_the_clock_at_the_hardware_price() -> None:
+    metrics = Metrics()
+    clock = FakeClock()
+    metrics.track_provisioned(hardware_costs(), "usd", clock)
+    provisioned = "maas_provisioned_cost_nanos_total"
+    assert value(scrape(metrics), provisioned, deployment="sim/sim-mini", currency="USD") == 0
+    clock.now += timedelta(minutes=30)  # 2 cards x 2.50 for half an hour
+    assert value(scrape(metrics), provisioned, deployment="sim/sim-mini") == 2_500_000_000
+    clock.now += timedelta(hours=1)  # another half hour at two cards, then half at three
+    assert value(scrape(metrics), provisioned, deployment="sim/sim-mini") == 8_750_000_000
+    # a wholesale upstream provisions nothing, so it has no series at all
+    deployments = {s.labels["deployment"] for s in scrape(metrics)["maas_provisioned_cost_nanos"]}
+    assert deployments == {"sim/sim-mini"}
+    # served requests do not move it: idle capacity is provisioned minus compute cost
+    metrics.observe_request(record(deployment="sim/sim-mini"), overhead_s=0.0003, upstream_s=0.5)
+    assert value(scrape(metrics), provisioned) == 8_750_000_000
+
+
+def test_no_provisioned_cost_without_a_hardware_profile() -> None:
+    metrics = Metrics()
+    metrics.track_provisioned(ComputeCosts(ComputeCostConfig(), {}), "USD", FakeClock())
+    assert b"maas_provisioned" not in metrics.render()[0]
+
+
+def test_reset_multiprocess_dir_removes_only_value_files(tmp_path: Path) -> None:
+    for name in ("counter_11.db", "gauge_livesum_11.db", "histogram_12.db", "notes.db", "a.txt"):
+        (tmp_path / name).write_text("x")
+    reset_multiprocess_dir(tmp_path, now=1_700_000_000.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "counters-since", "notes.db"]
+    assert float((tmp_path / "counters-since").read_text()) == 1_700_000_000.5
+    assert reset_multiprocess_dir(tmp_path / "new" / "dir").is_dir()
+
+
+# ------------------------------------------------------------------ simulated backends
+
+
+@dataclass
+class Stats:
+    """A simulated backend's running totals (the shape of `SimulatorStats`)."""
+
+    running: int = 0
+    waiting: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    finished_total: dict[str, int] = field(default_factory=dict)
+    ttft_histogram: tuple[tuple[float, int], ...] = ()
+    ttft_sum_seconds: float = 0.0
+
+
+def ttft_histogram(*observations: float) -> tuple[tuple[float, int], ...]:
+    """Cumulative counts at the simulator's bounds (vLLM's up to 80 s), then +Inf."""
+    bounds = (*[b for b in VLLM_TTFT_BUCKETS if b <= 80], math.inf)
+    return tuple((b, sum(1 for o in observations if o <= b)) for b in bounds)
+
+
+def test_published_backend_totals_advance_by_what_is_new() -> None:
+    metrics = Metrics()
+    backend = metrics.backend
+    backend.publish(
+        "sim",
+        Stats(2, 1, 100, 40, {"stop": 3}, ttft_histogram(0.03, 0.03, 0.7), 0.76),
+    )
+    backend.publish(
+        "sim",
+        Stats(0, 0, 150, 90, {"stop": 3, "length": 1}, ttft_histogram(0.03, 0.03, 0.7, 90), 90.76),
+    )
+    samples = scrape(metrics)
+    assert value(samples, "vllm:num_requests_running", model_name="sim") == 0
+    assert value(samples, "vllm:prompt_tokens_total", model_name="sim") == 150
+    assert value(samples, "vllm:generation_tokens_total", model_name="sim") == 90
+    assert value(samples, "vllm:request_success_total", finished_reason="stop") == 3
+    assert value(samples, "vllm:request_success_total", finished_reason="length") == 1
+    ttft = "vllm:time_to_first_token_seconds"
+    assert value(samples, f"{ttft}_bucket", le="0.04") == 2
+    assert value(samples, f"{ttft}_bucket", le="0.75") == 3
+    assert value(samples, f"{ttft}_bucket", le="2560.0") == 3  # over 80 s: only +Inf is sure
+    assert value(samples, f"{ttft}_count") == 4
+    assert value(samples, f"{ttft}_sum") == pytest.approx(90.76)
+
+
 # ------------------------------------------------------------------ cardinality
 
 
@@ -398,11 +565,17 @@ WORKER = textwrap.dedent(
         mark_process_dead(pid)
     print(os.getpid())
     metrics = Metrics()
+    if spec.get("clock"):
+        from tests.test_metrics import hardware_costs
+
+        now = datetime.fromisoformat(spec["clock"])
+        metrics.track_provisioned(hardware_costs(), "USD", lambda: now)
     for n in range(spec["requests"]):
         rec = UsageRecord(
             request_id=f"req-{n}", started_at=datetime.now(UTC), tenant_id=spec["tenant"],
             key_id="key-1", model="gpt-4o-mini", endpoint="chat.completions", provider="sim",
-            usage=Usage(10, 5, 7), cost_nanos=spec["cost"], status_code=200,
+            deployment="sim/sim-mini", usage=Usage(10, 5, 7), cost_nanos=spec["cost"],
+            compute_cost_nanos=spec["cost"] // 3, status_code=200,
             stream=True, ttft_ms=100.0, duration_ms=500.0,
         )
         metrics.observe_request(rec, overhead_s=0.0003, upstream_s=0.4)
@@ -452,6 +625,8 @@ def test_multiprocess_mode_sums_workers_without_double_counting(tmp_path: Path) 
     assert value(samples, "maas_tokens_total", token_type="uncached_input") == 50
     assert value(samples, "maas_tokens_total", token_type="output") == 35
     assert value(samples, "maas_cost_nanos_total", tenant="acme") == 5_000_000_035
+    compute = value(samples, "maas_compute_cost_nanos_total", deployment="sim/sim-mini")
+    assert compute == 5 * (1_000_000_007 // 3)
     assert value(samples, "gen_ai_server_time_to_first_token_seconds_count") == 5
     assert value(samples, "gen_ai_client_token_usage_count", gen_ai_token_type="input") == 5
     assert value(samples, "maas_ledger_queue_depth") == 12  # livesum over both workers
@@ -466,6 +641,20 @@ def test_multiprocess_mode_sums_workers_without_double_counting(tmp_path: Path) 
     _, samples = parse(third.stdout)
     assert value(samples, "maas_requests_total", tenant="acme") == 5
     assert value(samples, "maas_ledger_queue_depth") == 7
+
+
+def test_every_worker_counts_provisioned_cost_from_the_directory_stamp(tmp_path: Path) -> None:
+    multiproc_dir = reset_multiprocess_dir(
+        tmp_path / "prometheus-multiproc", now=datetime(2026, 3, 1, 10, 0, tzinfo=UTC).timestamp()
+    )
+    late = run_worker(
+        multiproc_dir,
+        {"requests": 1, "tenant": "acme", "cost": 9, "render": True, "clock": "2026-03-01T11:00Z"},
+    )
+    _, samples = parse(late.stdout)
+    # a worker started at 11:00 counts from 10:00 (2 cards x 2.50 an hour) like every other
+    assert value(samples, "maas_provisioned_cost_nanos_total") == 5_000_000_000
+    assert value(samples, "maas_requests_total") == 1
 
 
 def test_multiprocess_directory_set_after_import_is_refused(

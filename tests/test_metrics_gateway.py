@@ -3,9 +3,10 @@
 One gateway (on a real loopback socket) serves several tenants (one prepaid, budgets set, one
 with a tiny rpm, one whose balance runs out) and several models on two simulated backends,
 one of which injects server errors, upstream 429s and cut streams. While the traffic runs,
-every dashboard panel and alert rule must evaluate and return data. When it stops, the token
-and cost counters, scraped directly and through Prometheus, must equal the ledger's sums
-exactly, per tenant and model.
+every dashboard panel and alert rule must evaluate and return data. When it stops, the token,
+revenue and compute cost counters, scraped directly and through Prometheus, must equal the
+ledger's sums exactly, per tenant, model and deployment; provisioned accelerator cost grows at
+each hardware profile's hourly price, and a deployment that served nothing is all idle.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import math
 import shutil
 import subprocess
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -68,8 +70,22 @@ REFUSAL_TYPES = {"requests", "tokens", "insufficient_quota"}
 HUGE = {"rpm": 1_000_000, "tpm": 1_000_000_000}
 
 
+#: Hardware deployments: accelerators per hour (price x count), in USD.
+HOURLY = {"sim/sim-mini": Decimal("6.4"), "sim-flaky/sim-4": Decimal("1.8"), "sim/sim-idle": 3}
+
+
+def hardware(price: str, count: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "effective_from": "2026-01-01",
+            "hardware": {"accelerator": "L4", "price_per_hour": price, "count": count},
+        }
+    ]
+
+
 def gateway_config(tmp: Path, tokenizer_dir: Path) -> dict[str, Any]:
-    """Two simulated backends (one flaky), three models, four tenants."""
+    """Three simulated backends (one flaky, one always busy), five models (one never asked
+    for), four tenants; compute costs from hardware profiles and one wholesale price."""
     fast = {"time_scale": 0.02, "capacity": 4}  # no seed: faults drawn afresh per attempt
     output = {"distribution": "uniform", "mean": 20, "sd": 10, "min": 5, "max": 40}
     return base_config(
@@ -94,6 +110,7 @@ def gateway_config(tmp: Path, tokenizer_dir: Path) -> dict[str, Any]:
             },
             {"name": "gpt-4", "deployments": [{"provider": "sim-flaky", "model": "sim-4"}]},
             {"name": "gpt-busy", "deployments": [{"provider": "sim-busy", "model": "sim-busy"}]},
+            {"name": "gpt-idle", "deployments": [{"provider": "sim", "model": "sim-idle"}]},
             {
                 "name": "text-embedding-3-small",
                 "kind": "embedding",
@@ -103,9 +120,18 @@ def gateway_config(tmp: Path, tokenizer_dir: Path) -> dict[str, Any]:
         routing={"breaker": {"consecutive_failures": 8, "open_s": 1}},
         pricing={
             "models": {
-                "gpt-busy": [
-                    {"effective_from": "2026-01-01", "prices": {"input": "1", "output": "2"}}
-                ]
+                name: [{"effective_from": "2026-01-01", "prices": {"input": "1", "output": "2"}}]
+                for name in ("gpt-busy", "gpt-idle")
+            }
+        },
+        compute_costs={
+            "deployments": {
+                "sim/sim-mini": hardware("3.2", 2),
+                "sim-flaky/sim-4": hardware("1.8", 1),
+                "sim/sim-idle": hardware("1.5", 2),
+                "sim-busy/sim-busy": [
+                    {"effective_from": "2026-01-01", "wholesale": {"input": "0.5", "output": "1"}}
+                ],
             }
         },
         metrics={"enabled": True, "flush_interval_s": 0.2},
@@ -332,6 +358,27 @@ def _sum_by(samples: list[Any], name: str, *labels: str) -> dict[tuple[str, ...]
     return {key: total for key, total in totals.items() if total}
 
 
+async def _money_by_deployment(live: Live) -> dict[str, dict[tuple[str, ...], int]]:
+    """Revenue and compute cost per (tenant, deployment) in the ledger; "none" where the
+    request ended before a deployment was chosen."""
+    query = select(
+        ENTRIES.c.tenant_id,
+        ENTRIES.c.deployment,
+        func.sum(ENTRIES.c.cost_nanos),
+        func.sum(ENTRIES.c.compute_cost_nanos),
+    ).group_by(ENTRIES.c.tenant_id, ENTRIES.c.deployment)
+    async with live.gateway.gateway.ledger.engine.connect() as connection:
+        rows = (await connection.execute(query)).all()
+    sums: dict[str, dict[tuple[str, ...], int]] = {"revenue": {}, "compute": {}}
+    for tenant, deployment, revenue, compute in rows:
+        key = (tenant, deployment or "none")
+        if revenue:
+            sums["revenue"][key] = int(revenue)
+        if compute:
+            sums["compute"][key] = int(compute)
+    return sums
+
+
 async def _ledger_sums(live: Live) -> dict[str, dict[tuple[str, ...], int]]:
     """Per (tenant, model) sums of the ledger's entries, in the metrics' label shapes."""
     columns = ("uncached_input", "cached_input", "output", "cost_nanos")
@@ -360,6 +407,44 @@ async def _billed_failures(live: Live) -> int:
     query = select(func.sum(ENTRIES.c.cost_nanos)).where(ENTRIES.c.status_code >= 400)
     async with live.gateway.gateway.ledger.engine.connect() as connection:
         return int((await connection.execute(query)).scalar() or 0)
+
+
+IDLE_BY_DEPLOYMENT = (
+    "(sum by (deployment) (rate(maas_provisioned_cost_nanos_total[10s]))"
+    " - sum by (deployment) (rate(maas_compute_cost_nanos_total[10s])))"
+    " or sum by (deployment) (rate(maas_provisioned_cost_nanos_total[10s]))"
+)
+
+
+async def test_provisioned_cost_grows_at_the_hardware_price_and_idle_is_the_rest(
+    live: Live,
+) -> None:
+    prometheus = live.prometheus
+    samples = await prometheus.query("maas_provisioned_cost_nanos_total[10s]")
+    growth = {}
+    for item in samples.series:
+        (t0, v0), *_, (t1, v1) = item["values"]
+        growth[item["metric"]["deployment"]] = (float(v1) - float(v0)) / (t1 - t0)
+    assert set(growth) == set(HOURLY)  # wholesale provisions nothing
+    for name, hourly in HOURLY.items():  # nanos per second of wall time
+        assert growth[name] == pytest.approx(float(hourly) * 1e9 / 3600, rel=0.02), name
+    at = time.time() - 1  # one instant for the three queries below
+
+    async def by_deployment(expr: str) -> dict[tuple[str, ...], float]:
+        return (await prometheus.query(f"({expr}) * 3600 / 1e9", at=at)).by_labels("deployment")
+
+    per_hour = await by_deployment(
+        "sum by (deployment) (rate(maas_provisioned_cost_nanos_total[10s]))"
+    )
+    idle = await by_deployment(IDLE_BY_DEPLOYMENT)
+    assert idle[("sim/sim-idle",)] == pytest.approx(per_hour[("sim/sim-idle",)], rel=1e-9)
+    used = await by_deployment("sum by (deployment) (rate(maas_compute_cost_nanos_total[10s]))")
+    # (below zero here: time_scale 0.02 serves tokens 50 times faster than the latency model
+    # the cost per token assumes, so the accelerators look more than fully used)
+    assert used[("sim/sim-mini",)] > 0
+    assert idle[("sim/sim-mini",)] == pytest.approx(
+        per_hour[("sim/sim-mini",)] - used[("sim/sim-mini",)], rel=1e-6
+    )
 
 
 async def test_scraped_token_and_cost_totals_equal_the_ledger(live: Live) -> None:
@@ -398,6 +483,24 @@ async def test_scraped_token_and_cost_totals_equal_the_ledger(live: Live) -> Non
         (item["metric"]["tenant"], item["metric"]["model"]): _exact(item["value"][1])
         for item in stored_cost.series
     } == ledger["cost"]
+
+    # Revenue and compute cost by tenant and deployment, as the margin panels sum them.
+    money = await _money_by_deployment(live)
+    # the busy upstream refuses everything (no tokens, no cost); embeddings have no cost set
+    assert {deployment for _, deployment in money["compute"]} == {"sim/sim-mini", "sim-flaky/sim-4"}
+    revenue = _sum_by(families["maas_cost_nanos"], "maas_cost_nanos_total", "tenant", "deployment")
+    compute = _sum_by(
+        families["maas_compute_cost_nanos"], "maas_compute_cost_nanos_total", "tenant", "deployment"
+    )
+    assert revenue == money["revenue"]
+    assert compute == money["compute"]
+    stored_compute = await prometheus.query(
+        "sum by (tenant, deployment) (maas_compute_cost_nanos_total) > 0"
+    )
+    assert {
+        (item["metric"]["tenant"], item["metric"]["deployment"]): _exact(item["value"][1])
+        for item in stored_compute.series
+    } == money["compute"]
 
     # Quota refusals: exactly the gateway's own 429s, by the limit that refused them.
     refusals = families["maas_quota_refusals"]
