@@ -136,4 +136,7 @@ async def test_every_request_records_its_compute_cost_in_ledger_and_rollups(
         ).fetchall()
     )
     assert rolled == {name: row[3] for name, row in by_deployment.items()}
-    assert 'maas_compute_cost_nanos_total{currency="USD",model="gpt-4o-mini"' in metrics
+    assert (
+        'maas_compute_cost_nanos_total{currency="USD",deployment="sim/sim-mini",model="gpt-4o-mini"'
+        in metrics
+    )
