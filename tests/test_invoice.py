@@ -214,3 +214,42 @@ async def test_finalised_invoice_never_changes_and_late_usage_is_adjusted(ledger
 async def test_an_open_month_cannot_be_finalised(ledger: Ledger) -> None:
     with pytest.raises(ValueError, match="has not ended"):
         await finalize_invoice(ledger, TenantBilling("acme", "Acme"), "2999-01")
+
+
+async def test_off_peak_hours_at_a_local_month_boundary(ledger: Ledger) -> None:
+    """DeepSeek-style off-peak (00:30-08:30 Beijing) around the first of December in
+    Shanghai, still November 30 in UTC: each request is priced by its local hour and
+    invoiced in its local month."""
+    from tests.test_pricing import catalog
+
+    prices = catalog()
+    moments = {
+        "nov-peak": datetime(2026, 11, 30, 15, 50, tzinfo=UTC),  # Nov 30 23:50 in Shanghai
+        "dec-peak": datetime(2026, 11, 30, 16, 15, tzinfo=UTC),  # Dec 1 00:15
+        "dec-off-peak": datetime(2026, 11, 30, 16, 45, tzinfo=UTC),  # Dec 1 00:45
+    }
+    for name, at in moments.items():
+        quote = prices.quote("deepseek-chat", 10, at)
+        unit = {"input": quote.input_nanos, "cached": quote.cached_nanos,
+                "output": quote.output_nanos}  # fmt: skip
+        ledger.record(make_record(name, at, model="deepseek-chat", version=quote.version,
+                                  usage=Usage(1_000, 0, 100, 0), prices=unit))  # fmt: skip
+    await ledger.flush()
+    tenant = TenantBilling("acme", "Acme", timezone="Asia/Shanghai")
+    november = await build_invoice(ledger, tenant, "2026-11")
+    december = await build_invoice(ledger, tenant, "2026-12")
+    assert usage_lines(november) == {
+        ("deepseek-chat", "uncached_input"): (1_000, 270, Decimal("0.00")),
+        ("deepseek-chat", "output"): (100, 1_100, Decimal("0.00")),
+    }
+    lines = sorted(
+        (line.price_version.endswith("x0.5"), line.token_kind, line.quantity, line.unit_price_nanos)
+        for line in december.lines
+        if line.kind == "usage"
+    )
+    assert lines == [
+        (False, "output", 100, 1_100),
+        (False, "uncached_input", 1_000, 270),
+        (True, "output", 100, 550),
+        (True, "uncached_input", 1_000, 135),
+    ]
