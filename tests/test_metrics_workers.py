@@ -29,7 +29,15 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.redis_server import RedisServer
-from tests.harness import ACME_KEY, GLOBEX_KEY, PROJECT_ROOT, base_config, free_port, wait_for_http
+from tests.harness import (
+    ACME_KEY,
+    GLOBEX_KEY,
+    PROJECT_ROOT,
+    base_config,
+    free_port,
+    stop_process,
+    wait_for_http,
+)
 
 SERVE = [sys.executable, "-m", "gateway.cli", "serve"]
 WORKERS = 2
@@ -115,13 +123,7 @@ def served(
         time.sleep(0.5)  # the last start-up steps after the ledger opens
         yield gw
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, 30)
 
 
 def _wait(condition: Any, what: str, detail: Any = None, timeout: float = 30.0) -> None:
