@@ -248,7 +248,8 @@ def _upstream_error(name: str, status: int, body: bytes, headers: httpx.Headers)
         type=type_,
         code=str(code) if code is not None else None,
         param=str(param) if param is not None else None,
-        retryable=status in (408, 409, 429) or status >= 500,
+        # 401/403: the upstream refused this deployment's credential; another may serve.
+        retryable=status in (401, 403, 408, 409, 429) or status >= 500,
         retry_after=retry_after,
     )
 

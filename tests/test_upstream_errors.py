@@ -358,10 +358,28 @@ async def test_an_upstream_refusing_the_gateways_credential_is_a_gateway_error(
         gateway_before(tmp_path, tokenizer_dir, upstream, spare=False) as gw,
         httpx.AsyncClient(timeout=30) as http,
     ):
-        upstream.replies.append(
-            error_reply(status, "Incorrect API key provided.", "invalid_request_error", "bad_key")
-        )
+        refusal = error_reply(status, "Incorrect API key.", "invalid_request_error", "bad_key")
+        upstream.replies.extend([refusal] * 10)  # every attempt is refused
         refused = await post_chat(http, gw)
     error = assert_openai_error(refused, 502)
     assert error["code"] == "upstream_auth_failed"
     assert "Incorrect API key" not in error["message"]
+    assert len(upstream.calls) > 1  # retried: another attempt may have a good credential
+
+
+async def test_a_deployment_whose_credential_is_refused_fails_over(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    async with (
+        scripted_upstream() as upstream,
+        gateway_before(tmp_path, tokenizer_dir, upstream, spare=True) as gw,
+        httpx.AsyncClient(timeout=30) as http,
+    ):
+        upstream.replies.append(
+            error_reply(401, "Incorrect API key provided.", "invalid_request_error", "bad_key")
+        )
+        served = await post_chat(http, gw)
+        rows = await ledger_rows(gw)
+    assert served.status_code == 200, served.text
+    row = rows[served.headers["x-request-id"]]
+    assert row["deployment"] != "scripted" and row["attempts"] == 2
