@@ -21,6 +21,7 @@ from billing.quota import (
     Limits,
     QuotaConfig,
     QuotaExceeded,
+    QuotaStore,
     QuotaUnavailable,
     Scope,
     build_quota_store,
@@ -247,17 +248,22 @@ async def test_a_hung_redis_gives_unavailable_within_the_timeout(redis_url: str)
     await store.aclose()
 
 
-async def test_fail_open_serves_from_memory_and_replays_into_redis(redis_url: str) -> None:
-    store = build_quota_store(
+def fail_open_store(redis_url: str, timeout_ms: int) -> QuotaStore:
+    """Redis, falling back to the in-process store while Redis does not answer."""
+    return build_quota_store(
         QuotaConfig(
             backend="redis",
             redis_url=redis_url,
             redis_url_env=None,
             on_unavailable="open",
-            timeout_ms=100,
+            timeout_ms=timeout_ms,
             retry_interval_ms=100,
         )
     )
+
+
+async def test_fail_open_serves_from_memory_and_replays_into_redis(redis_url: str) -> None:
+    store = fail_open_store(redis_url, timeout_ms=100)
     scope = Scope("tenant:acme", Limits(rpm=3))
     paid = {
         "now": NOW,
@@ -347,16 +353,7 @@ async def test_fail_open_from_the_start_replays_spending_into_the_opened_account
 ) -> None:
     """Failing open with Redis down since start-up: what was spent meanwhile is charged to the
     initial balance once Redis answers (the account is opened before the settles replay)."""
-    store = build_quota_store(
-        QuotaConfig(
-            backend="redis",
-            redis_url=redis_url,
-            redis_url_env=None,
-            on_unavailable="open",
-            timeout_ms=200,
-            retry_interval_ms=100,
-        )
-    )
+    store = fail_open_store(redis_url, timeout_ms=200)
     paid = {"input_cost_nanos": INPUT_COST, "output_price_nanos": OUT_PRICE}
     scope = Scope("tenant:acme", Limits(rpm=1_000))
     redis_server.stop()
