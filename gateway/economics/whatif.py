@@ -1,7 +1,8 @@
 """`maas-gateway what-if`: one scenario under two configurations, side by side.
 
 Each configuration (the scenario itself, "baseline", or one of its `variants`) runs the
-same seeded month in its own directory (`<out>/<name>/`, see `gateway.economics.simulate`);
+same seeded month in its own directory (`<out>/<name>/`, see `gateway.economics.simulate`;
+a name compared with itself runs twice, the second time in `<out>/<name>-again/`);
 the comparison (`comparison.txt|.json`, `comparison.svg`) sets their revenue, compute cost,
 idle capacity, gross margin, modelled latency and refusals side by side with the
 difference.
@@ -128,15 +129,16 @@ async def what_if(
 ) -> Comparison:
     """Run `scenario` as `first` and as `second` (names of variants, or "baseline")."""
     runs = []
-    for name in (first, second):
+    folders = (first, second if second != first else f"{second}-again")
+    for name, folder in zip((first, second), folders, strict=True):
         variant = scenario.variant(name)
         runs.append(
             await simulate_month(
-                variant, out_dir / name, tokenizer_dir=tokenizer_dir, progress=progress
+                variant, out_dir / folder, tokenizer_dir=tokenizer_dir, progress=progress
             )
         )
-    comparison = Comparison((first, second), (runs[0], runs[1]))
-    reports = [(first, runs[0].report), (second, runs[1].report)]
+    comparison = Comparison(folders, (runs[0], runs[1]))
+    reports = [(folders[0], runs[0].report), (folders[1], runs[1].report)]
     _write_all(
         out_dir,
         {
