@@ -1,28 +1,29 @@
-"""Capacity that binds: a deployment's queue on the simulated clock, 15 minutes at a time.
+"""Capacity that binds: a deployment's queue on the simulated clock, an hour at a time.
 
 A simulated month is a sample of a fleet's traffic (`fleet_share`), so its capacity is a
-fluid one: in each 15-minute bucket a deployment can serve ``capacity x fleet_share x
-15 min`` of slot time (its latency model's slot-milliseconds, the same figure compute cost
-is priced on). Each request offers its at-capacity slot time (``prompt x
-prefill_ms_per_token + output x itl_ms x slowdown_at_capacity``). Work beyond a bucket's
-capacity is not lost: it waits, and the backlog carries into the next bucket, which serves
-it first. Within a bucket the queue grows (or drains) linearly, so a request that starts a
-fraction ``f`` into bucket ``b`` waits
+fluid one. In each hour (the traffic plan's own resolution: a sample hour stands for the
+fleet's whole hour) a deployment can serve ``capacity x fleet_share x 1 h`` of slot time,
+in its latency model's slot-milliseconds (the figure compute cost is priced on). Each
+request offers its at-capacity slot time, ``prompt x prefill_ms_per_token + output x
+itl_ms x slowdown_at_capacity``. Work beyond an hour's capacity is not lost: it waits, and
+the backlog carries into the next hour, which serves it first. Within an hour the queue
+grows (or drains) linearly, so a request that starts a fraction ``f`` into hour ``h``
+waits
 
-    max(0, backlog_b + f x (offered_b - capacity_b)) / (capacity x fleet_share)   ms
+    max(0, backlog_h + f x (offered_h - capacity_h)) / (capacity x fleet_share)   ms
 
-before its first token. A bucket is *saturated* when its backlog and offered work exceed
-its capacity; a deployment's utilisation in a bucket is the work it served there over its
-capacity, never more than 100%.
+before its first token. An hour is *saturated* when it ends with work still waiting; a
+deployment's utilisation in an hour is the work it served there over its capacity, never
+more than 100%.
 
 What happens to the excess is the scenario's `capacity.on_saturation`: `queue` (the
 default) serves every request, later; `refuse` answers a request with 429 when the queue
-it would join is longer than `capacity.max_wait_s`: the backlog at the start of its bucket
-plus the work admitted in the bucket so far, less what the bucket has served by the
-request's moment, over the slots. The refusal is decided by the simulated backend, through
-the whole gateway, so it is in the ledger as an upstream 429 with no tokens and no charge.
-So that the decisions do not depend on timing, the runner then sends requests one at a
-time, in order.
+it would join is longer than `capacity.max_wait_s`: the backlog at the start of its hour
+plus the work admitted in the hour so far, less what the hour has served by the request's
+moment, over the slots. The refusal is decided by the simulated backend, through the whole
+gateway, so it is in the ledger as an upstream 429 with no tokens and no charge. So that
+the decisions do not depend on timing, the runner then sends requests one at a time, in
+order.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from billing.compute_cost import ComputeCosts, LatencyModel
-from billing.models import BUCKET_SECONDS
 
 __all__ = [
     "BUCKET_MS",
+    "BUCKET_SECONDS",
     "CapacityConfig",
     "DeploymentQueue",
     "FleetGate",
@@ -46,6 +47,8 @@ __all__ = [
     "fleet_queues",
 ]
 
+BUCKET_SECONDS = 3600
+"""The queue's interval: one hour."""
 BUCKET_MS = BUCKET_SECONDS * 1000
 
 
@@ -64,7 +67,7 @@ class CapacityConfig(BaseModel):
 
 @dataclass(slots=True)
 class QueueBucket:
-    """One 15-minute bucket of one deployment (slot-milliseconds)."""
+    """One hour of one deployment (slot-milliseconds)."""
 
     bucket: int  # epoch seconds of its start
     backlog_ms: float  # work waiting when the bucket began

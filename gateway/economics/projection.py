@@ -382,7 +382,8 @@ def _turns(
     changes: list[tuple[str, str, str]],
     scenario: Scenario,
 ) -> list[Turn]:
-    """Months where a model's margin per million tokens changes direction or sign."""
+    """Months where a model's margin per million tokens moves: its list price changed, its
+    sign flipped, or it changed direction by more than `_NOISE` of its value."""
     turns = []
     by_model: dict[str, list[ModelMonth]] = {}
     for r in trajectory_rows:
@@ -393,11 +394,11 @@ def _turns(
         for before, now in itertools.pairwise(rows):
             assert before.margin_pm is not None and now.margin_pm is not None
             delta = now.margin_pm - before.margin_pm
-            step = 0 if abs(delta) < abs(before.margin_pm) / 100 else (1 if delta > 0 else -1)
-            sign_flip = (before.margin_pm < 0) != (now.margin_pm < 0)
-            if sign_flip:
+            step = 0 if abs(delta) < abs(before.margin_pm) * _NOISE else (1 if delta > 0 else -1)
+            repriced = bool(_repricing(model, before, now, changes))
+            if (before.margin_pm < 0) != (now.margin_pm < 0):
                 change = "turns positive" if now.margin_pm >= 0 else "turns negative"
-            elif step and step != direction:
+            elif step and (step != direction or repriced):
                 change = "rises" if step > 0 else "falls"
             else:
                 change = ""
@@ -411,6 +412,21 @@ def _turns(
     return sorted(turns, key=lambda t: (t.month, t.model))
 
 
+_NOISE = Decimal("0.03")
+"""A month-on-month move smaller than this share of the margin is not a turn (traffic mix)."""
+
+
+def _repricing(
+    model: str, before: ModelMonth, now: ModelMonth, changes: list[tuple[str, str, str]]
+) -> list[tuple[str, str]]:
+    """List price changes of `model` that separate month `before` from month `now`."""
+    return [
+        (d, c)
+        for d, m, c in changes
+        if m == model and before.month <= d[:7] <= now.month and d != f"{before.month}-01"
+    ]
+
+
 def _reason(
     model: str,
     before: ModelMonth,
@@ -419,11 +435,7 @@ def _reason(
     scenario: Scenario,
 ) -> str:
     parts = []
-    cut = [
-        (d, c)
-        for d, m, c in changes
-        if m == model and before.month <= d[:7] <= now.month and d != f"{before.month}-01"
-    ]
+    cut = _repricing(model, before, now, changes)
     for day, change in cut:
         parts.append(f"list price changed on {day} ({change})")
     revenue_pm = (before.per_million(before.revenue_nanos), now.per_million(now.revenue_nanos))
@@ -439,7 +451,7 @@ def _reason(
             if abs(d_cost) >= abs(d_rev):
                 parts.append("the cost trend (cheaper, faster accelerators) drives it")
             else:
-                parts.append("the traffic mix (prompt and output lengths, plans) drives it")
+                parts.append("the traffic mix drives it (input/output share, plans, off-peak use)")
     for event in scenario.events:
         if event.date[:7] in (before.month, now.month) and event.date[:7] <= now.month:
             parts.append(f"{event.date}: {event.note}")

@@ -15,7 +15,7 @@ utilised, and the excess waits in its queue (`gateway.economics.capacity`).
 Latency is *modelled*: the simulated backends run with `time_scale: 0`, so each successful
 request's time to first token and total time are computed from its deployment's latency
 model and its queue: TTFT is the wait in the queue plus `ttft_overhead_ms +
-prefill_ms_per_token x prompt`, and decoding slows with its 15-minute bucket's utilisation.
+prefill_ms_per_token x prompt`, and decoding slows with the utilisation of its hour.
 Refusals are requests the gateway answered with 429; those a deployment refused for want
 of capacity (a 429 with a deployment) are counted per deployment too.
 
@@ -36,10 +36,10 @@ from sqlalchemy import func, select
 
 from billing.compute_cost import ComputeCosts
 from billing.invoice import month_buckets
-from billing.ledger import ENTRIES, ROLLUPS, Ledger, bucket_of
-from billing.models import BUCKET_SECONDS
+from billing.ledger import ENTRIES, ROLLUPS, Ledger
 from gateway.app import build_compute_costs
 from gateway.config import Settings
+from gateway.economics.capacity import BUCKET_SECONDS as QUEUE_SECONDS
 from gateway.economics.capacity import fleet_queues, offered_work
 from gateway.economics.unit import UnitEconomics, unit_economics, unit_table
 
@@ -180,7 +180,7 @@ class Saturation:
     """How a simulated deployment's queue fared over the window (see `capacity`)."""
 
     requests: int = 0  # served
-    saturated_buckets: int = 0  # 15-minute buckets that ended with work still waiting
+    saturated_buckets: int = 0  # hours that ended with work still waiting
     saturated_hours: float = 0.0
     first_saturated: str | None = None  # ISO time of the first such bucket
     peak_offered_load: float = 0.0  # the busiest bucket's offered work over its capacity
@@ -354,8 +354,7 @@ class MarginReport:
         if not self.saturated:
             peak = max(d.saturation.peak_offered_load for d in simulated if d.saturation)
             return [
-                "Capacity: no deployment saturated"
-                f" (busiest 15 minutes at {100 * peak:.0f}% of capacity)"
+                f"Capacity: no deployment saturated (busiest hour at {100 * peak:.0f}% of capacity)"
             ]
         lines = [
             "Capacity: saturated deployments (offered more work than they can serve)",
@@ -482,7 +481,7 @@ async def build_margin_report(
         point.provisioned_nanos = sum(costs.provisioned_nanos(d, since, until) for d in hardware)
     report.daily = [daily[d] for d in sorted(daily)]
     await _refusals_and_latency(ledger, settings, costs, windows, report)
-    report.unit = await unit_economics(ledger, costs, windows)
+    report.unit = await unit_economics(ledger, costs, windows, settings.pricing.off_peak)
     return report
 
 
@@ -560,8 +559,8 @@ async def _refusals_and_latency(
                     failures += 1
                 elif deployment:
                     moment = started_at.replace(tzinfo=UTC).timestamp()
-                    bucket = bucket_of(started_at)
-                    fraction = (moment - bucket) / BUCKET_SECONDS
+                    bucket = int(moment) - int(moment) % QUEUE_SECONDS
+                    fraction = (moment - bucket) / QUEUE_SECONDS
                     samples.append((deployment, bucket, fraction, int(tokens_in), int(tokens_out)))
     report.refusals = {t: refusals.get(t, 0) for t in sorted(windows)}
     report.failures = failures
@@ -615,12 +614,12 @@ def _modelled_latency(
         last = buckets[-1] if buckets else None
         backlog = 0.0
         if last is not None and queue.slots:
-            left = (window_end.timestamp() - last.bucket) // BUCKET_SECONDS - 1
+            left = (window_end.timestamp() - last.bucket) // QUEUE_SECONDS - 1
             backlog = max(0.0, last.carried_ms - left * queue.capacity_ms) / queue.slots
         details[name] = Saturation(
             requests=len(every),
             saturated_buckets=len(hot),
-            saturated_hours=len(hot) * BUCKET_SECONDS / 3600,
+            saturated_hours=len(hot) * QUEUE_SECONDS / 3600,
             first_saturated=(
                 datetime.fromtimestamp(hot[0].bucket, UTC).isoformat() if hot else None
             ),

@@ -5,7 +5,9 @@ report's window (each tenant over its own month, as invoices count it):
 
 - **list price** per million input tokens: the rollups' list cost of input tokens
   (``uncached x list_price_input + cached x list_price_cached``) over the input tokens;
-  per million output tokens, ``output x list_price_output`` over the output tokens.
+  per million output tokens, ``output x list_price_output`` over the output tokens. A
+  rollup's list prices include an off-peak window's multiplier (its price version names
+  the window); the list price here is before it, the rollup's divided by the multiplier.
 - **realised price**: what tenants were charged (`cost_nanos`, after plans and off-peak
   discounts), split between input and output in proportion to their list cost, row by
   row (a plan or off-peak multiplier applies to the whole request).
@@ -19,6 +21,7 @@ Figures are exact fractions of nano-units until shown (4 decimal places of the c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -29,6 +32,7 @@ from sqlalchemy import func, select
 
 from billing.compute_cost import ComputeCosts
 from billing.ledger import ROLLUPS, Ledger
+from billing.pricing import OffPeakWindow
 
 __all__ = ["MEASURES", "UnitEconomics", "unit_economics"]
 
@@ -91,10 +95,14 @@ class UnitEconomics:
 
 
 async def unit_economics(
-    ledger: Ledger, costs: ComputeCosts, windows: dict[str, tuple[int, int]]
+    ledger: Ledger,
+    costs: ComputeCosts,
+    windows: dict[str, tuple[int, int]],
+    off_peak: Sequence[OffPeakWindow] = (),
 ) -> list[UnitEconomics]:
     """Rows per (model, deployment), then per model ("*"), from the rollups in `windows`
-    (tenant -> [first bucket, end bucket))."""
+    (tenant -> [first bucket, end bucket)); `off_peak` are the pricing's windows."""
+    labels = {w.label(): Fraction(w.multiplier) for w in off_peak if w.multiplier}
     first = min(lo for lo, _ in windows.values())
     last = max(hi for _, hi in windows.values())
     keys = (
@@ -102,6 +110,7 @@ async def unit_economics(
         ROLLUPS.c.model,
         ROLLUPS.c.deployment,
         ROLLUPS.c.bucket,
+        ROLLUPS.c.price_version,
         ROLLUPS.c.list_price_input_nanos,
         ROLLUPS.c.list_price_cached_nanos,
         ROLLUPS.c.list_price_output_nanos,
@@ -114,16 +123,18 @@ async def unit_economics(
     async with ledger.engine.connect() as connection:
         rows = (await connection.execute(query)).all()
     pairs: dict[tuple[str, str], UnitEconomics] = {}
-    for tenant, model, deployment, bucket, lp_in, lp_cached, lp_out, *sums in rows:
+    for tenant, model, deployment, bucket, version, lp_in, lp_cached, lp_out, *sums in rows:
         lo, hi = windows.get(tenant, (first, last))
         if not lo <= bucket < hi or not deployment:
             continue  # another month of this tenant, or never served (no tokens)
         uncached, cached, output, cost, list_cost, compute = (int(v or 0) for v in sums)
         row = UnitEconomics(model, deployment, uncached + cached, output)
-        row.list_input = Fraction(uncached * lp_in + cached * lp_cached)
-        row.list_output = Fraction(output * lp_out)
+        list_input = Fraction(uncached * lp_in + cached * lp_cached)
+        hours = next((m for label, m in labels.items() if label in version), Fraction(1))
+        row.list_input = list_input / hours
+        row.list_output = Fraction(output * lp_out) / hours
         if list_cost:
-            row.realised_input = Fraction(cost) * row.list_input / list_cost
+            row.realised_input = Fraction(cost) * list_input / list_cost
             row.realised_output = cost - row.realised_input
         rate = costs.rate(deployment, datetime.fromtimestamp(bucket, UTC))
         if rate is not None:
