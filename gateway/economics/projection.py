@@ -398,7 +398,7 @@ def _turns(
             repriced = bool(_repricing(model, before, now, changes))
             if (before.margin_pm < 0) != (now.margin_pm < 0):
                 change = "turns positive" if now.margin_pm >= 0 else "turns negative"
-            elif step and (step != direction or repriced):
+            elif step and ((direction and step != direction) or repriced):
                 change = "rises" if step > 0 else "falls"
             else:
                 change = ""
