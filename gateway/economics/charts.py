@@ -263,8 +263,8 @@ def trajectory_chart(trajectory: Trajectory) -> str:
         _text(
             20,
             70,
-            "Per model: revenue (orange) and compute cost (blue) per million tokens; the gap is"
-            " the margin per million. Dashed: list price changes. Circles: margin turns.",
+            "Per model: revenue (orange) and compute cost (blue) per million tokens, the gap"
+            " is the margin per million; dashed: list price changes; circles: turns.",
             12,
         ),
     ]
@@ -278,7 +278,7 @@ def trajectory_chart(trajectory: Trajectory) -> str:
         values = [float(v) for v in revenue + compute if v is not None]
         top = _nice_max(max(values or [0]))
         parts.append(
-            _text(20, y_top - 4, f"{model} ({c} per million tokens)", 13, font_weight="bold")
+            _text(20, y_top - 12, f"{model} ({c} per million tokens)", 13, font_weight="bold")
         )
         for i in range(3):
             y = y0 - panel_h * i / 2
@@ -316,24 +316,15 @@ def trajectory_chart(trajectory: Trajectory) -> str:
                 f"<circle cx='{mx(i):.1f}' cy='{y:.1f}' r='6' fill='none' stroke='{color}'"
                 " stroke-width='2'/>"
             )
-        r_last = next((r for r in reversed(rows) if r is not None), None)
-        if r_last is not None and r_last.margin_pm is not None:
-            parts.append(
-                _text(
-                    x0 + w + 8,
-                    y_top + 30,
-                    f"margin/M {r_last.margin_pm:.3f}",
-                    11,
-                    fill=MARGIN if r_last.margin_pm >= 0 else LOSS,
-                )
-            )
         r_first = next((r for r in rows if r is not None), None)
-        if r_first is not None and r_first.margin_pm is not None:
-            parts.append(
-                _text(
-                    x0 + w + 8, y_top + 14, f"{months[0]}: {r_first.margin_pm:.3f}", 11, fill="#666"
-                )
-            )
+        r_last = next((r for r in reversed(rows) if r is not None), None)
+        parts.append(_text(x0 + w + 8, y_top + 14, "margin per M", 11, fill="#666"))
+        for line, r in enumerate((r_first, r_last)):
+            if r is None or r.margin_pm is None:
+                continue
+            color = "#666" if line == 0 else (MARGIN if r.margin_pm >= 0 else LOSS)
+            label = f"{r.month}: {r.margin_pm:.3f}"
+            parts.append(_text(x0 + w + 8, y_top + 30 + 16 * line, label, 11, fill=color))
     # Bottom panel: the business per month.
     y_top = top_y + len(models) * (panel_h + gap) + 20
     h = 180
@@ -346,7 +337,7 @@ def trajectory_chart(trajectory: Trajectory) -> str:
         )
     )
     parts.append(_text(20, y_top - 8, f"The business per month ({c})", 13, font_weight="bold"))
-    parts += _axis(x0, y0, w, h, top, c)
+    parts += _axis(x0, y0, w, h, top, "")
     revenue_points = []
     for i, t in enumerate(totals):
         x = x0 + slot * i + slot * 0.2
