@@ -1,7 +1,7 @@
 """Drive a synthetic month through the real gateway on a compressed clock.
 
 The gateway runs in this process exactly as `maas-gateway serve` runs it (the Litestar app
-under uvicorn, on a loopback socket), with three changes for the simulation:
+under uvicorn, on a loopback socket), with these changes for the simulation:
 
 - **Clock.** Each request carries its simulated start time in the
   `x-maas-simulated-time` header (epoch microseconds). A thin ASGI wrapper, used only
