@@ -149,22 +149,23 @@ async def unit_economics(
 
 
 def unit_table(rows: list[UnitEconomics]) -> list[str]:
-    """The rows as text lines (per million tokens; input | output)."""
-    lines = [
-        f"  {'model via deployment':<32} {'':>3} {'list':>9} {'realised':>9} {'compute':>9}"
-        f" {'margin':>9} {'margin%':>8}"
+    """The rows as text lines (per million tokens; input and output lines per row)."""
+    labels = [
+        f"{r.model} via {r.deployment}" if r.deployment != "*" else f"{r.model} (all)" for r in rows
     ]
-    for row in rows:
-        label = (
-            f"{row.model} via {row.deployment}" if row.deployment != "*" else (f"{row.model} (all)")
-        )
+    width = max([len("model via deployment"), *map(len, labels)])
+    lines = [
+        f"  {'model via deployment':<{width}} {'':>3} {'list':>9} {'realised':>9}"
+        f" {'compute':>9} {'margin':>9} {'margin%':>8}"
+    ]
+    for row, label in zip(rows, labels, strict=True):
         for kind in ("input", "output"):
             values = [row.per_million(m, kind) for m in MEASURES]
             shown = ["-" if v is None else f"{v:.4f}" for v in values]
             realised, margin = values[1], values[3]
             pct = f"{100 * margin / realised:.1f}%" if realised and margin is not None else "-"
             lines.append(
-                f"  {label if kind == 'input' else '':<32} {kind[:3]:>3}"
+                f"  {label if kind == 'input' else '':<{width}} {kind[:3]:>3}"
                 + "".join(f" {v:>9}" for v in shown)
                 + f" {pct:>8}"
             )
