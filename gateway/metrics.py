@@ -94,7 +94,7 @@ from prometheus_client import (
     disable_created_metrics,
     values,
 )
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.multiprocess import mark_process_dead as _mark_process_dead
@@ -474,6 +474,31 @@ class ProvisionedCost(Collector):
         for label, names in self._deployments.items():
             total = sum(provisioned(name, self._since, now) for name in names)
             family.add_metric([label, self._currency], total)
+        yield family
+
+
+class UnitEconomicsGauge(Collector):
+    """`maas_unit_economics_per_million_tokens{model,deployment,kind,measure,currency}`: list
+    price, realised price, compute cost and gross margin per million input or output tokens
+    over a reporting period, in currency units (the economics simulator writes them, with
+    `generate_latest` on a registry of their own, as `unit-economics.prom`)."""
+
+    def __init__(self, currency: str) -> None:
+        self._currency = currency
+        self._values: dict[tuple[str, str, str, str], float] = {}
+
+    def set(self, model: str, deployment: str, kind: str, measure: str, value: float) -> None:
+        self._values[(model, deployment, kind, measure)] = value
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "maas_unit_economics_per_million_tokens",
+            "Price, compute cost or gross margin per million input or output tokens of a"
+            " model on a deployment ('*': all its deployments) over a reporting period.",
+            labels=["model", "deployment", "kind", "measure", "currency"],
+        )
+        for (model, deployment, kind, measure), value in sorted(self._values.items()):
+            family.add_metric([model, deployment, kind, measure, self._currency], value)
         yield family
 
 

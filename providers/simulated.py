@@ -9,7 +9,11 @@ It is the gateway's embedded default and the upstream for load tests (served ove
 - **Capacity.** A request takes one of `capacity` slots (concurrent sequences; a request with
   `n` > 1 still takes one) for its whole prefill and decode. When all are busy it waits in a
   FIFO queue; beyond `max_queue` waiting requests it is refused with a 429. Closing a stream
-  (`aclose()`) or cancelling the task frees the slot at once and stops generation.
+  (`aclose()`) or cancelling the task frees the slot at once and stops generation. An
+  `admission` hook, when set (the economics simulator sets one to apply capacity on its
+  simulated clock, `gateway.economics.capacity`), is asked first with the provider's name,
+  the model and the request's prompt and output tokens; if it says no the request is
+  refused with the same 429, not retryable.
 - **Latency.** Time to first token, counted from when the slot is granted, is
   `ttft_overhead_ms + prefill_ms_per_token * prompt_tokens`. Every further token takes
   `itl_ms * slowdown`, where `slowdown = 1 + (slowdown_at_capacity - 1) * (running - 1) /
@@ -45,7 +49,7 @@ import random
 import struct
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -432,6 +436,7 @@ class SimulatedProvider(Provider):
         self._counters = _Counters()
         digest = hashlib.blake2b(f"{name}:{encoding.name}".encode(), digest_size=5).hexdigest()
         self._fingerprint = f"fp_{digest}"
+        self.admission: Callable[[str, str, int, int], bool] | None = None
 
     def stats(self) -> SimulatorStats:
         """Running and waiting requests, token totals, outcomes and the TTFT histogram."""
@@ -467,6 +472,17 @@ class SimulatedProvider(Provider):
         await self._inject(fault)
         if request.endpoint == "embeddings":
             return await self._embed(request, rng, received_at, embedding_plan)
+        if self.admission is not None and not self.admission(
+            self.name, request.model, job.prompt_tokens, job.completion_tokens
+        ):
+            self._count("queue_full")
+            raise UpstreamError(
+                429,
+                f"{self.name} is overloaded: its queue is longer than the simulation allows.",
+                type="requests",
+                code="rate_limit_exceeded",
+                retry_after=0.0,
+            )
         ticket = await self._admit()
         job.first_token_at = time.perf_counter() + job.ttft_s
         if not request.stream:

@@ -4,16 +4,23 @@
 idle capacity (light) stacked as bars, with revenue as a line; below, each tenant's and
 each model's revenue beside its compute cost, with the gross margin percentage.
 `comparison_chart` draws revenue, compute cost, idle capacity and gross margin of several
-runs side by side.
+runs side by side. `trajectory_chart` draws a projection month by month: per model, revenue
+and compute cost per million tokens (the gap is the margin per million) with list price
+changes and turns marked; below, the whole business's revenue, compute cost and idle
+capacity per month.
 """
 
 from __future__ import annotations
 
 from html import escape
+from typing import TYPE_CHECKING
 
 from gateway.economics.report import MarginReport
 
-__all__ = ["comparison_chart", "margin_chart"]
+if TYPE_CHECKING:
+    from gateway.economics.projection import Trajectory
+
+__all__ = ["comparison_chart", "margin_chart", "trajectory_chart"]
 
 _FONT = "font-family='Helvetica, Arial, sans-serif'"
 COMPUTE = "#34568b"
@@ -214,5 +221,151 @@ def comparison_chart(reports: list[tuple[str, MarginReport]]) -> str:
         lx = x0 + m * 180
         parts.append(f"<rect x='{lx}' y='{y_base + 40}' width='14' height='10' fill='{color}'/>")
         parts.append(_text(lx + 20, y_base + 50, label, 12))
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def _polyline(points: list[tuple[float, float]], color: str, width: float = 2.5) -> str:
+    joined = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+    return f"<polyline points='{joined}' fill='none' stroke='{color}' stroke-width='{width}'/>"
+
+
+def trajectory_chart(trajectory: Trajectory) -> str:
+    """A projection's margin trajectory as an SVG document (see the module doc)."""
+    c = trajectory.currency
+    months = trajectory.months
+    models = trajectory.models
+    panel_h, gap = 120, 46
+    x0, w = 90, 760
+    top_y = 96
+    height = top_y + len(models) * (panel_h + gap) + 300
+    width = 960
+    slot = w / max(1, len(months))
+
+    def mx(index: int) -> float:
+        return x0 + slot * (index + 0.5)
+
+    first = trajectory.totals[0] if trajectory.totals else None
+    last = trajectory.totals[-1] if trajectory.totals else None
+    headline = ""
+    if first is not None and last is not None:
+        headline = (
+            f"gross margin {months[0]} {_units(first.gross_margin_nanos):,.2f} -> {months[-1]}"
+            f" {_units(last.gross_margin_nanos):,.2f} {c}; cost per token"
+            f" x{trajectory.scenario.trends.cost_per_token_per_year:g} a year"
+        )
+    parts = [
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}'"
+        f" viewBox='0 0 {width} {height}'>",
+        "<rect width='100%' height='100%' fill='white'/>",
+        _text(20, 28, f"Margin trajectory: {trajectory.scenario.name}", 18, font_weight="bold"),
+        _text(20, 50, headline, 13),
+        _text(
+            20,
+            70,
+            "Per model: revenue (orange) and compute cost (blue) per million tokens, the gap"
+            " is the margin per million; dashed: list price changes; circles: turns.",
+            12,
+        ),
+    ]
+    changes = trajectory.price_changes
+    for m_index, model in enumerate(models):
+        y_top = top_y + m_index * (panel_h + gap) + 14
+        y0 = y_top + panel_h
+        rows = [trajectory.row(month, model) for month in months]
+        revenue = [r.per_million(r.revenue_nanos) if r else None for r in rows]
+        compute = [r.per_million(r.compute_nanos) if r else None for r in rows]
+        values = [float(v) for v in revenue + compute if v is not None]
+        top = _nice_max(max(values or [0]))
+        parts.append(
+            _text(20, y_top - 12, f"{model} ({c} per million tokens)", 13, font_weight="bold")
+        )
+        for i in range(3):
+            y = y0 - panel_h * i / 2
+            parts.append(f"<line x1='{x0}' y1='{y:.1f}' x2='{x0 + w}' y2='{y:.1f}' stroke='#ddd'/>")
+            parts.append(_text(x0 - 6, y + 4, f"{top * i / 2:,.3f}", 10, "end"))
+        for day, changed_model, _ in changes:
+            if changed_model != model or day[:7] not in months:
+                continue
+            index = months.index(day[:7])
+            fraction = (int(day[8:10]) - 1) / 30
+            x = x0 + slot * (index + fraction)
+            parts.append(
+                f"<line x1='{x:.1f}' y1='{y_top:.1f}' x2='{x:.1f}' y2='{y0:.1f}'"
+                f" stroke='{LOSS}' stroke-dasharray='4 3'/>"
+            )
+            parts.append(_text(x + 3, y_top + 10, f"price {day}", 10, fill=LOSS))
+        for series, color in ((revenue, REVENUE), (compute, COMPUTE)):
+            points = [
+                (mx(i), y0 - panel_h * float(v) / top)
+                for i, v in enumerate(series)
+                if v is not None
+            ]
+            if points:
+                parts.append(_polyline(points, color))
+        for turn in trajectory.turns:
+            if turn.model != model or turn.month not in months:
+                continue
+            i = months.index(turn.month)
+            value = revenue[i]
+            if value is None:
+                continue
+            y = y0 - panel_h * float(value) / top
+            color = MARGIN if turn.change in ("rises", "turns positive") else LOSS
+            parts.append(
+                f"<circle cx='{mx(i):.1f}' cy='{y:.1f}' r='6' fill='none' stroke='{color}'"
+                " stroke-width='2'/>"
+            )
+        r_first = next((r for r in rows if r is not None), None)
+        r_last = next((r for r in reversed(rows) if r is not None), None)
+        parts.append(_text(x0 + w + 8, y_top + 14, "margin per M", 11, fill="#666"))
+        for line, r in enumerate((r_first, r_last)):
+            if r is None or r.margin_pm is None:
+                continue
+            color = "#666" if line == 0 else (MARGIN if r.margin_pm >= 0 else LOSS)
+            label = f"{r.month}: {r.margin_pm:.3f}"
+            parts.append(_text(x0 + w + 8, y_top + 30 + 16 * line, label, 11, fill=color))
+    # Bottom panel: the business per month.
+    y_top = top_y + len(models) * (panel_h + gap) + 20
+    h = 180
+    y0 = y_top + h
+    totals = trajectory.totals
+    top = _nice_max(
+        max(
+            [max(_units(t.revenue_nanos), _units(t.compute_nanos + t.idle_nanos)) for t in totals]
+            or [0]
+        )
+    )
+    parts.append(_text(20, y_top - 8, f"The business per month ({c})", 13, font_weight="bold"))
+    parts += _axis(x0, y0, w, h, top, "")
+    revenue_points = []
+    for i, t in enumerate(totals):
+        x = x0 + slot * i + slot * 0.2
+        bw = slot * 0.6
+        compute_h = h * _units(t.compute_nanos) / top
+        idle_h = h * _units(t.idle_nanos) / top
+        parts.append(
+            f"<rect x='{x:.1f}' y='{y0 - compute_h:.1f}' width='{bw:.1f}'"
+            f" height='{compute_h:.1f}' fill='{COMPUTE}'/>"
+        )
+        parts.append(
+            f"<rect x='{x:.1f}' y='{y0 - compute_h - idle_h:.1f}' width='{bw:.1f}'"
+            f" height='{idle_h:.1f}' fill='{IDLE}'/>"
+        )
+        revenue_points.append((mx(i), y0 - h * _units(t.revenue_nanos) / top))
+        parts.append(_text(mx(i), y0 + 16, t.month, 10, "middle"))
+    if revenue_points:
+        parts.append(_polyline(revenue_points, REVENUE))
+    legend_y = y0 + 40
+    for i, (color, label) in enumerate(
+        (
+            (REVENUE, "revenue"),
+            (COMPUTE, "compute cost of served tokens"),
+            (IDLE, "idle capacity (provisioned, unused)"),
+        )
+    ):
+        lx = x0 + i * 250
+        parts.append(f"<rect x='{lx}' y='{legend_y - 10}' width='14' height='10' fill='{color}'/>")
+        parts.append(_text(lx + 20, legend_y, label, 12))
     parts.append("</svg>")
     return "\n".join(parts) + "\n"

@@ -1,4 +1,8 @@
-"""The `simulate-month` and `what-if` subcommands of `maas-gateway`."""
+"""The `simulate-month`, `simulate-months` and `what-if` subcommands of `maas-gateway`.
+
+Misuse (a missing or invalid scenario, an unknown variant, an output directory that is
+not empty, a count that is not positive) is one line on stderr and exit code 2.
+"""
 
 from __future__ import annotations
 
@@ -32,12 +36,30 @@ def add_commands(commands: Any) -> None:
     month.add_argument("--tokenizer-dir", type=Path, help="directory of .tiktoken files")
     month.set_defaults(run=_simulate_month)
 
+    months = commands.add_parser(
+        "simulate-months",
+        help="run a scenario's months one after another; write the margin trajectory",
+        description="Project a scenario over its `months` (or --months N): month by month, "
+        "with each tenant's growth, the cost trend (accelerator price and throughput) and "
+        "list price versions on their dates, each month through the gateway on a compressed "
+        "clock with its own invoices, reconciliation and margin report (<out>/<YYYY-MM>/), "
+        "then the margin trajectory: trajectory.txt, .json and .svg. Exits 1 when any "
+        "month's reconciliation finds a difference.",
+    )
+    months.add_argument("scenario", type=Path, help="scenario YAML with months and trends")
+    months.add_argument("--out", type=Path, required=True, help="output directory (fresh)")
+    months.add_argument("--months", type=int, help="override the number of months")
+    months.add_argument("--requests", type=int, help="override the first month's request count")
+    months.add_argument("--tokenizer-dir", type=Path, help="directory of .tiktoken files")
+    months.set_defaults(run=_simulate_months)
+
     what = commands.add_parser(
         "what-if",
         help="run one scenario under two configurations and compare them",
         description="Run the same seeded month twice, as FIRST and as SECOND (each 'baseline' "
         "or a variant named in the scenario file), and report revenue, compute cost, idle "
-        "capacity, gross margin, modelled latency and refusals side by side.",
+        "capacity, gross margin, modelled latency and refusals side by side. Each run writes "
+        "into <out>/<name>/ (the same name twice: <out>/<name>/ and <out>/<name>-again/).",
     )
     what.add_argument("scenario", type=Path, help="scenario YAML with variants")
     what.add_argument("first", help="'baseline' or a variant name")
@@ -49,14 +71,31 @@ def add_commands(commands: Any) -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from gateway.economics.scenario import load_scenario
+    """The scenario with --requests applied; `ScenarioError` for any misuse."""
+    from gateway.economics.scenario import ScenarioError, load_scenario
 
     for noisy in ("httpx", "alembic"):  # one line per request or migration step otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for option in ("requests", "months"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            raise ScenarioError(f"--{option} must be a positive number, not {value}")
+    if args.tokenizer_dir is not None and not args.tokenizer_dir.is_dir():
+        raise ScenarioError(f"--tokenizer-dir {args.tokenizer_dir}: not a directory")
+    out: Path = args.out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ScenarioError(f"--out {out}: exists and is not an empty directory; use a new one")
     scenario = load_scenario(args.scenario)
     if args.requests:
         scenario = scenario.model_copy(update={"requests": args.requests})
     return scenario
+
+
+def _fail(message: object) -> int:
+    """Misuse: the message on one line of stderr, exit code 2."""
+    first, *rest = [line.strip() for line in str(message).splitlines() if line.strip()] or [""]
+    print(f"maas-gateway: {' '.join([first, '; '.join(rest)]).strip()}", file=sys.stderr)
+    return 2
 
 
 def _progress(done: int, total: int) -> None:
@@ -70,8 +109,7 @@ def _simulate_month(args: argparse.Namespace) -> int:
     try:
         scenario = _load(args).variant(args.variant)
     except ScenarioError as exc:
-        print(f"maas-gateway: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc)
     started = time.perf_counter()
     outcome = asyncio.run(
         simulate_month(scenario, args.out, tokenizer_dir=args.tokenizer_dir, progress=_progress)
@@ -95,8 +133,7 @@ def _what_if(args: argparse.Namespace) -> int:
         scenario.variant(args.first)
         scenario.variant(args.second)
     except ScenarioError as exc:
-        print(f"maas-gateway: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc)
     started = time.perf_counter()
     comparison = asyncio.run(
         what_if(
@@ -111,4 +148,28 @@ def _what_if(args: argparse.Namespace) -> int:
     print(comparison.to_text())
     print(f"done in {time.perf_counter() - started:.1f}s; output in {args.out}")
     clean = all(o.reconciliation.ok and not o.reconciliation.pending for o in comparison.outcomes)
+    return 0 if clean else 1
+
+
+def _simulate_months(args: argparse.Namespace) -> int:
+    from gateway.economics.projection import simulate_months
+    from gateway.economics.scenario import ScenarioError
+
+    try:
+        scenario = _load(args)
+    except ScenarioError as exc:
+        return _fail(exc)
+    started = time.perf_counter()
+    trajectory = asyncio.run(
+        simulate_months(
+            scenario,
+            args.out,
+            months=args.months,
+            tokenizer_dir=args.tokenizer_dir,
+            progress=_progress,
+        )
+    )
+    print(trajectory.to_text())
+    print(f"done in {time.perf_counter() - started:.1f}s; output in {args.out}")
+    clean = all(t.reconciled for t in trajectory.totals)
     return 0 if clean else 1

@@ -9,10 +9,19 @@ compute cost of the tokens served: cost with no revenue. Gross margin is revenue
 compute cost minus idle capacity (by tenant and model, revenue minus compute cost; idle
 capacity is a row of its own).
 
+Idle capacity is never negative: a deployment offered more work than it can serve is 100%
+utilised, and the excess waits in its queue (`gateway.economics.capacity`).
+
 Latency is *modelled*: the simulated backends run with `time_scale: 0`, so each successful
 request's time to first token and total time are computed from its deployment's latency
-model at the load of its 15-minute bucket (the at-capacity slot time of the bucket's
-requests over the bucket's length). Refusals are requests the gateway answered with 429.
+model and its queue: TTFT is the wait in the queue plus `ttft_overhead_ms +
+prefill_ms_per_token x prompt`, and decoding slows with the utilisation of its hour.
+Refusals are requests the gateway answered with 429; those a deployment refused for want
+of capacity (a 429 with a deployment) are counted per deployment too.
+
+Unit economics (`UnitEconomics`) are per million input and per million output tokens, per
+model and deployment: list price, realised price, compute cost and gross margin (realised
+price minus compute cost), all from the rollups (see `unit_economics`).
 """
 
 from __future__ import annotations
@@ -25,12 +34,14 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from billing.compute_cost import ComputeCosts, LatencyModel
+from billing.compute_cost import ComputeCosts
 from billing.invoice import month_buckets
-from billing.ledger import ENTRIES, ROLLUPS, Ledger, bucket_of
-from billing.models import BUCKET_SECONDS
+from billing.ledger import ENTRIES, ROLLUPS, Ledger
 from gateway.app import build_compute_costs
 from gateway.config import Settings
+from gateway.economics.capacity import BUCKET_SECONDS as QUEUE_SECONDS
+from gateway.economics.capacity import fleet_queues, offered_work
+from gateway.economics.unit import UnitEconomics, unit_economics, unit_table
 
 __all__ = [
     "IDLE",
@@ -39,6 +50,7 @@ __all__ = [
     "LatencySummary",
     "MarginReport",
     "MarginRow",
+    "Saturation",
     "build_margin_report",
 ]
 
@@ -93,14 +105,25 @@ class DeploymentCost:
     provisioned_nanos: int = 0
     input_per_million_at_capacity: Decimal = Decimal(0)
     output_per_million_at_capacity: Decimal = Decimal(0)
+    saturation: Saturation | None = None  # simulated deployments only
 
     @property
     def idle_nanos(self) -> int:
-        return self.provisioned_nanos - self.compute_nanos if self.kind == "hardware" else 0
+        """Provisioned cost not covered by served tokens; 0 when saturated, never negative."""
+        if self.kind != "hardware":
+            return 0
+        return max(0, self.provisioned_nanos - self.compute_nanos)
 
     @property
     def utilisation(self) -> float | None:
-        """Served tokens' share of the provisioned capacity (hardware only)."""
+        """Served tokens' share of the provisioned capacity (hardware only), at most 1."""
+        if self.kind != "hardware" or not self.provisioned_nanos:
+            return None
+        return min(1.0, self.compute_nanos / self.provisioned_nanos)
+
+    @property
+    def offered_load(self) -> float | None:
+        """The tokens' slot time over the capacity provisioned (may exceed 1)."""
         if self.kind != "hardware" or not self.provisioned_nanos:
             return None
         return self.compute_nanos / self.provisioned_nanos
@@ -128,6 +151,8 @@ class DeploymentCost:
             "provisioned_nanos": self.provisioned_nanos,
             "idle_nanos": self.idle_nanos,
             "utilisation": self.utilisation,
+            "offered_load": self.offered_load,
+            "saturation": asdict(self.saturation) if self.saturation is not None else None,
             "input_per_million_at_capacity": str(round(self.input_per_million_at_capacity, 4)),
             "output_per_million_at_capacity": str(round(self.output_per_million_at_capacity, 4)),
             "input_per_million_at_utilisation": str(round(at_u[0], 4)) if at_u else None,
@@ -147,7 +172,25 @@ class DailyPoint:
 
     @property
     def idle_nanos(self) -> int:
-        return self.provisioned_nanos - self.hardware_compute_nanos
+        return max(0, self.provisioned_nanos - self.hardware_compute_nanos)
+
+
+@dataclass(slots=True)
+class Saturation:
+    """How a simulated deployment's queue fared over the window (see `capacity`)."""
+
+    requests: int = 0  # served
+    saturated_buckets: int = 0  # hours that ended with work still waiting
+    saturated_hours: float = 0.0
+    first_saturated: str | None = None  # ISO time of the first such bucket
+    peak_offered_load: float = 0.0  # the busiest bucket's offered work over its capacity
+    backlog_at_end_s: float = 0.0  # queue left when the window ended, in seconds of wait
+    refused: int = 0  # requests the deployment answered with 429
+    ttft_p50_ms: float = 0.0
+    ttft_p95_ms: float = 0.0
+    ttft_p50_unsaturated_ms: float | None = None  # in buckets that did not saturate
+    ttft_p95_saturated_ms: float | None = None  # in buckets that did
+    wait_max_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -180,6 +223,16 @@ class MarginReport:
     refusals: dict[str, int] = field(default_factory=dict)  # tenant -> 429 answers
     failures: int = 0  # other error answers
     latency: LatencySummary = field(default_factory=LatencySummary)
+    unit: list[UnitEconomics] = field(default_factory=list)  # per million tokens
+
+    @property
+    def saturated(self) -> list[DeploymentCost]:
+        """Deployments whose queue saturated (or that refused requests) in the window."""
+        return [
+            d
+            for d in self.deployments
+            if d.saturation is not None and (d.saturation.saturated_buckets or d.saturation.refused)
+        ]
 
     @property
     def revenue_nanos(self) -> int:
@@ -243,6 +296,8 @@ class MarginReport:
             ],
             "refusals": self.refusals,
             "latency": asdict(self.latency),
+            "saturated": [d.deployment for d in self.saturated],
+            "unit_economics": [u.to_dict() for u in self.unit],
         }
 
     def to_text(self) -> str:
@@ -287,7 +342,38 @@ class MarginReport:
                 f" {d.output_per_million_at_capacity:>10.3f}"
                 f" {(f'{at_u[1]:.3f}' if at_u else '-'):>10}"
             )
+        lines += ["", *self._capacity_lines()]
+        lines += ["", f"Per million tokens ({c}; margin = realised - compute)"]
+        lines += unit_table(self.unit)
         return "\n".join(lines) + "\n"
+
+    def _capacity_lines(self) -> list[str]:
+        simulated = [d for d in self.deployments if d.saturation is not None]
+        if not simulated:
+            return ["Capacity: no simulated deployments"]
+        if not self.saturated:
+            peak = max(d.saturation.peak_offered_load for d in simulated if d.saturation)
+            return [
+                f"Capacity: no deployment saturated (busiest hour at {100 * peak:.0f}% of capacity)"
+            ]
+        lines = [
+            "Capacity: saturated deployments (offered more work than they can serve)",
+            f"  {'deployment':<28} {'hours':>7} {'first':>17} {'peak':>6} {'refused':>8}"
+            f" {'TTFT p50 calm':>14} {'TTFT p95 sat.':>14} {'max wait':>9}",
+        ]
+        for d in self.saturated:
+            sat = d.saturation
+            assert sat is not None
+            first = (sat.first_saturated or "-")[:16]
+            p50, p95 = sat.ttft_p50_unsaturated_ms, sat.ttft_p95_saturated_ms
+            calm = "-" if p50 is None else f"{p50:.0f} ms"
+            busy = "-" if p95 is None else f"{p95:.0f} ms"
+            lines.append(
+                f"  {d.deployment:<28} {sat.saturated_hours:>7.2f} {first:>17}"
+                f" {100 * sat.peak_offered_load:>5.0f}% {sat.refused:>8}"
+                f" {calm:>14} {busy:>14} {sat.wait_max_s:>7.0f} s"
+            )
+        return lines
 
 
 def _money(nanos: int) -> str:
@@ -395,6 +481,7 @@ async def build_margin_report(
         point.provisioned_nanos = sum(costs.provisioned_nanos(d, since, until) for d in hardware)
     report.daily = [daily[d] for d in sorted(daily)]
     await _refusals_and_latency(ledger, settings, costs, windows, report)
+    report.unit = await unit_economics(ledger, costs, windows, settings.pricing.off_peak)
     return report
 
 
@@ -433,6 +520,9 @@ def _day_index(start: datetime, end: datetime) -> dict[int, date]:
     return days
 
 
+_Sample = tuple[str, int, float, int, int]  # deployment, bucket, fraction into it, in, out
+
+
 async def _refusals_and_latency(
     ledger: Ledger,
     settings: Settings,
@@ -441,8 +531,9 @@ async def _refusals_and_latency(
     report: MarginReport,
 ) -> None:
     refusals: dict[str, int] = defaultdict(int)
+    refused_by: dict[str, int] = defaultdict(int)
     failures = 0
-    samples: list[tuple[str, int, int, int]] = []  # deployment, bucket, input, output
+    samples: list[_Sample] = []
     for tenant_id, (lo, hi) in windows.items():
         start = datetime.fromtimestamp(lo, UTC).replace(tzinfo=None)
         end = datetime.fromtimestamp(hi, UTC).replace(tzinfo=None)
@@ -462,58 +553,91 @@ async def _refusals_and_latency(
             for started_at, deployment, status, tokens_in, tokens_out in result:
                 if status == 429:
                     refusals[tenant_id] += 1
+                    if deployment:
+                        refused_by[deployment] += 1
                 elif status >= 400:
                     failures += 1
                 elif deployment:
-                    bucket = bucket_of(started_at)
-                    samples.append((deployment, bucket, int(tokens_in), int(tokens_out)))
+                    moment = started_at.replace(tzinfo=UTC).timestamp()
+                    bucket = int(moment) - int(moment) % QUEUE_SECONDS
+                    fraction = (moment - bucket) / QUEUE_SECONDS
+                    samples.append((deployment, bucket, fraction, int(tokens_in), int(tokens_out)))
     report.refusals = {t: refusals.get(t, 0) for t in sorted(windows)}
     report.failures = failures
-    report.latency = _modelled_latency(samples, costs)
+    report.latency, saturation = _modelled_latency(samples, costs, report.window_end)
+    for cost in report.deployments:
+        if cost.deployment in saturation:
+            cost.saturation = saturation[cost.deployment]
+            cost.saturation.refused = refused_by.get(cost.deployment, 0)
 
 
 def _modelled_latency(
-    samples: list[tuple[str, int, int, int]], costs: ComputeCosts
-) -> LatencySummary:
-    """Each request's latency from its deployment's model at its bucket's utilisation.
+    samples: list[_Sample], costs: ComputeCosts, window_end: datetime
+) -> tuple[LatencySummary, dict[str, Saturation]]:
+    """Each request's latency from its deployment's latency model and queue.
 
-    A bucket's utilisation is the at-capacity slot time of its requests over the slot time
-    provisioned in it (`capacity x fleet_share x 15 minutes`); the decode slowdown grows
-    from 1 to `slowdown_at_capacity` with it. Beyond 1 the bucket is saturated.
+    The queue (`gateway.economics.capacity`) gives each request's wait before its first
+    token; the decode slowdown grows from 1 to `slowdown_at_capacity` with its bucket's
+    utilisation (at most 1). A request in a bucket that ends with work waiting is counted
+    as saturated.
     """
-    models: dict[str, tuple[LatencyModel, float]] = {}
-    for name, model in costs.latency.items():
-        if model is not None:
-            rate = costs.rate(name, datetime.max.replace(tzinfo=UTC))
-            share = float(rate.fleet_share) if rate is not None else 1.0
-            models[name] = (model, model.capacity * share * BUCKET_SECONDS * 1000)
-    load: dict[tuple[str, int], float] = defaultdict(float)
-    for deployment, bucket, tokens_in, tokens_out in samples:
-        entry = models.get(deployment)
-        if entry is not None:
-            m, slot_ms = entry
-            busy = tokens_in * m.prefill_ms_per_token + tokens_out * float(m.output_slot_ms)
-            load[(deployment, bucket)] += busy / slot_ms
+    queues = fleet_queues(costs)
+    work = offered_work(queues, ((d, b, i, o) for d, b, _, i, o in samples))
+    for name, offered in work.items():
+        queues[name].build(offered)
     ttfts: list[float] = []
     totals: list[float] = []
+    per: dict[str, tuple[list[float], list[float], list[float]]] = {}
+    waits: dict[str, float] = defaultdict(float)
     saturated = 0
-    for deployment, bucket, tokens_in, tokens_out in samples:
-        entry = models.get(deployment)
-        if entry is None:
+    for deployment, bucket, fraction, tokens_in, tokens_out in samples:
+        queue = queues.get(deployment)
+        if queue is None:
             continue
-        m = entry[0]
-        utilisation = load[(deployment, bucket)]
-        if utilisation > 1:
-            saturated += 1
-        slowdown = 1 + (m.slowdown_at_capacity - 1) * min(utilisation, 1.0)
-        ttft = m.ttft_overhead_ms + m.prefill_ms_per_token * tokens_in
+        m = queue.model
+        entry = queue.buckets[bucket]
+        wait = queue.wait_ms(bucket, fraction)
+        slowdown = 1 + (m.slowdown_at_capacity - 1) * entry.utilisation
+        ttft = wait + m.ttft_overhead_ms + m.prefill_ms_per_token * tokens_in
         ttfts.append(ttft)
         totals.append(ttft + tokens_out * m.itl_ms * slowdown)
+        lists = per.setdefault(deployment, ([], [], []))
+        lists[0].append(ttft)
+        lists[2 if entry.saturated else 1].append(ttft)
+        waits[deployment] = max(waits[deployment], wait)
+        saturated += entry.saturated
+    details: dict[str, Saturation] = {}
+    for name, queue in queues.items():
+        every, calm, busy = per.get(name, ([], [], []))
+        buckets = [queue.buckets[b] for b in sorted(queue.buckets)]
+        hot = [b for b in buckets if b.saturated]
+        last = buckets[-1] if buckets else None
+        backlog = 0.0
+        if last is not None and queue.slots:
+            left = (window_end.timestamp() - last.bucket) // QUEUE_SECONDS - 1
+            backlog = max(0.0, last.carried_ms - left * queue.capacity_ms) / queue.slots
+        details[name] = Saturation(
+            requests=len(every),
+            saturated_buckets=len(hot),
+            saturated_hours=len(hot) * QUEUE_SECONDS / 3600,
+            first_saturated=(
+                datetime.fromtimestamp(hot[0].bucket, UTC).isoformat() if hot else None
+            ),
+            peak_offered_load=max(
+                ((b.backlog_ms + b.offered_ms) / b.capacity_ms for b in buckets), default=0.0
+            ),
+            backlog_at_end_s=backlog / 1000,
+            ttft_p50_ms=_quantile(sorted(every), 0.5) if every else 0.0,
+            ttft_p95_ms=_quantile(sorted(every), 0.95) if every else 0.0,
+            ttft_p50_unsaturated_ms=_quantile(sorted(calm), 0.5) if calm else None,
+            ttft_p95_saturated_ms=_quantile(sorted(busy), 0.95) if busy else None,
+            wait_max_s=waits.get(name, 0.0) / 1000,
+        )
     if not ttfts:
-        return LatencySummary()
+        return LatencySummary(), details
     ttfts.sort()
     totals.sort()
-    return LatencySummary(
+    summary = LatencySummary(
         requests=len(ttfts),
         ttft_p50_ms=_quantile(ttfts, 0.5),
         ttft_p95_ms=_quantile(ttfts, 0.95),
@@ -521,6 +645,7 @@ def _modelled_latency(
         e2e_p95_ms=_quantile(totals, 0.95),
         saturated_share=saturated / len(ttfts),
     )
+    return summary, details
 
 
 def _quantile(ordered: list[float], q: float) -> float:

@@ -1,13 +1,18 @@
 """Drive a synthetic month through the real gateway on a compressed clock.
 
 The gateway runs in this process exactly as `maas-gateway serve` runs it (the Litestar app
-under uvicorn, on a loopback socket), with three changes for the simulation:
+under uvicorn, on a loopback socket), with these changes for the simulation:
 
 - **Clock.** Each request carries its simulated start time in the
   `x-maas-simulated-time` header (epoch microseconds). A thin ASGI wrapper, used only
   here, puts it in a context variable that the gateway's injected `clock` reads, so
   pricing versions, off-peak windows, quota windows and ledger times all follow the
   simulated month.
+- **Capacity.** With the scenario's `capacity.on_saturation: refuse`, each simulated
+  backend asks a `FleetGate` (`gateway.economics.capacity`) whether its queue on the
+  simulated clock has room, and requests are sent one at a time so that the answer does not
+  depend on timing; with `queue` (the default) nothing changes here and the margin report
+  models the queue.
 - **Backends.** Simulated providers run with `time_scale: 0` (no sleeping), and their
   output length is left to the request: each request asks for the output length its
   tenant's profile drew (`max_tokens`) and the backend says exactly that much. Streams
@@ -39,6 +44,7 @@ import uvicorn
 from gateway.app import Gateway, create_app
 from gateway.auth import hash_key
 from gateway.config import Settings, deep_merge
+from gateway.economics.capacity import FleetGate, fleet_queues
 from gateway.economics.scenario import Scenario
 from gateway.economics.traffic import PlannedRequest, plan_month, prompt_text
 
@@ -183,14 +189,29 @@ async def run_month(
                 raise RuntimeError("the gateway stopped while starting")
             await asyncio.sleep(0.01)
         port = server.servers[0].sockets[0].getsockname()[1]
+        gate = _install_gate(scenario, settings, gateway)
+        # Refusals depend on the order requests reach a backend: one at a time, in order.
+        concurrency = 1 if gate is not None else scenario.concurrency
         statuses = await _send_all(
-            scenario, plan, f"http://127.0.0.1:{port}", scenario.concurrency, progress
+            scenario, plan, f"http://127.0.0.1:{port}", concurrency, progress
         )
     finally:
         server.should_exit = True
         await serving  # the lifespan closes the gateway, flushing the ledger
     elapsed = time.perf_counter() - started
     return RunResult(scenario, settings, workdir, len(plan), elapsed, statuses)
+
+
+def _install_gate(scenario: Scenario, settings: Settings, gateway: Gateway) -> FleetGate | None:
+    """With `capacity.on_saturation: refuse`, let the simulated backends refuse on the
+    simulated clock (`gateway.economics.capacity`); with `queue` nothing is refused."""
+    if scenario.capacity.on_saturation != "refuse":
+        return None
+    names = {(d.provider, d.model): d.resolved_name for m in settings.models for d in m.deployments}
+    gate = FleetGate(fleet_queues(gateway.compute_costs), names, scenario.capacity, simulated_clock)
+    for provider in gateway.simulated.values():
+        provider.admission = gate.admit
+    return gate
 
 
 def _fresh(workdir: Path) -> None:

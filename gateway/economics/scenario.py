@@ -6,7 +6,9 @@ A scenario is one YAML file (documented in `docs/economics.md`, examples in
 scenario file. `tenants` gives each tenant of that configuration a traffic profile.
 `variants` are named changes for what-if comparisons: each deep-merges its `gateway` into
 the configuration (mappings merge, lists are replaced) and may replace top-level settings
-such as `requests`.
+such as `requests`. `months`, `trends` and `events` make it a projection over several
+months (`gateway.economics.projection`); `capacity` says what a saturated deployment does
+(`gateway.economics.capacity`).
 """
 
 from __future__ import annotations
@@ -25,14 +27,17 @@ from gateway.config import (
     parse_settings,
     read_yaml_mapping,
 )
+from gateway.economics.capacity import CapacityConfig
 
 __all__ = [
     "DIURNAL_SHAPES",
+    "Event",
     "Growth",
     "LengthDistribution",
     "Scenario",
     "ScenarioError",
     "TenantProfile",
+    "Trends",
     "Variant",
     "load_scenario",
 ]
@@ -64,10 +69,11 @@ class _Strict(BaseModel):
 
 
 class LengthDistribution(_Strict):
-    """A token count per request: lognormal or normal (`mean`, `sd`), uniform, or fixed."""
+    """A token count per request: lognormal or normal (`mean`, `sd`), fixed (`mean`), or
+    uniform: over [`min`, `max`], or over `mean` +- sqrt(3) x `sd` when `mean` is given."""
 
     distribution: Literal["lognormal", "normal", "uniform", "fixed"] = "lognormal"
-    mean: float = Field(gt=0)
+    mean: float | None = Field(default=None, gt=0)
     sd: float = Field(default=0, ge=0)
     min: int = Field(default=1, ge=1)
     max: int = Field(default=8192, ge=1)
@@ -76,6 +82,8 @@ class LengthDistribution(_Strict):
     def _bounds(self) -> LengthDistribution:
         if self.min > self.max:
             raise ValueError("min must not exceed max")
+        if self.mean is None and self.distribution != "uniform":
+            raise ValueError(f"a {self.distribution} distribution needs a 'mean'")
         return self
 
 
@@ -131,6 +139,30 @@ class TenantProfile(_Strict):
         return tuple(self.diurnal)
 
 
+class Trends(_Strict):
+    """How the market moves over a projection, as factors after one year (compounded by
+    month: month k of the projection applies factor ** (k / 12))."""
+
+    accelerator_price_per_year: float = Field(
+        default=1.0, gt=0, description="accelerator price per hour (0.8: 20% cheaper a year on)"
+    )
+    throughput_per_year: float = Field(
+        default=1.0, gt=0, description="tokens per accelerator-hour (2: twice as many)"
+    )
+
+    @property
+    def cost_per_token_per_year(self) -> float:
+        """Cost per token a year on, as a factor (0.25: four times cheaper)."""
+        return self.accelerator_price_per_year / self.throughput_per_year
+
+
+class Event(_Strict):
+    """Something that happened in the market on a date, noted in the trajectory report."""
+
+    date: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}$")
+    note: str
+
+
 class Variant(_Strict):
     """A named change to the scenario, for what-if comparisons."""
 
@@ -148,9 +180,13 @@ class Scenario(_Strict):
     name: str
     description: str = ""
     seed: int = 0
-    month: str = Field(pattern=r"^\d{4}-\d{2}$", description="e.g. 2026-11")
+    month: str = Field(pattern=r"^\d{4}-\d{2}$", description="e.g. 2026-11 (the first month)")
     requests: int = Field(gt=0, description="expected requests in the month, all tenants")
     concurrency: int = Field(default=16, ge=1, description="requests in flight at once")
+    months: int = Field(default=1, ge=1, le=120, description="months of a projection")
+    trends: Trends = Field(default_factory=Trends)
+    events: list[Event] = Field(default_factory=list)
+    capacity: CapacityConfig = Field(default_factory=CapacityConfig)
     gateway: dict[str, Any] = Field(description="a gateway configuration")
     tenants: dict[str, TenantProfile] = Field(min_length=1)
     variants: dict[str, Variant] = Field(default_factory=dict)

@@ -7,7 +7,9 @@ Writes into the output directory:
   copy: no compute cost), and `invoices/<tenant>-<month>.internal.json`, the operator's
   view of the same month: revenue, compute cost and margin by model and deployment;
 - `reconciliation.txt`: invoices against ledger rows and rollups (must be clean);
-- `margin-report.txt|.json`, `margin.svg` and `report.html`: the margin report and chart.
+- `margin-report.txt|.json`, `margin.svg` and `report.html`: the margin report and chart;
+- `unit-economics.prom`: price, compute cost and margin per million tokens as Prometheus
+  series (`maas_unit_economics_per_million_tokens`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from gateway.economics.charts import margin_chart
 from gateway.economics.report import MarginReport, MarginRow, build_margin_report
 from gateway.economics.runner import RunResult, run_month
 from gateway.economics.scenario import Scenario
+from gateway.economics.unit import prometheus_text
 
 __all__ = ["MonthOutcome", "internal_view", "simulate_month", "tenant_billing"]
 
@@ -145,6 +148,7 @@ async def _close_month(run: RunResult, ledger: Ledger) -> MonthOutcome:
     report = await build_margin_report(ledger, run.settings, month, run.scenario.name)
     _write(out / "margin-report.txt", report.to_text())
     _write(out / "margin-report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    _write(out / "unit-economics.prom", prometheus_text(report.unit, report.currency))
     chart = margin_chart(report)
     _write(out / "margin.svg", chart)
     _write(out / "report.html", _html(report, chart))

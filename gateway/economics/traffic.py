@@ -105,16 +105,19 @@ def _poisson(rng: random.Random, mean: float) -> int:
 
 
 def _draw(rng: random.Random, spec: LengthDistribution) -> int:
-    if spec.distribution == "fixed":
-        value = spec.mean
+    mean = spec.mean
+    if mean is None:  # uniform over [min, max] (the only distribution without a mean)
+        value = rng.uniform(spec.min, spec.max)
+    elif spec.distribution == "fixed":
+        value = mean
     elif spec.distribution == "normal":
-        value = rng.gauss(spec.mean, spec.sd)
+        value = rng.gauss(mean, spec.sd)
     elif spec.distribution == "uniform":
         half = math.sqrt(3) * spec.sd
-        value = rng.uniform(spec.mean - half, spec.mean + half)
+        value = rng.uniform(mean - half, mean + half)
     else:
-        sigma2 = math.log(1 + (spec.sd / spec.mean) ** 2)
-        value = rng.lognormvariate(math.log(spec.mean) - sigma2 / 2, math.sqrt(sigma2))
+        sigma2 = math.log(1 + (spec.sd / mean) ** 2)
+        value = rng.lognormvariate(math.log(mean) - sigma2 / 2, math.sqrt(sigma2))
     return min(spec.max, max(spec.min, round(value)))
 
 

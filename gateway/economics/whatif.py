@@ -1,10 +1,12 @@
 """`maas-gateway what-if`: one scenario under two configurations, side by side.
 
 Each configuration (the scenario itself, "baseline", or one of its `variants`) runs the
-same seeded month in its own directory (`<out>/<name>/`, see `gateway.economics.simulate`);
+same seeded month in its own directory (`<out>/<name>/`, see `gateway.economics.simulate`;
+a name compared with itself runs twice, the second time in `<out>/<name>-again/`);
 the comparison (`comparison.txt|.json`, `comparison.svg`) sets their revenue, compute cost,
 idle capacity, gross margin, modelled latency and refusals side by side with the
-difference.
+difference, and warns when a run's deployments saturated (their margin then assumes the
+queued work was served later, or lost the refused requests).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.economics.charts import comparison_chart
-from gateway.economics.report import MarginReport
+from gateway.economics.report import DeploymentCost, MarginReport
 from gateway.economics.scenario import Scenario
 from gateway.economics.simulate import MonthOutcome, simulate_month
 
@@ -77,6 +79,10 @@ class Comparison:
             "currency": self.outcomes[0].report.currency,
             "runs": {self.names[0]: a, self.names[1]: b},
             "difference": self.difference(),
+            "saturated": {
+                name: {d.deployment: _hours(d) for d in outcome.report.saturated}
+                for name, outcome in zip(self.names, self.outcomes, strict=True)
+            },
         }
 
     def to_text(self) -> str:
@@ -94,7 +100,19 @@ class Comparison:
                 f"  {label:<26} {_show(key, a[key]):>16} {_show(key, b[key]):>16}"
                 f" {_show(key, diff[key], signed=True):>16}"
             )
+        for name, outcome in zip(self.names, self.outcomes, strict=True):
+            saturated = outcome.report.saturated
+            if saturated:
+                shown = ", ".join(f"{d.deployment} ({_hours(d):g} h)" for d in saturated)
+                lines.append(
+                    f"  warning: in {name} these deployments were offered more than they can"
+                    f" serve (queued or refused): {shown}"
+                )
         return "\n".join(lines) + "\n"
+
+
+def _hours(deployment: DeploymentCost) -> float:
+    return deployment.saturation.saturated_hours if deployment.saturation else 0.0
 
 
 def _show(key: str, value: Any, signed: bool = False) -> str:
@@ -128,15 +146,16 @@ async def what_if(
 ) -> Comparison:
     """Run `scenario` as `first` and as `second` (names of variants, or "baseline")."""
     runs = []
-    for name in (first, second):
+    folders = (first, second if second != first else f"{second}-again")
+    for name, folder in zip((first, second), folders, strict=True):
         variant = scenario.variant(name)
         runs.append(
             await simulate_month(
-                variant, out_dir / name, tokenizer_dir=tokenizer_dir, progress=progress
+                variant, out_dir / folder, tokenizer_dir=tokenizer_dir, progress=progress
             )
         )
-    comparison = Comparison((first, second), (runs[0], runs[1]))
-    reports = [(first, runs[0].report), (second, runs[1].report)]
+    comparison = Comparison(folders, (runs[0], runs[1]))
+    reports = [(folders[0], runs[0].report), (folders[1], runs[1].report)]
     _write_all(
         out_dir,
         {
