@@ -330,6 +330,8 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litesta
         return Response(body, media_type=content_type)
 
     from gateway.admin import admin_routes
+    from gateway.messages import messages_routes
+    from gateway.responses import responses_routes
 
     return Litestar(
         route_handlers=[
@@ -342,6 +344,8 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litesta
             readyz,
             metrics,
             *admin_routes(gw),
+            *responses_routes(gw),
+            *messages_routes(gw),
         ],
         lifespan=[lifespan],
         exception_handlers={Exception: _exception_handler},
