@@ -10,7 +10,8 @@ an error looks like. The ledger row names the dialect's API in its `endpoint`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
@@ -49,7 +50,35 @@ class Dialect(Protocol):
         """An error answer in the API's own shape, with the rate-limit headers given."""
 
 
-async def sse_chunks(sse: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+@contextlib.asynccontextmanager
+async def relayed_chunks(
+    sse: AsyncIterator[bytes],
+) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+    """The relay's chunks, its stream started at once and closed on exit.
+
+    Started before the dialect sends its first event, so that a client leaving at any
+    point meets the relay's own bookkeeping (the cut is recorded, the upstream closed,
+    the reservation settled); closed on exit, so that happens at once, not at collection.
+    """
+    chunks = sse_chunks(sse)
+    first = await anext(chunks, None)
+
+    async def every() -> AsyncIterator[dict[str, Any]]:
+        if first is not None:
+            yield first
+        async for chunk in chunks:
+            yield chunk
+
+    try:
+        yield every()
+    finally:
+        await chunks.aclose()
+        close = getattr(sse, "aclose", None)
+        if close is not None:
+            await close()
+
+
+async def sse_chunks(sse: AsyncIterator[bytes]) -> AsyncGenerator[dict[str, Any], None]:
     """The chunk objects of the relay's own SSE bytes (`data: {...}` events, `[DONE]` ends).
 
     An error the relay sent mid-stream comes through as `{"error": {...}}`.

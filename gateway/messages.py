@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
@@ -25,7 +26,7 @@ from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 from msgspec import Meta, Struct
 
-from gateway.dialects import bearer_of, sse_chunks, sse_event
+from gateway.dialects import bearer_of, relayed_chunks, sse_event
 from gateway.errors import (
     ApiError,
     body_too_large,
@@ -193,6 +194,13 @@ class MessagesDialect:
         }
 
     async def stream(self, sse: AsyncIterator[bytes], meter: Metering) -> AsyncIterator[bytes]:
+        async with relayed_chunks(sse) as chunks, aclosing(self._events(chunks, meter)) as events:
+            async for piece in events:
+                yield piece
+
+    async def _events(
+        self, chunks: AsyncIterator[dict[str, Any]], meter: Metering
+    ) -> AsyncGenerator[bytes, None]:
         start = {
             "type": "message_start",
             "message": {
@@ -216,7 +224,7 @@ class MessagesDialect:
         open_kind: str | None = None  # "text" or a chat tool-call index as "tool:<n>"
         texts: list[str] = []
         finish: str | None = None
-        async for chunk in sse_chunks(sse):
+        async for chunk in chunks:
             error = chunk.get("error")
             out: list[bytes] = []
             if error is not None:

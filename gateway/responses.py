@@ -16,7 +16,8 @@ same tenant only.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
@@ -24,7 +25,7 @@ from litestar import Request, Response, delete, get, post
 from litestar.handlers import HTTPRouteHandler
 from msgspec import Meta, Struct
 
-from gateway.dialects import sse_chunks, sse_event
+from gateway.dialects import relayed_chunks, sse_event
 from gateway.errors import ApiError, invalid_request
 from gateway.relay import Metering, error_response, new_request_id
 from gateway.response_store import ResponseStore
@@ -150,9 +151,16 @@ class ResponsesDialect:
         return response
 
     async def stream(self, sse: AsyncIterator[bytes], meter: Metering) -> AsyncIterator[bytes]:
-        events = _Events()
-        yield events.emit("response.created", response=self._response(meter, [], None, False))
-        yield events.emit("response.in_progress", response=self._response(meter, [], None, False))
+        async with relayed_chunks(sse) as chunks, aclosing(self._events(chunks, meter)) as events:
+            async for piece in events:
+                yield piece
+
+    async def _events(
+        self, chunks: AsyncIterator[dict[str, Any]], meter: Metering
+    ) -> AsyncGenerator[bytes, None]:
+        numbered = _Events()
+        yield numbered.emit("response.created", response=self._response(meter, [], None, False))
+        yield numbered.emit("response.in_progress", response=self._response(meter, [], None, False))
         output: list[dict[str, Any]] = []
         text_item: dict[str, Any] | None = None
         calls: dict[int, dict[str, Any]] = {}  # chat tool-call index -> function_call item
@@ -170,9 +178,9 @@ class ResponsesDialect:
             item["content"], item["status"] = [part], "completed"
             where = {"item_id": item["id"], "output_index": index, "content_index": 0}
             return [
-                events.emit("response.output_text.done", **where, text=text, logprobs=[]),
-                events.emit("response.content_part.done", **where, part=part),
-                events.emit("response.output_item.done", output_index=index, item=item),
+                numbered.emit("response.output_text.done", **where, text=text, logprobs=[]),
+                numbered.emit("response.content_part.done", **where, part=part),
+                numbered.emit("response.output_item.done", output_index=index, item=item),
             ]
 
         def close_calls() -> list[bytes]:
@@ -181,7 +189,7 @@ class ResponsesDialect:
                 index = output.index(item)
                 item["status"] = "completed"
                 out.append(
-                    events.emit(
+                    numbered.emit(
                         "response.function_call_arguments.done",
                         item_id=item["id"],
                         output_index=index,
@@ -189,11 +197,13 @@ class ResponsesDialect:
                         arguments=item["arguments"],
                     )
                 )
-                out.append(events.emit("response.output_item.done", output_index=index, item=item))
+                out.append(
+                    numbered.emit("response.output_item.done", output_index=index, item=item)
+                )
             calls.clear()
             return out
 
-        async for chunk in sse_chunks(sse):
+        async for chunk in chunks:
             error = chunk.get("error")
             if error is not None:
                 yield b"".join([*close_text(), *close_calls()])
@@ -203,8 +213,8 @@ class ResponsesDialect:
                     "code": error.get("code") or "server_error",
                     "message": error.get("message") or "The upstream failed.",
                 }
-                yield events.emit("response.failed", response=failed)
-                yield events.emit(
+                yield numbered.emit("response.failed", response=failed)
+                yield numbered.emit(
                     "error",
                     code=error.get("code"),
                     message=error.get("message"),
@@ -226,12 +236,12 @@ class ResponsesDialect:
                         texts = []
                         index = len(output) - 1
                         out.append(
-                            events.emit(
+                            numbered.emit(
                                 "response.output_item.added", output_index=index, item=text_item
                             )
                         )
                         out.append(
-                            events.emit(
+                            numbered.emit(
                                 "response.content_part.added",
                                 item_id=text_item["id"],
                                 output_index=index,
@@ -241,7 +251,7 @@ class ResponsesDialect:
                         )
                     texts.append(content)
                     out.append(
-                        events.emit(
+                        numbered.emit(
                             "response.output_text.delta",
                             item_id=text_item["id"],
                             output_index=output.index(text_item),
@@ -265,7 +275,7 @@ class ResponsesDialect:
                         calls[call.get("index", 0)] = item
                         output.append(item)
                         out.append(
-                            events.emit(
+                            numbered.emit(
                                 "response.output_item.added",
                                 output_index=len(output) - 1,
                                 item={**item},
@@ -275,7 +285,7 @@ class ResponsesDialect:
                     if arguments:
                         item["arguments"] += arguments
                         out.append(
-                            events.emit(
+                            numbered.emit(
                                 "response.function_call_arguments.delta",
                                 item_id=item["id"],
                                 output_index=output.index(item),
@@ -290,8 +300,8 @@ class ResponsesDialect:
         if not output:
             item = _message_item("msg_" + _hex(), "", "completed")
             output.append(item)
-            closing.append(events.emit("response.output_item.added", output_index=0, item=item))
-            closing.append(events.emit("response.output_item.done", output_index=0, item=item))
+            closing.append(numbered.emit("response.output_item.added", output_index=0, item=item))
+            closing.append(numbered.emit("response.output_item.done", output_index=0, item=item))
         response = self._response(meter, output, finish)
         message: dict[str, Any] = {"content": "".join(texts) or None}
         tool_calls = [i for i in output if i["type"] == "function_call"]
@@ -299,7 +309,7 @@ class ResponsesDialect:
             message["tool_calls"] = [_chat_call(i) for i in tool_calls]
         await self._store(meter, response, message)
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
-        closing.append(events.emit(kind, response=response))
+        closing.append(numbered.emit(kind, response=response))
         yield b"".join(closing)
 
     def _response(

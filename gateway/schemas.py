@@ -93,6 +93,7 @@ _SCHEMAS: dict[str, type[Struct]] = {
     "completions": CompletionRequest,
     "embeddings": EmbeddingRequest,
 }
+_MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
 _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 
 
@@ -130,6 +131,11 @@ def _validation_error(text: str) -> ApiError:
     match = _PATH.search(text)
     param = match.group("path") if match else None
     message = _PATH.sub("", text)
+    missing = _MISSING.match(message)
+    if missing:  # name the missing field itself
+        field = missing.group("field")
+        param = f"{param}.{field}" if param else field
+        return invalid_request(f"Missing required parameter: '{param}'.", param=param)
     if param:
         message = f"Invalid value for '{param}': {message}"
     return invalid_request(message, param=param, code="invalid_value" if param else None)
