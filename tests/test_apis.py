@@ -6,6 +6,7 @@ and nano-unit, and the invoice adds them up."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -18,10 +19,12 @@ import anthropic
 import httpx
 import openai
 import pytest
+from sqlmodel.ext.asyncio.session import AsyncSession
 
+from billing.models import LedgerEntry
 from gateway.auth import hash_key
 from gateway.tokens import TokenCounter, TokenizerConfig
-from tests.harness import ACME_KEY, ADMIN_KEY, base_config, gateway_process
+from tests.harness import ACME_KEY, ADMIN_KEY, base_config, gateway_process, running_gateway
 from tests.test_openai_api import simulator_process  # noqa: F401 - a fixture used here
 
 INITECH_KEY = "sk-test-initech-00000000000000000000000000000000000"
@@ -494,3 +497,67 @@ def test_bad_input_gets_each_apis_own_shape(served: Served) -> None:
         oa.responses.create(model=MODEL, input="x", max_output_tokens=2)
     assert small.value.param == "max_output_tokens"
     assert json.loads(small.value.response.text)["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "endpoint"),
+    [
+        ("/v1/responses", {"input": "Tell me a long story.", "stream": True}, "responses"),
+        (
+            "/v1/messages",
+            {
+                "max_tokens": 400,
+                "stream": True,
+                "messages": [{"role": "user", "content": "Tell me a long story."}],
+            },
+            "messages",
+        ),
+    ],
+)
+async def test_a_client_leaving_a_translated_stream_is_recorded_at_once(
+    tmp_path: Path, tokenizer_dir: Path, path: str, body: dict[str, Any], endpoint: str
+) -> None:
+    """Cut by the client: the relay's own bookkeeping runs (row 499, the delivered output
+    billed, the upstream closed), not left to the garbage collector."""
+    slow = {
+        "name": "sim",
+        "type": "simulated",
+        "time_scale": 1,
+        "ttft_overhead_ms": 5,
+        "itl_ms": 20,
+        "output": {"distribution": "uniform", "min": 300, "max": 400},
+    }
+    async with (
+        running_gateway(tmp_path, tokenizer_dir, providers=[slow]) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=30) as http,
+    ):
+        headers = (
+            {"x-api-key": ACME_KEY}
+            if endpoint == "messages"
+            else {"authorization": f"Bearer {ACME_KEY}"}
+        )
+        async with http.stream(
+            "POST",
+            path,
+            json={"model": MODEL, **body},
+            headers=headers,
+        ) as response:
+            assert response.status_code == 200
+            request_id = response.headers["x-request-id"]
+            received = b""
+            async for piece in response.aiter_bytes():
+                received += piece
+                if received.count(b"delta") >= 3:
+                    break
+        simulated = gw.gateway.simulated["sim"]
+        for _ in range(100):
+            await gw.gateway.ledger.flush()
+            async with AsyncSession(gw.gateway.ledger.engine) as session:
+                row = await session.get(LedgerEntry, request_id)
+            if row is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert row is not None, "no ledger row for the cut stream"
+        assert (row.endpoint, row.status_code, row.stream_cut_by) == (endpoint, 499, "client")
+        assert 0 < row.output < 300 and row.cost_nanos > 0
+        assert simulated.stats().running == 0  # the upstream work was cancelled
