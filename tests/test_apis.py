@@ -19,6 +19,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from billing.models import LedgerEntry
@@ -561,3 +562,40 @@ async def test_a_client_leaving_a_translated_stream_is_recorded_at_once(
         assert (row.endpoint, row.status_code, row.stream_cut_by) == (endpoint, 499, "client")
         assert 0 < row.output < 300 and row.cost_nanos > 0
         assert simulated.stats().running == 0  # the upstream work was cancelled
+
+
+async def test_an_upstream_failing_mid_stream_ends_each_stream_in_its_apis_error(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    """The SDKs raise their own errors; the row says the upstream cut the stream."""
+    cutting = {
+        "name": "sim",
+        "type": "simulated",
+        "time_scale": 0,
+        "output": {"distribution": "uniform", "min": 50, "max": 60},
+        "errors": {"rate_cut": 1},
+    }
+    async with running_gateway(tmp_path, tokenizer_dir, providers=[cutting]) as gw:
+        oa = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=ACME_KEY, max_retries=0)
+        kinds: list[str] = []
+        with pytest.raises(openai.APIError):
+            async with oa.responses.stream(model=MODEL, input="Go on.") as stream:
+                async for event in stream:
+                    kinds.append(event.type)
+        assert "response.output_text.delta" in kinds and kinds[-1] == "response.failed"
+        an = anthropic.AsyncAnthropic(base_url=gw.url, api_key=ACME_KEY, max_retries=0)
+        with pytest.raises(anthropic.APIStatusError) as failed:
+            async with an.messages.stream(
+                model=MODEL, max_tokens=100, messages=[{"role": "user", "content": "Go on."}]
+            ) as stream:
+                async for _ in stream:
+                    pass
+        assert failed.value.body["error"]["type"] == "api_error"  # type: ignore[index]
+        await gw.gateway.ledger.flush()
+        async with AsyncSession(gw.gateway.ledger.engine) as session:
+            rows = (await session.exec(select(LedgerEntry))).all()
+        assert sorted((r.endpoint, r.stream_cut_by) for r in rows) == [
+            ("messages", "upstream"),
+            ("responses", "upstream"),
+        ]
+        assert all(r.status_code >= 500 and r.output > 0 for r in rows)
