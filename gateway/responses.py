@@ -52,6 +52,18 @@ class FunctionTool(Struct):
     strict: bool | None = None
 
 
+class TextFormat(Struct):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema: dict[str, Any] | None = None
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextConfig(Struct):
+    format: TextFormat | None = None
+
+
 class ResponsesRequest(Struct):
     """The fields of a Responses request the gateway reads (others are accepted)."""
 
@@ -69,6 +81,7 @@ class ResponsesRequest(Struct):
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
+    text: TextConfig | None = None
 
 
 def _hex() -> str:
@@ -126,6 +139,9 @@ class ResponsesDialect:
             chat["tools"] = [_chat_tool(tool) for tool in req.tools]
         if req.tool_choice is not None:
             chat["tool_choice"] = _chat_tool_choice(req.tool_choice)
+        response_format = _response_format(req.text)
+        if response_format is not None:
+            chat["response_format"] = response_format
         return chat, validate(chat, ChatRequest)
 
     async def answer(self, result: dict[str, Any], meter: Metering) -> dict[str, Any]:
@@ -357,7 +373,9 @@ class ResponsesDialect:
             "reasoning": {"effort": None, "summary": None},
             "store": req.store,
             "temperature": req.temperature if req.temperature is not None else 1.0,
-            "text": {"format": {"type": "text"}},
+            "text": msgspec.to_builtins(req.text)
+            if req.text is not None and req.text.format is not None
+            else {"format": {"type": "text"}},
             "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
             "tools": [msgspec.to_builtins(t) for t in req.tools or ()],
             "top_p": req.top_p if req.top_p is not None else 1.0,
@@ -424,6 +442,25 @@ def _chat_call(item: dict[str, Any]) -> dict[str, Any]:
         "type": "function",
         "function": {"name": item["name"], "arguments": item["arguments"]},
     }
+
+
+def _response_format(text: TextConfig | None) -> dict[str, Any] | None:
+    """`text.format` as Chat Completions' `response_format` (plain text needs none)."""
+    fmt = text.format if text is not None else None
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "json_object"}
+    if not fmt.name or fmt.schema is None:
+        raise invalid_request(
+            "A json_schema text format needs a 'name' and a 'schema'.", param="text.format"
+        )
+    schema: dict[str, Any] = {"name": fmt.name, "schema": fmt.schema}
+    if fmt.description is not None:
+        schema["description"] = fmt.description
+    if fmt.strict is not None:
+        schema["strict"] = fmt.strict
+    return {"type": "json_schema", "json_schema": schema}
 
 
 def _chat_tool(tool: FunctionTool) -> dict[str, Any]:

@@ -230,7 +230,11 @@ def test_responses_stream(served: Served, counter: TokenCounter) -> None:
 
 def test_stored_responses_belong_to_their_tenant(served: Served) -> None:
     mine = served.openai()
-    made = mine.responses.create(model=MODEL, input="Remember me.")
+    made = mine.responses.create(
+        model=MODEL, input="Remember me.", text={"format": {"type": "json_object"}}
+    )
+    assert made.text is not None and made.text.format is not None
+    assert made.text.format.type == "json_object"
     theirs = served.openai(ACME_KEY)
     with pytest.raises(openai.NotFoundError):
         theirs.responses.retrieve(made.id)
