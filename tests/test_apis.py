@@ -603,3 +603,21 @@ async def test_an_upstream_failing_mid_stream_ends_each_stream_in_its_apis_error
             ("responses", "upstream"),
         ]
         assert all(r.status_code >= 500 and r.output > 0 for r in rows)
+
+
+async def test_stored_responses_expire_after_the_retention_period(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    retention_s = 1.5
+    async with running_gateway(
+        tmp_path, tokenizer_dir, responses={"retention_days": retention_s / 86400}
+    ) as gw:
+        api = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=ACME_KEY, max_retries=0)
+        made = await api.responses.create(model=MODEL, input="Keep me a moment.")
+        assert (await api.responses.retrieve(made.id)).id == made.id
+        await api.responses.create(model=MODEL, input="Go on.", previous_response_id=made.id)
+        await asyncio.sleep(retention_s + 0.2)
+        with pytest.raises(openai.NotFoundError):
+            await api.responses.retrieve(made.id)
+        with pytest.raises(openai.BadRequestError):
+            await api.responses.create(model=MODEL, input="Go on.", previous_response_id=made.id)
