@@ -3,7 +3,9 @@
 authenticate → validate → route → count → price → admit → forward → count output →
 settle → record → observe.
 
-`Relay.handle` runs it for `/v1/chat/completions`, `/v1/completions` and `/v1/embeddings`.
+`Relay.handle` runs it for `/v1/chat/completions`, `/v1/completions` and `/v1/embeddings`,
+and, given a `gateway.dialects.Dialect`, for APIs translated to chat completions
+(`/v1/responses`, `/v1/messages`).
 Every request that got past authentication ends in exactly one `UsageRecord`, written by
 `Metering.finish` whether it succeeded, was refused, failed upstream or was cut short.
 """
