@@ -330,6 +330,8 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litesta
         return Response(body, media_type=content_type)
 
     from gateway.admin import admin_routes
+    from gateway.messages import messages_routes
+    from gateway.responses import responses_routes
 
     return Litestar(
         route_handlers=[
@@ -342,6 +344,8 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litesta
             readyz,
             metrics,
             *admin_routes(gw),
+            *responses_routes(gw),
+            *messages_routes(gw),
         ],
         lifespan=[lifespan],
         exception_handlers={Exception: _exception_handler},
@@ -389,7 +393,7 @@ def _exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Respo
     """Every error leaves in OpenAI's shape with a request id."""
     request_id = new_request_id()
     if isinstance(exc, ApiError):
-        return error_response(exc, request_id)
+        return _error_answer(request, exc, request_id)
     if isinstance(exc, HTTPException):
         status = exc.status_code
         if status == 404:
@@ -404,8 +408,19 @@ def _exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Respo
             error.status_code = status
         else:
             error = server_error(request_id)
-        return error_response(error, request_id)
+        return _error_answer(request, error, request_id)
     log.exception("unhandled error for %s", request.url.path, exc_info=exc)
     error = server_error(request_id)
     error.status_code = HTTP_500_INTERNAL_SERVER_ERROR
+    return _error_answer(request, error, request_id)
+
+
+def _error_answer(
+    request: Request[Any, Any, Any], error: ApiError, request_id: str
+) -> Response[Any]:
+    """An error in the shape of the API the path belongs to (Anthropic's under /v1/messages)."""
+    if request.url.path.startswith("/v1/messages"):
+        from gateway.messages import anthropic_error_response
+
+        return anthropic_error_response(error, request_id)
     return error_response(error, request_id)

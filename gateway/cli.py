@@ -47,6 +47,9 @@ def _configure_logging() -> None:
         level=os.environ.get("MAAS_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for chatty in ("alembic", "httpx", "httpcore"):  # migrations run, requests sent
+            logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,7 +192,11 @@ def _print_banner(settings: Settings, host: str, port: int, demo_key: str | None
         print(f"admin API disabled: set {settings.server.admin_key_env} to enable it", flush=True)
     if demo_key:
         print(f"demo tenant API key: {demo_key}", flush=True)
+        if settings.demo_key_env:
+            print("for the README's examples, in another shell:", flush=True)
+            print(f"  export {settings.demo_key_env}={demo_key}", flush=True)
     print(f"OpenAI base_url: http://{host}:{port}/v1", flush=True)
+    print(f"Anthropic base_url: http://{host}:{port}", flush=True)
 
 
 def _serve_workers(

@@ -23,6 +23,7 @@ from billing.ledger import LedgerConfig
 from billing.pricing import PricingConfig
 from billing.quota import Limits, QuotaConfig
 from gateway.metrics import MetricsConfig
+from gateway.response_store import ResponsesConfig
 from gateway.routing import ModelConfig, RoutingConfig
 from gateway.tokens import TokenizerConfig
 from providers.openai_compat import OpenAICompatConfig
@@ -107,6 +108,7 @@ class Settings(Strict):
     quotas: QuotaConfig = Field(default_factory=QuotaConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     tenants: list[TenantConfig] = Field(default_factory=list)
     demo_key_env: str | None = Field(
         None,

@@ -141,6 +141,8 @@ OPERATION_NAMES: Final[dict[str, str]] = {
     "chat.completions": "chat",
     "completions": "text_completion",
     "embeddings": "embeddings",
+    "responses": "chat",
+    "messages": "chat",
 }
 
 _MAX_ERROR_TYPE_LABELS: Final = 50

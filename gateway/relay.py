@@ -3,7 +3,9 @@
 authenticate → validate → route → count → price → admit → forward → count output →
 settle → record → observe.
 
-`Relay.handle` runs it for `/v1/chat/completions`, `/v1/completions` and `/v1/embeddings`.
+`Relay.handle` runs it for `/v1/chat/completions`, `/v1/completions` and `/v1/embeddings`,
+and, given a `gateway.dialects.Dialect`, for APIs translated to chat completions
+(`/v1/responses`, `/v1/messages`).
 Every request that got past authentication ends in exactly one `UsageRecord`, written by
 `Metering.finish` whether it succeeded, was refused, failed upstream or was cut short.
 """
@@ -17,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from litestar import Request, Response
@@ -52,6 +54,9 @@ from gateway.routing import Deployment, Forwarded, ModelConfig, Router, UnknownM
 from gateway.schemas import decode_body
 from gateway.tokens import TokenCounter
 from providers.base import Chunk, Endpoint, ProviderRequest, UpstreamError
+
+if TYPE_CHECKING:
+    from gateway.dialects import Dialect
 
 log = logging.getLogger("maas.relay")
 _encode = msgspec.json.Encoder().encode
@@ -90,6 +95,7 @@ class Metering:
         "cut_by",
         "delivered",
         "deployment",
+        "dialect",
         "endpoint",
         "error_type",
         "finished",
@@ -111,9 +117,16 @@ class Metering:
     )
 
     def __init__(
-        self, services: Services, request_id: str, key: ApiKey, tenant: Tenant, endpoint: Endpoint
+        self,
+        services: Services,
+        request_id: str,
+        key: ApiKey,
+        tenant: Tenant,
+        endpoint: Endpoint,
+        dialect: Dialect | None = None,
     ) -> None:
         self.services = services
+        self.dialect = dialect
         self.request_id = request_id
         self.key = key
         self.tenant = tenant
@@ -173,7 +186,7 @@ class Metering:
             tenant_id=self.tenant.id,
             key_id=self.key.id,
             model=self.model,
-            endpoint=self.endpoint,
+            endpoint=self.dialect.name if self.dialect is not None else self.endpoint,
             provider=deployment.provider_name if deployment else "",
             deployment=deployment.name if deployment else "",
             usage=usage,
@@ -244,14 +257,18 @@ class Relay:
     def __init__(self, services: Services) -> None:
         self.services = services
 
-    async def handle(self, endpoint: Endpoint, request: Request[Any, Any, Any]) -> Response[Any]:
+    async def handle(
+        self, endpoint: Endpoint, request: Request[Any, Any, Any], dialect: Dialect | None = None
+    ) -> Response[Any]:
+        """Serve one request; a `dialect` translates another API to and from `endpoint`."""
         request_id = new_request_id()
         s = self.services
+        credential = (dialect or _OPENAI).authorization(request)
         try:
-            key, tenant = s.directory.authenticate(request.headers.get("authorization"), s.clock())
+            key, tenant = s.directory.authenticate(credential, s.clock())
         except ApiError as refused:
-            return error_response(refused, request_id)
-        meter = Metering(s, request_id, key, tenant, endpoint)
+            return (dialect or _OPENAI).error_response(refused, request_id)
+        meter = Metering(s, request_id, key, tenant, endpoint, dialect)
         try:
             raw = await request.body()
         except HTTPException as exc:  # the body is over server.max_body_bytes
@@ -278,12 +295,13 @@ class Relay:
         meter.finish()
         limits = meter.admission.headers if meter.admission is not None else {}
         await meter.settle()
-        return error_response(error, meter.request_id, limits)
+        return (meter.dialect or _OPENAI).error_response(error, meter.request_id, limits)
 
     async def _admitted(self, meter: Metering, raw: bytes) -> Response[Any]:
         s = self.services
         endpoint = meter.endpoint
-        body, typed = decode_body(endpoint, raw)
+        dialect = meter.dialect
+        body, typed = await dialect.decode(raw, meter) if dialect else decode_body(endpoint, raw)
         model = self._route(meter, typed.model)
         meter.model = model.name
         meter.stream = bool(body.get("stream"))
@@ -321,8 +339,9 @@ class Relay:
         headers = {"x-request-id": meter.request_id, **meter.admission.headers}
         response = forwarded.response
         if response.stream is not None:
+            sse = self._relay_stream(meter, forwarded, include_usage)
             return Stream(
-                self._relay_stream(meter, forwarded, include_usage),
+                dialect.stream(sse, meter) if dialect else sse,
                 media_type="text/event-stream",
                 headers={**headers, "cache-control": "no-cache"},
             )
@@ -334,6 +353,8 @@ class Relay:
         meter.finish()
         if isinstance(result.get("usage"), dict):
             result["usage"]["maas"] = meter.cost_object()
+        if dialect is not None:
+            result = await dialect.answer(result, meter)
         await meter.settle()
         return Response(
             _encode(result),
@@ -591,6 +612,23 @@ def upstream_api_error(exc: UpstreamError) -> ApiError:
         )
     status = status if status in (502, 503, 504) else 502
     return ApiError(status, exc.message, type="upstream_error", code=exc.code or exc.type)
+
+
+class _OpenAIDialect:
+    """The OpenAI endpoints' own credential and error shape."""
+
+    @staticmethod
+    def authorization(request: Request[Any, Any, Any]) -> str | None:
+        return request.headers.get("authorization")
+
+    @staticmethod
+    def error_response(
+        error: ApiError, request_id: str, limits: dict[str, str] | None = None
+    ) -> Response[Any]:
+        return error_response(error, request_id, limits)
+
+
+_OPENAI = _OpenAIDialect()
 
 
 def error_response(

@@ -8,7 +8,7 @@ Any problem becomes a 400 `ApiError` naming the offending parameter.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
@@ -16,6 +16,7 @@ from msgspec import Meta, Struct
 from gateway.errors import ApiError, invalid_request
 from providers.base import Endpoint
 
+T = TypeVar("T")
 PositiveInt = Annotated[int, Meta(ge=1)]
 Temperature = Annotated[float, Meta(ge=0, le=2)]
 Probability = Annotated[float, Meta(ge=0, le=1)]
@@ -92,11 +93,20 @@ _SCHEMAS: dict[str, type[Struct]] = {
     "completions": CompletionRequest,
     "embeddings": EmbeddingRequest,
 }
+_MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
 _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 
 
 def decode_body(endpoint: Endpoint, raw: bytes) -> tuple[dict[str, Any], Any]:
     """Decode and validate a request body: returns the forwardable dict and its typed view."""
+    body = decode_object(raw)
+    typed = validate(body, _SCHEMAS[endpoint])
+    _check_inputs(endpoint, typed)
+    return body, typed
+
+
+def decode_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or a 400 saying what is wrong with it."""
     try:
         body = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
@@ -106,18 +116,26 @@ def decode_body(endpoint: Endpoint, raw: bytes) -> tuple[dict[str, Any], Any]:
         ) from None
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.")
+    return body
+
+
+def validate(body: dict[str, Any], schema: type[T]) -> T:
+    """`body` checked against a msgspec struct; a 400 naming the offending parameter."""
     try:
-        typed = msgspec.convert(body, _SCHEMAS[endpoint])
+        return msgspec.convert(body, schema)
     except msgspec.ValidationError as exc:
         raise _validation_error(str(exc)) from None
-    _check_inputs(endpoint, typed)
-    return body, typed
 
 
 def _validation_error(text: str) -> ApiError:
     match = _PATH.search(text)
     param = match.group("path") if match else None
     message = _PATH.sub("", text)
+    missing = _MISSING.match(message)
+    if missing:  # name the missing field itself
+        field = missing.group("field")
+        param = f"{param}.{field}" if param else field
+        return invalid_request(f"Missing required parameter: '{param}'.", param=param)
     if param:
         message = f"Invalid value for '{param}': {message}"
     return invalid_request(message, param=param, code="invalid_value" if param else None)

@@ -207,6 +207,13 @@ field_names = st.sampled_from(
         "encoding_format",
         "role",
         "content",
+        "instructions",
+        "max_output_tokens",
+        "previous_response_id",
+        "store",
+        "system",
+        "stop_sequences",
+        "tool_choice",
     ]
 )
 bodies = st.one_of(
@@ -224,21 +231,122 @@ bodies = st.one_of(
             "max_tokens": json_values,
             "n": st.integers(-3, 5),
             "stream": st.booleans(),
+            "max_output_tokens": json_values,
+            "system": json_values,
+            "instructions": json_values,
+            "tools": st.lists(
+                st.dictionaries(
+                    st.sampled_from(["type", "name", "input_schema", "parameters"]), json_values
+                ),
+                max_size=2,
+            ),
         },
     ),
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+def assert_anthropic_error(response: httpx.Response, status: int) -> dict:
+    """Anthropic's shape: `{"type": "error", "error": {"type", "message"}}`."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers["request-id"]
+    body = response.json()
+    assert body["type"] == "error"
+    assert set(body["error"]) == {"type", "message"} and body["error"]["message"]
+    return body["error"]
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
-    path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]),
+    path=st.sampled_from(
+        [
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/embeddings",
+            "/v1/responses",
+            "/v1/messages",
+            "/v1/messages/count_tokens",
+        ]
+    ),
     body=bodies,
 )
 async def test_fuzzed_bodies_never_get_a_500(gateway: RunningGateway, path: str, body: Any) -> None:
+    """Every API answers bad input with its own 4xx shape (Anthropic's on /v1/messages)."""
     async with httpx.AsyncClient(
         base_url=gateway.url, headers={"authorization": f"Bearer {ACME_KEY}"}, timeout=30
     ) as http:
         response = await http.post(path, content=json.dumps(body))
         assert response.status_code < 500, (body, response.text)
         if response.status_code >= 400:
-            assert_openai_error(response, response.status_code)
+            if path.startswith("/v1/messages"):
+                assert_anthropic_error(response, response.status_code)
+            else:
+                assert_openai_error(response, response.status_code)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"input": "x"}, "model"),
+        ({"model": "gpt-4o-mini"}, "input"),
+        ({"model": "gpt-4o-mini", "input": []}, "input"),
+        ({"model": "gpt-4o-mini", "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"model": "gpt-4o-mini", "input": "x", "temperature": 9}, "temperature"),
+        ({"model": "gpt-4o-mini", "input": [{"type": "item_reference"}]}, "input[0]"),
+        (
+            {"model": "gpt-4o-mini", "input": "x", "tools": [{"type": "web_search"}]},
+            "tools[0].type",
+        ),
+        (
+            {"model": "gpt-4o-mini", "input": "x", "previous_response_id": "resp_nope"},
+            "previous_response_id",
+        ),
+    ],
+)
+async def test_bad_responses_requests(
+    http: httpx.AsyncClient, body: dict[str, Any], param: str
+) -> None:
+    error = assert_openai_error(await http.post("/v1/responses", json=body), 400)
+    assert error["param"] == param
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]},  # no max_tokens
+        {"model": "gpt-4o-mini", "max_tokens": 5, "messages": []},
+        {"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]},
+        {
+            "model": "gpt-4o-mini",
+            "max_tokens": 5,
+            "temperature": 1.5,
+            "messages": [{"role": "user", "content": "x"}],
+        },
+        {
+            "model": "gpt-4o-mini",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": [{"type": "tool_use"}]}],
+        },
+    ],
+)
+async def test_bad_messages_requests(
+    gateway: RunningGateway, http: httpx.AsyncClient, body: dict[str, Any]
+) -> None:
+    response = await http.post("/v1/messages", json=body)
+    assert assert_anthropic_error(response, 400)["type"] == "invalid_request_error"
+    row = await ledger_row(gateway, response.headers["request-id"])
+    assert row is not None and (row.endpoint, row.status_code, row.cost_nanos) == (
+        "messages",
+        400,
+        0,
+    )
+
+
+async def test_messages_routes_answer_in_anthropic_shape(gateway: RunningGateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.url) as plain:
+        missing = await plain.post("/v1/messages", json={})
+        assert assert_anthropic_error(missing, 401)["type"] == "authentication_error"
+        wrong = await plain.post("/v1/messages/count_tokens", json={}, headers={"x-api-key": "no"})
+        assert assert_anthropic_error(wrong, 401)["type"] == "authentication_error"
+        refused = await plain.get("/v1/messages", headers={"x-api-key": ACME_KEY})
+        assert assert_anthropic_error(refused, 405)["type"] == "invalid_request_error"
