@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
+import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -294,3 +297,49 @@ def test_a_stream_is_counted_with_the_models_configured_tokenizer(
     )
     assert (stream["uncached_input"], stream["output"]) == (count(rendered), count(text))
     assert stream["output"] < plain["output"]  # DeepSeek merges what the tiny model spells
+
+
+def test_a_client_that_hangs_up_is_billed_by_the_models_own_tokenizer(
+    gateway: str, workdir: Path
+) -> None:
+    """A caller leaves after the first chunk of a long answer: the prompt is billed as
+    llama.cpp counts it and the output as the delivered text's tokens (one per character
+    here), both counted with the model's own tokenizer."""
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "messages": messages_for(PROMPTS[0]),
+            "temperature": 0,
+            "max_tokens": 450,
+            "stream": True,
+        }
+    ).encode()
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        f"authorization: Bearer {ACME_KEY}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode()
+    port = int(gateway.rsplit(":", 1)[1])
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head + body)
+        while not (text := delivered_text(received)):  # the first chunk has only the role
+            data = sock.recv(65536)
+            assert data, "the stream ended before the caller hung up"
+            received += data
+    headers = received.partition(b"\r\n\r\n")[0].decode().lower()
+    request_id = headers.split("x-request-id:", 1)[1].split()[0]
+    row = ledger_row(workdir, request_id)
+    assert (row["stream_cut_by"], row["status_code"]) == ("client", 499)
+    assert row["uncached_input"] == template_count(PROMPTS[0])
+    # All the caller received, and what was written before the gateway saw it leave.
+    assert len(text) <= row["output"] < 450
+
+
+def delivered_text(received: bytes) -> str:
+    """The content of the complete chunks in a raw (chunked) HTTP stream received so far."""
+    text = ""
+    for event in re.findall(rb"data: (\{.*?\})\n\n", received):
+        for choice in json.loads(event)["choices"]:
+            text += choice["delta"].get("content") or ""
+    return text
