@@ -78,6 +78,7 @@ IMAGE_TOKENS_HIGH_DETAIL = 765
 
 _MODEL_CACHE_LIMIT = 4096
 _ROLE_CACHE_LIMIT = 32
+_COMMON_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 # --- Encoding definitions (ranks file, published sha256, split pattern, special tokens). ---
 # Patterns and special tokens are those of tiktoken's `tiktoken_ext/openai_public.py`.
@@ -452,7 +453,16 @@ class _Resolved:
     template: ChatTemplate
     tools_func_init: int = 10
     role_overheads: dict[str, int] = field(default_factory=dict)
-    prompt_overhead: int = -1
+    prompt_overhead: int = 0
+    """Template tokens once per prompt: the prefix and the reply priming."""
+
+    def __post_init__(self) -> None:
+        template = self.template
+        self.prompt_overhead = template.reply_tokens + sum(
+            self.count_markup(text) for text in (template.prefix, template.reply) if text
+        )
+        for role in _COMMON_ROLES:
+            self.message_overhead(role)
 
     @classmethod
     def of_encoding(
@@ -495,15 +505,6 @@ class _Resolved:
             if len(self.role_overheads) < _ROLE_CACHE_LIMIT:
                 self.role_overheads[role] = count
         return count
-
-    def fixed_overhead(self) -> int:
-        """Template tokens once per prompt: the prefix and the reply priming."""
-        if self.prompt_overhead < 0:
-            template = self.template
-            self.prompt_overhead = template.reply_tokens + sum(
-                self.count_markup(text) for text in (template.prefix, template.reply) if text
-            )
-        return self.prompt_overhead
 
 
 class TokenCounter:
@@ -659,11 +660,16 @@ class TokenCounter:
         """Prompt tokens of a `/v1/chat/completions` request, as the model's server counts
         them: its tokenizer, its chat template's overheads, its tool definitions."""
         enc = self._resolve(model)
-        total = enc.fixed_overhead()
+        overheads = enc.role_overheads
+        total = enc.prompt_overhead
         for message in messages:
             role = message.get("role")
-            total += enc.message_overhead(role if isinstance(role, str) else "")
-            total += _count_message(enc, message)
+            overhead = overheads.get(role)  # type: ignore[arg-type]
+            if overhead is None:
+                overhead = enc.message_overhead(role if isinstance(role, str) else "")
+            total += overhead + _count_message(enc, message)
+        if not tools and not functions:
+            return total
         if enc.template.tools == "json":
             for definition in (*(tools or ()), *(functions or ())):
                 total += enc.count(_compact_json(definition))
