@@ -25,6 +25,14 @@ warning is recorded in `TokenCounter.warnings`: local counts are approximate the
 acceptable because the upstream's reported usage is authoritative and local counts serve
 admission and fallback only.
 
+A `tokenizer.json` is an absolute path or a name looked for in `TokenizerConfig.dir`, then
+in `$MAAS_TOKENIZER_DIR`. There is no published hash to check it against: a file that is not
+a tokenizer is an error naming it, a file found nowhere a warning, and its models are then
+counted with `default_encoding` under their own chat template. A tokenizer.json's added
+tokens (its special tokens) are recognized in the text counted, as inference servers do when
+they tokenize a rendered prompt; a tiktoken encoding counts special-token markup in messages
+as ordinary text.
+
 Estimates where the API gives no published rule:
 
 - an image content part counts `IMAGE_TOKENS_LOW_DETAIL` (85) tokens at `"detail": "low"` and
