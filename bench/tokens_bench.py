@@ -3,6 +3,8 @@
 Usage: python bench/tokens_bench.py [TOKENIZER_DIR] [--iterations N]
 
 Without TOKENIZER_DIR, encodings come from $MAAS_TOKENIZER_DIR or the installed packages.
+When TOKENIZER_DIR holds `deepseek_tokenizer.json`, a `deepseek-chat` model is counted with
+it (a Hugging Face tokenizer.json and DeepSeek's chat template) as well.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ WEATHER_TOOL = {
         },
     },
 }
+DEEPSEEK_FILE = "deepseek_tokenizer.json"
 LONG_TEXT = "The quick brown fox jumps over the lazy dog. " * 500  # about 5,000 tokens
 
 
@@ -53,15 +56,19 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=50_000)
     args = parser.parse_args()
 
+    models: dict[str, dict[str, str]] = {}
+    if args.dir is not None and (args.dir / DEEPSEEK_FILE).is_file():
+        models["deepseek-*"] = {"tokenizer_json": DEEPSEEK_FILE, "template": "deepseek"}
     start = time.perf_counter()
-    counter = TokenCounter(TokenizerConfig(dir=args.dir))
+    counter = TokenCounter(TokenizerConfig.model_validate({"dir": args.dir, "models": models}))
     print(f"construction: {(time.perf_counter() - start) * 1000:.0f} ms")
     for warning in counter.warnings:
         print(f"warning: {warning}")
 
     n = args.iterations
     cases: list[tuple[str, Callable[[], object], int]] = []
-    for model in ("gpt-4o", "gpt-4"):
+    chat_models = ["gpt-4o", "gpt-4"] + (["deepseek-chat"] if models else [])
+    for model in chat_models:
         cases += [
             (
                 f"count_chat {model} 2 messages",
@@ -87,6 +94,19 @@ def main() -> None:
             max(n // 100, 1),
         ),
     ]
+    if models:
+        cases += [
+            (
+                "count_text deepseek-chat 1 sentence",
+                partial(counter.count_text, "deepseek-chat", TYPICAL_CHAT[1]["content"]),
+                n,
+            ),
+            (
+                "count_text deepseek-chat ~5k tokens",
+                partial(counter.count_text, "deepseek-chat", LONG_TEXT),
+                max(n // 100, 1),
+            ),
+        ]
     for label, call, iterations in cases:
         print(f"{label:<40} {_microseconds(call, iterations):9.2f} µs")
 

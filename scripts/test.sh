@@ -2,8 +2,10 @@
 # Install everything the test suite needs, then run it all.
 #
 # System packages (Debian): redis-server, PostgreSQL, Prometheus (with promtool), nginx,
-# Chromium and poppler-utils. They are installed with apt-get when missing (as root, or
-# through sudo); on another system install them yourself first. Python packages go into
+# Chromium, poppler-utils, and a C++ compiler with cmake (llama-cpp-python, the real inference
+# server of the suite, builds llama.cpp from source on its first install: several minutes,
+# then pip's wheel cache serves it). They are installed with apt-get when missing (as root,
+# or through sudo); on another system install them yourself first. Python packages go into
 # ./.venv. Extra arguments are passed to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +18,8 @@ ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || have postgres || missin
 have nginx || missing+=(nginx-light)
 have chromium || missing+=(chromium)
 have pdftotext || missing+=(poppler-utils)
+have g++ || missing+=(g++)
+have cmake || missing+=(cmake)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -31,6 +35,8 @@ done
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
+python_ok() { .venv/bin/python -c "import llama_cpp.server, gguf, tokenizers" 2>/dev/null; }
+python_ok || echo "installing Python packages (llama-cpp-python builds llama.cpp: several minutes)"
 .venv/bin/python -m pip install -q -e '.[test]'
 
 .venv/bin/ruff check gateway billing providers loadtest bench tests
