@@ -66,12 +66,9 @@ async def main() -> None:
             record_us.append((t2 - t1) / N * 1e6)
             await ledger.flush()
         await ledger.aclose()
-    print(
-        f"Ledger.admit  (provisional record built + journaled): median {statistics.median(admit_us):.2f} us/request"
-    )
-    print(
-        f"Ledger.record (final record journaled + queued):      median {statistics.median(record_us):.2f} us/request"
-    )
+    admit, record = statistics.median(admit_us), statistics.median(record_us)
+    print(f"Ledger.admit  (provisional record built + journaled): median {admit:.2f} us/request")
+    print(f"Ledger.record (final record journaled + queued):      median {record:.2f} us/request")
 
 
 if __name__ == "__main__":
