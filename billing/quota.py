@@ -10,10 +10,13 @@ truth shared by every gateway replica).
 
 Semantics, shared by both backends:
 
-- **Windows.** Requests and tokens per minute use a *fixed* window: the UTC clock minute
-  (epoch milliseconds // 60000). Within one clock minute a scope never admits more than its
-  limit; across a minute boundary a burst can reach twice the limit within 60 seconds.
-  `x-ratelimit-reset-*` and `retry_after_s` give the time to the end of the minute.
+- **Windows.** Requests and tokens per minute use a *sliding* window of one-second buckets
+  (epoch milliseconds // 1000): an admission counts what the last 61 buckets hold (the
+  current second and the 60 before it), so no 60-second span, wherever it starts, ever
+  admits more than the limit; a request counts against it for 60 to 61 seconds.
+  `retry_after_s` is the time until enough of the window has left it for this request to
+  fit; `x-ratelimit-reset-*` the time until the oldest request (or tokens) still counted
+  leave the window, when `remaining` next grows.
 - **Periods.** Daily and monthly token budgets are calendar periods in the scope's time
   zone (the same boundaries the invoices use): a day runs from local midnight to local
   midnight (23 or 25 hours across a daylight-saving change).
@@ -86,6 +89,12 @@ SETTLED_KEEP_MS = 86_400_000
 CONCURRENCY_RETRY_S = 1.0
 #: The largest prepaid balance (nanos): Redis Lua counts in doubles, exact below 2**53.
 MAX_BALANCE_NANOS = 2**53 - 1
+#: Rolling windows: one-second buckets, and how many of them an admission counts (the
+#: current one and the 60 before it: a 60-second span touches at most 61 buckets).
+BUCKET_MS = 1_000
+WINDOW_BUCKETS = 61
+#: How long a rolling-window hash outlives its last write.
+WINDOW_TTL_MS = (WINDOW_BUCKETS + 1) * BUCKET_MS
 
 
 class Limits(BaseModel):
@@ -313,7 +322,8 @@ class Periods:
 
     now_ms: int
     minute: int
-    minute_reset_ms: int
+    bucket: int
+    """The current one-second bucket of the rolling windows."""
     day: str
     day_reset_ms: int
     month: str
@@ -321,14 +331,14 @@ class Periods:
 
 
 def periods(now: datetime, timezone: str) -> Periods:
-    """The UTC clock minute and the local calendar day and month of `now` in `timezone`."""
+    """The rolling-window bucket and the local calendar day and month of `now` in `timezone`."""
     now_ms = epoch_ms(now)
     minute = now_ms // 60_000
     calendar = _calendar(timezone, minute)
     return Periods(
         now_ms=now_ms,
         minute=minute,
-        minute_reset_ms=(minute + 1) * 60_000 - now_ms,
+        bucket=now_ms // BUCKET_MS,
         day=calendar[0],
         day_reset_ms=calendar[1] - now_ms,
         month=calendar[2],
@@ -372,7 +382,8 @@ class ScopePlan:
     month: str
 
     counters: tuple[str, ...]
-    """Suffixes of the token counters this scope charges (tpm, day, month)."""
+    """Suffixes of the token counters this scope charges (tpm, day, month); a rolling
+    window's is ``:tpm@<bucket>``: the bucket (hash field) of the ``:tpm`` hash charged."""
     holds: bool
     """Whether an admission keeps a reservation in this scope."""
 
@@ -380,11 +391,11 @@ class ScopePlan:
 def plan_scope(scope: Scope, now: datetime, prefix: str) -> ScopePlan:
     p = periods(now, scope.timezone)
     limits = scope.limits
-    tpm, day, month = f":tpm:{p.minute}", f":day:{p.day}", f":month:{p.month}"
+    day, month = f":day:{p.day}", f":month:{p.month}"
     counters = tuple(
         suffix
         for limit, suffix in (
-            (limits.tpm, tpm),
+            (limits.tpm, f":tpm@{p.bucket}"),
             (limits.tokens_per_day, day),
             (limits.tokens_per_month, month),
         )
@@ -394,8 +405,8 @@ def plan_scope(scope: Scope, now: datetime, prefix: str) -> ScopePlan:
         scope=scope,
         base=f"{prefix}s:{scope.id}",
         periods=p,
-        rpm=f":rpm:{p.minute}",
-        tpm=tpm,
+        rpm=":rpm",
+        tpm=":tpm",
         day=day,
         month=month,
         counters=counters,
@@ -410,8 +421,8 @@ def account_base(prefix: str, account: str) -> str:
 def counter_ttl_ms(plan: ScopePlan, suffix: str, reservation_ttl_ms: int) -> int:
     """How long a counter key lives: to the end of its period plus a margin."""
     p = plan.periods
-    if suffix in (plan.rpm, plan.tpm):
-        return p.minute_reset_ms + 60_000
+    if suffix in (plan.rpm, plan.tpm) or "@" in suffix:
+        return WINDOW_TTL_MS
     period_ms = p.day_reset_ms if suffix == plan.day else p.month_reset_ms
     return period_ms + reservation_ttl_ms + PERIOD_MARGIN_MS
 
@@ -425,6 +436,50 @@ class ScopeReading:
     tpm: int
     day: int
     month: int
+    rpm_reset_ms: int = 0
+    """Until the oldest request counted leaves the rolling window (or this one would)."""
+    rpm_retry_ms: int = 0
+    """Until enough requests have left for one more to fit (0 when it fits now)."""
+    tpm_reset_ms: int = 0
+    tpm_retry_ms: int = 0
+    """As for requests, for the tokens this request needs at least (prompt + min_tokens)."""
+
+
+def split_window_counter(suffix: str) -> tuple[str, int] | None:
+    """``(":tpm", bucket)`` for a rolling-window counter suffix, None for a plain counter."""
+    name, at, bucket = suffix.rpartition("@")
+    if at and bucket.isdigit():
+        return name, int(bucket)
+    return None
+
+
+def oldest_bucket(now_ms: int) -> int:
+    """The oldest one-second bucket a rolling window counts at `now_ms`."""
+    return now_ms // BUCKET_MS - WINDOW_BUCKETS + 1
+
+
+def leaves_ms(bucket: int, now_ms: int) -> int:
+    """How long until `bucket` leaves the rolling window."""
+    return (bucket + WINDOW_BUCKETS) * BUCKET_MS - now_ms
+
+
+def window_times(buckets: dict[int, int], now_ms: int, excess: int) -> tuple[int, int]:
+    """(reset ms, retry ms) of a rolling window's live buckets (see `ScopeReading`).
+
+    `excess` is how much must leave the window before the request fits (<= 0: it fits).
+    """
+    live = [bucket for bucket, amount in buckets.items() if amount]
+    reset = leaves_ms(min(live) if live else now_ms // BUCKET_MS, now_ms)
+    if excess <= 0:
+        return reset, 0
+    freed = 0
+    last = now_ms // BUCKET_MS
+    for bucket in sorted(buckets):
+        freed += buckets[bucket]
+        last = bucket
+        if freed >= excess:
+            break
+    return reset, leaves_ms(last, now_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -498,11 +553,15 @@ def ratelimit_headers(
     for plan, reading in zip(plans, readings, strict=True):
         limits, p = plan.scope.limits, plan.periods
         if limits.rpm is not None:
-            left = (max(limits.rpm - reading.requests - requests, 0), limits.rpm, p.minute_reset_ms)
+            left = (
+                max(limits.rpm - reading.requests - requests, 0),
+                limits.rpm,
+                reading.rpm_reset_ms,
+            )
             if best_requests is None or left[0] < best_requests[0]:
                 best_requests = left
         for limit, used, reset in (
-            (limits.tpm, reading.tpm, p.minute_reset_ms),
+            (limits.tpm, reading.tpm, reading.tpm_reset_ms),
             (limits.tokens_per_day, reading.day, p.day_reset_ms),
             (limits.tokens_per_month, reading.month, p.month_reset_ms),
         ):
@@ -541,7 +600,6 @@ def refusal(
     found: list[QuotaExceeded] = []
     for plan, reading in zip(plans, readings, strict=True):
         limits, p, sid = plan.scope.limits, plan.periods, plan.scope.id
-        minute_s = p.minute_reset_ms / 1000
         if limits.rpm is not None and reading.requests + 1 > limits.rpm:
             found.append(
                 QuotaExceeded(
@@ -549,9 +607,9 @@ def refusal(
                     "rpm",
                     sid,
                     f"Rate limit reached for requests per minute on {sid}: limit {limits.rpm},"
-                    f" used {reading.requests}. Please try again in"
-                    f" {format_reset(p.minute_reset_ms)}.",
-                    retry_after_s=minute_s,
+                    f" used {reading.requests} in the last 60s. Please try again in"
+                    f" {format_reset(reading.rpm_retry_ms)}.",
+                    retry_after_s=reading.rpm_retry_ms / 1000,
                 )
             )
         if limits.max_concurrent is not None and reading.inflight + 1 > limits.max_concurrent:
@@ -576,10 +634,10 @@ def refusal(
             else:
                 message = (
                     f"Rate limit reached for tokens per minute on {sid}: limit {limits.tpm},"
-                    f" used {reading.tpm}, requested at least {need}. Please try again in"
-                    f" {format_reset(p.minute_reset_ms)}."
+                    f" used {reading.tpm} in the last 60s, requested at least {need}. Please"
+                    f" try again in {format_reset(reading.tpm_retry_ms)}."
                 )
-                retry = minute_s
+                retry = reading.tpm_retry_ms / 1000
             found.append(QuotaExceeded("rate_limit", "tpm", sid, message, retry_after_s=retry))
         budgets: list[tuple[RefusalReason, int | None, int, str, int]] = [
             ("tokens_per_day", limits.tokens_per_day, reading.day, "Daily", p.day_reset_ms),
@@ -650,6 +708,7 @@ class MemoryQuotaStore(QuotaStore):
         self.prefix = key_prefix
         self._lock = threading.Lock()
         self._counters: dict[str, list[int]] = {}  # key -> [value, expires_ms]
+        self._windows: dict[str, dict[int, int]] = {}  # rolling window -> {bucket: amount}
         self._holds: dict[str, dict[str, _Hold]] = {}  # scope or account base -> holds
         self._accounts: dict[str, list[int]] = {}  # account -> [balance, held]
         self._settled: dict[str, int] = {}  # request id -> forget after (ms)
@@ -664,7 +723,8 @@ class MemoryQuotaStore(QuotaStore):
         now_ms = plans[0].periods.now_ms if plans else epoch_ms(req.now)
         with self._lock:
             self._sweep(now_ms)
-            readings = [self._read_scope(plan, now_ms) for plan in plans]
+            need = req.prompt_tokens + min_tokens(req)
+            readings = [self._read_scope(plan, need, now_ms) for plan in plans]
             account = None
             if req.balance_account is not None:
                 account = self._read_account(req.balance_account, now_ms)
@@ -682,6 +742,40 @@ class MemoryQuotaStore(QuotaStore):
         entry[0] += amount
         entry[1] = now_ms + ttl_ms
 
+    def _correct(self, base: str, suffix: str, delta: int) -> None:
+        """Add `delta` to a charged counter, if it (or its window bucket) is still there."""
+        window = split_window_counter(suffix)
+        if window is not None:
+            buckets = self._windows.get(base + window[0])
+            if buckets is not None and window[1] in buckets:
+                buckets[window[1]] += delta
+            return
+        entry = self._counters.get(base + suffix)
+        if entry is not None:
+            entry[0] += delta
+
+    def _window(self, key: str, now_ms: int) -> dict[int, int]:
+        """A rolling window's live buckets (older ones dropped)."""
+        buckets = self._windows.get(key)
+        if buckets is None:
+            return {}
+        oldest = oldest_bucket(now_ms)
+        if any(bucket < oldest for bucket in buckets):
+            buckets = {b: amount for b, amount in buckets.items() if b >= oldest}
+            self._windows[key] = buckets
+        return buckets
+
+    def _window_reading(
+        self, key: str, limit: int | None, need: int, now_ms: int
+    ) -> tuple[int, int, int]:
+        """(used, reset ms, retry ms) of a rolling window against a limit."""
+        if limit is None:
+            return 0, 0, 0
+        buckets = self._window(key, now_ms)
+        used = sum(buckets.values())
+        reset, retry = window_times(buckets, now_ms, used + need - limit)
+        return used, reset, retry
+
     def _release_expired(self, base: str, now_ms: int, account: str | None = None) -> None:
         holds = self._holds.get(base)
         if not holds:
@@ -691,19 +785,27 @@ class MemoryQuotaStore(QuotaStore):
             if account is not None:
                 self._accounts[account][1] -= hold.amount
             for suffix in hold.counters:
-                entry = self._counters.get(base + suffix)
-                if entry is not None:
-                    entry[0] -= hold.amount
+                self._correct(base, suffix, -hold.amount)
 
-    def _read_scope(self, plan: ScopePlan, now_ms: int) -> ScopeReading:
+    def _read_scope(self, plan: ScopePlan, need: int, now_ms: int) -> ScopeReading:
         self._release_expired(plan.base, now_ms)
         limits = plan.scope.limits
+        requests, rpm_reset, rpm_retry = self._window_reading(
+            plan.base + plan.rpm, limits.rpm, 1, now_ms
+        )
+        tpm, tpm_reset, tpm_retry = self._window_reading(
+            plan.base + plan.tpm, limits.tpm, need, now_ms
+        )
         return ScopeReading(
-            requests=self._get(plan.base + plan.rpm) if limits.rpm is not None else 0,
+            requests=requests,
             inflight=len(self._holds.get(plan.base, ())),
-            tpm=self._get(plan.base + plan.tpm) if limits.tpm is not None else 0,
+            tpm=tpm,
             day=self._get(plan.base + plan.day) if limits.tokens_per_day is not None else 0,
             month=self._get(plan.base + plan.month) if limits.tokens_per_month is not None else 0,
+            rpm_reset_ms=rpm_reset,
+            rpm_retry_ms=rpm_retry,
+            tpm_reset_ms=tpm_reset,
+            tpm_retry_ms=tpm_retry,
         )
 
     def _read_account(self, account: str, now_ms: int) -> AccountReading:
@@ -725,9 +827,15 @@ class MemoryQuotaStore(QuotaStore):
         expires_ms = now_ms + self.reservation_ttl_ms
         charges = []
         for plan in plans:
+            bucket = plan.periods.bucket
             if plan.scope.limits.rpm is not None:
-                self._add(plan.base + plan.rpm, 1, counter_ttl_ms(plan, plan.rpm, 0), now_ms)
+                requests = self._windows.setdefault(plan.base + plan.rpm, {})
+                requests[bucket] = requests.get(bucket, 0) + 1
             for suffix in plan.counters:
+                if split_window_counter(suffix) is not None:
+                    window = self._windows.setdefault(plan.base + plan.tpm, {})
+                    window[bucket] = window.get(bucket, 0) + tokens
+                    continue
                 ttl = counter_ttl_ms(plan, suffix, self.reservation_ttl_ms)
                 self._add(plan.base + suffix, tokens, ttl, now_ms)
             if plan.holds:
@@ -765,9 +873,7 @@ class MemoryQuotaStore(QuotaStore):
                 held = self._holds.get(charge.base, {}).pop(rid, None) is not None
                 delta = used_tokens - admission.reserved_tokens if held else used_tokens
                 for suffix in charge.counters:
-                    entry = self._counters.get(charge.base + suffix)
-                    if entry is not None:
-                        entry[0] += delta
+                    self._correct(charge.base, suffix, delta)
             account = admission.balance_account
             if account is not None:
                 state = self._accounts.setdefault(account, [0, 0])
@@ -783,6 +889,8 @@ class MemoryQuotaStore(QuotaStore):
             return
         self._next_sweep_ms = now_ms + 60_000
         self._counters = {k: v for k, v in self._counters.items() if v[1] > now_ms}
+        oldest = oldest_bucket(now_ms)
+        self._windows = {k: v for k, v in self._windows.items() if any(b >= oldest for b in v)}
         self._holds = {k: v for k, v in self._holds.items() if v}
         self._settled = {k: v for k, v in self._settled.items() if v > now_ms}
 
@@ -809,8 +917,8 @@ class MemoryQuotaStore(QuotaStore):
             live = sum(1 for h in self._holds.get(plan.base, {}).values() if h.expires_ms > now_ms)
             return remaining_from(
                 scope.limits,
-                self._get(plan.base + plan.rpm),
-                self._get(plan.base + plan.tpm),
+                sum(self._window(plan.base + plan.rpm, now_ms).values()),
+                sum(self._window(plan.base + plan.tpm, now_ms).values()),
                 live,
                 self._get(plan.base + plan.day),
                 self._get(plan.base + plan.month),

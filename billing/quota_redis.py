@@ -8,7 +8,8 @@ redis-py's pool). Python computes key names, calendar periods and TTLs
 
 Keys (prefix ``maas:quota:`` by default), per scope ``s:<scope id>`` and account ``a:<id>``:
 
-- ``s:<id>:rpm:<minute>``, ``s:<id>:tpm:<minute>`` - fixed UTC-minute counters
+- ``s:<id>:rpm``, ``s:<id>:tpm`` - rolling windows: hashes one-second bucket -> amount;
+  an admission sums the last 61 buckets (and deletes older ones)
 - ``s:<id>:day:<YYYY-MM-DD>``, ``s:<id>:month:<YYYY-MM>`` - local calendar counters
 - ``s:<id>:inflight`` (zset request id -> expiry ms) and ``s:<id>:resv`` (hash request id
   -> "tokens suffix...") - open reservations, released lazily when expired
@@ -47,9 +48,11 @@ from redis.retry import Retry
 
 from billing.money import format_amount
 from billing.quota import (
+    BUCKET_MS,
     HOLDS_KEEP_MS,
     MAX_BALANCE_NANOS,
     SETTLED_KEEP_MS,
+    WINDOW_BUCKETS,
     AccountReading,
     Admission,
     AdmitRequest,
@@ -63,6 +66,7 @@ from billing.quota import (
     counter_ttl_ms,
     decide,
     epoch_ms,
+    oldest_bucket,
     plan_scope,
     ratelimit_headers,
     refusal,
@@ -80,12 +84,31 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Per scope: 6 KEYS (inflight, resv, rpm, tpm, day, month) and 10 ARGV
-#: (base, rpm, tpm, max_concurrent, day, month limits (-1 = none), minute/day/month TTL ms,
+#: Counter helpers shared by the scripts. A counter spec is a key, or ``<key>@<bucket>``
+#: for one bucket (hash field) of a rolling window; either is corrected only while it exists.
+_COUNTER_LUA = """
+local function adjust(spec, delta)
+  local key, field = string.match(spec, '^(.*)@(%d+)$')
+  if key then
+    if redis.call('HEXISTS', key, field) == 1 then redis.call('HINCRBY', key, field, delta) end
+  elseif redis.call('EXISTS', spec) == 1 then
+    redis.call('INCRBY', spec, delta)
+  end
+end
+"""
+
+#: Globals: 13 ARGV (request id, now ms, expiry ms, prompt, max tokens, min tokens, input
+#: cost, output price, scope count, has account, holds keep ms, current bucket, oldest
+#: bucket counted). Per scope: 6 KEYS (inflight, resv, rpm, tpm, day, month) and 10 ARGV
+#: (base, rpm, tpm, max_concurrent, day, month limits (-1 = none), window/day/month TTL ms,
 #: the space-separated suffixes of the token counters it charges). Then, with an account,
 #: 3 KEYS (account, its inflight, its resv).
-#: Returns {admitted 0/1, granted, balance or nil, held, then 5 readings per scope}.
-ADMIT_LUA = """
+#: Returns {admitted 0/1, granted, balance or nil, held, then 9 readings per scope}
+#: (requests, inflight, tpm, day, month, rpm reset/retry ms, tpm reset/retry ms).
+ADMIT_LUA = (
+    (
+        _COUNTER_LUA
+        + """
 local rid = ARGV[1]
 local now = ARGV[2]
 local expires = ARGV[3]
@@ -97,7 +120,13 @@ local out_price = tonumber(ARGV[8])
 local nscopes = tonumber(ARGV[9])
 local has_account = ARGV[10] == '1'
 local keep_ms = ARGV[11]
+local bucket = ARGV[12]
+local oldest = tonumber(ARGV[13])
+local now_ms = tonumber(now)
 local PER = 10
+local GLOBALS = 13
+local WINDOW = @WINDOW_BUCKETS@
+local BUCKET_MS = @BUCKET_MS@
 
 local function istr(n) return string.format('%d', n) end
 
@@ -113,8 +142,8 @@ local function release_expired(inflight, resv, base, account)
         for word in string.gmatch(held, '%S+') do
           if amount == nil then
             amount = word
-          elseif redis.call('EXISTS', base .. word) == 1 then
-            redis.call('DECRBY', base .. word, amount)
+          else
+            adjust(base .. word, -tonumber(amount))
           end
         end
       end
@@ -128,24 +157,60 @@ local function count(key)
   return tonumber(redis.call('GET', key) or '0')
 end
 
+local function leaves(b)
+  return (b + WINDOW) * BUCKET_MS - now_ms
+end
+
+-- A rolling window against a limit: used, reset ms, retry ms (mirrors window_times).
+local function window(key, limit, need)
+  local flat = redis.call('HGETALL', key)
+  local used, first = 0, nil
+  local live, stale = {}, {}
+  for j = 1, #flat, 2 do
+    local b, amount = tonumber(flat[j]), tonumber(flat[j + 1])
+    if b < oldest then
+      table.insert(stale, flat[j])
+    else
+      used = used + amount
+      table.insert(live, {b, amount})
+      if amount ~= 0 and (first == nil or b < first) then first = b end
+    end
+  end
+  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  local current = math.floor(now_ms / BUCKET_MS)
+  local reset = leaves(first or current)
+  local excess = used + need - limit
+  if excess <= 0 then return used, reset, 0 end
+  table.sort(live, function(x, y) return x[1] < y[1] end)
+  local freed, last = 0, current
+  for _, e in ipairs(live) do
+    freed = freed + e[2]
+    last = e[1]
+    if freed >= excess then break end
+  end
+  return used, reset, leaves(last)
+end
+
 local readings = {}
 local blocked = false
 local granted = max_tokens
+local need = prompt + min_tokens
 for i = 1, nscopes do
   local k = (i - 1) * 6
-  local a = 11 + (i - 1) * PER
+  local a = GLOBALS + (i - 1) * PER
   local rpm, tpm, conc = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
   local day, month = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
   release_expired(KEYS[k + 1], KEYS[k + 2], ARGV[a + 1], nil)
   local requests, tpm_used, day_used, month_used = 0, 0, 0, 0
+  local rpm_reset, rpm_retry, tpm_reset, tpm_retry = 0, 0, 0, 0
   local inflight = redis.call('ZCARD', KEYS[k + 1])
   if rpm >= 0 then
-    requests = count(KEYS[k + 3])
+    requests, rpm_reset, rpm_retry = window(KEYS[k + 3], rpm, 1)
     if requests + 1 > rpm then blocked = true end
   end
   if conc >= 0 and inflight + 1 > conc then blocked = true end
   if tpm >= 0 then
-    tpm_used = count(KEYS[k + 4])
+    tpm_used, tpm_reset, tpm_retry = window(KEYS[k + 4], tpm, need)
     granted = math.min(granted, tpm - tpm_used - prompt)
   end
   if day >= 0 then
@@ -161,6 +226,10 @@ for i = 1, nscopes do
   table.insert(readings, tpm_used)
   table.insert(readings, day_used)
   table.insert(readings, month_used)
+  table.insert(readings, rpm_reset)
+  table.insert(readings, rpm_retry)
+  table.insert(readings, tpm_reset)
+  table.insert(readings, tpm_retry)
 end
 
 local balance = false
@@ -188,15 +257,15 @@ if admitted then
   local tokens = istr(prompt + granted)
   for i = 1, nscopes do
     local k = (i - 1) * 6
-    local a = 11 + (i - 1) * PER
+    local a = GLOBALS + (i - 1) * PER
     local rpm, tpm, conc = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
     local day, month = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
     if rpm >= 0 then
-      redis.call('INCR', KEYS[k + 3])
+      redis.call('HINCRBY', KEYS[k + 3], bucket, 1)
       redis.call('PEXPIRE', KEYS[k + 3], ARGV[a + 7])
     end
     if tpm >= 0 then
-      redis.call('INCRBY', KEYS[k + 4], tokens)
+      redis.call('HINCRBY', KEYS[k + 4], bucket, tokens)
       redis.call('PEXPIRE', KEYS[k + 4], ARGV[a + 7])
     end
     if day >= 0 then
@@ -229,12 +298,18 @@ local out = {admitted and 1 or 0, granted, balance, held}
 for _, v in ipairs(readings) do table.insert(out, v) end
 return out
 """
+    )
+    .replace("@WINDOW_BUCKETS@", str(WINDOW_BUCKETS))
+    .replace("@BUCKET_MS@", str(BUCKET_MS))
+)
 
 #: KEYS: the done marker; per scope: inflight, resv, then its counters; then, with an
 #: account: account, inflight, resv. ARGV: request id, reserved tokens, used tokens,
 #: reserved nanos, cost nanos, done TTL ms, scope count, has account, counters per scope.
 #: Returns 1 when applied, 0 when this request was already settled.
-SETTLE_LUA = """
+SETTLE_LUA = (
+    _COUNTER_LUA
+    + """
 local rid = ARGV[1]
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[6]) then return 0 end
 local reserved, used = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -247,11 +322,7 @@ for i = 1, tonumber(ARGV[7]) do
   local delta = used
   if held == 1 then delta = used - reserved end
   if delta ~= 0 then
-    for j = 1, n do
-      if redis.call('EXISTS', KEYS[k + 2 + j]) == 1 then
-        redis.call('INCRBY', KEYS[k + 2 + j], istr(delta))
-      end
-    end
+    for j = 1, n do adjust(KEYS[k + 2 + j], istr(delta)) end
   end
   k = k + 2 + n
 end
@@ -265,12 +336,15 @@ if ARGV[8] == '1' then
 end
 return 1
 """
+)
 
 #: KEYS: per scope: inflight, resv, then its counters; then, with an account: account,
 #: inflight, resv. ARGV: request id, scope count, has account, counters per scope.
 #: Releases whatever this request still holds (nothing when its admission never ran), by the
 #: amounts stored with the reservation; marks nothing, so a later settle still applies.
-RELEASE_LUA = """
+RELEASE_LUA = (
+    _COUNTER_LUA
+    + """
 local rid = ARGV[1]
 local function istr(n) return string.format('%d', n) end
 local k = 0
@@ -279,11 +353,7 @@ for i = 1, tonumber(ARGV[2]) do
   local held = redis.call('HGET', KEYS[k + 2], rid)
   if held then
     local amount = string.match(held, '%S+')
-    for j = 1, n do
-      if redis.call('EXISTS', KEYS[k + 2 + j]) == 1 then
-        redis.call('DECRBY', KEYS[k + 2 + j], amount)
-      end
-    end
+    for j = 1, n do adjust(KEYS[k + 2 + j], -tonumber(amount)) end
     redis.call('HDEL', KEYS[k + 2], rid)
   end
   redis.call('ZREM', KEYS[k + 1], rid)
@@ -299,6 +369,7 @@ if ARGV[3] == '1' then
 end
 return 1
 """
+)
 
 #: KEYS: the account. ARGV: nanos to add, the largest balance allowed. Returns the new
 #: balance, or nil (nothing added) when it would pass the largest.
@@ -465,6 +536,8 @@ class RedisQuotaStore(QuotaStore):
             len(plans),
             1 if req.balance_account is not None else 0,
             HOLDS_KEEP_MS,
+            now_ms // BUCKET_MS,
+            oldest_bucket(now_ms),
         ]
         for plan in plans:
             base, limits = plan.base, plan.scope.limits
@@ -504,7 +577,7 @@ class RedisQuotaStore(QuotaStore):
             raise
         admitted, granted, balance, held = (int(reply[0]), int(reply[1]), reply[2], int(reply[3]))
         values = [int(v) for v in reply[4:]]
-        readings = [ScopeReading(*values[i * 5 : i * 5 + 5]) for i in range(len(plans))]
+        readings = [ScopeReading(*values[i * 9 : i * 9 + 9]) for i in range(len(plans))]
         account = None
         if req.balance_account is not None:
             account = AccountReading(int(balance) if balance is not None else None, held)
@@ -660,16 +733,23 @@ class RedisQuotaStore(QuotaStore):
 
         async def read() -> list[Any]:
             pipe = self._client.pipeline(transaction=False)
-            for suffix in (plan.rpm, plan.tpm, plan.day, plan.month):
-                pipe.get(base + suffix)
+            pipe.hgetall(base + plan.rpm)
+            pipe.hgetall(base + plan.tpm)
+            pipe.get(base + plan.day)
+            pipe.get(base + plan.month)
             pipe.zcount(f"{base}:inflight", f"({plan.periods.now_ms}", "+inf")
             return await pipe.execute()  # type: ignore[no-any-return]
 
         rpm, tpm, day, month, inflight = await self._call("remaining", read)
+        oldest = oldest_bucket(plan.periods.now_ms)
+
+        def used(window: dict[str, str]) -> int:
+            return sum(int(amount) for bucket, amount in window.items() if int(bucket) >= oldest)
+
         return remaining_from(
             scope.limits,
-            int(rpm or 0),
-            int(tpm or 0),
+            used(rpm),
+            used(tpm),
             int(inflight),
             int(day or 0),
             int(month or 0),
