@@ -51,6 +51,13 @@ from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from billing.idempotency import (
+    RESULT_KEEP_MS,
+    Claim,
+    MemoryIdempotency,
+    Stored,
+    resolve,
+)
 from billing.money import format_amount
 
 __all__ = [
@@ -225,6 +232,30 @@ class QuotaStore(ABC):
     async def topup(self, account: str, nanos: int) -> int:
         """Add `nanos` (> 0) to a prepaid balance; returns the new balance. `ValueError`
         (nothing added) when the balance would pass `MAX_BALANCE_NANOS`."""
+
+    @abstractmethod
+    async def topup_once(self, account: str, nanos: int, claim: Claim) -> tuple[int, bool]:
+        """`topup` under an idempotency key, recorded in the same atomic step.
+
+        Returns (balance, replayed): a key already used by the same request returns the
+        balance its first top-up produced and adds nothing. Raises
+        `billing.idempotency.IdempotencyConflict` for a key used by another request or one
+        still running, `ValueError` as `topup` does (nothing is recorded then).
+        """
+
+    @abstractmethod
+    async def idempotency_begin(self, claim: Claim) -> Stored | None:
+        """Claim an idempotency key for a request; the stored result to replay, or None
+        (go ahead, then `idempotency_finish` or `idempotency_abandon`). Raises
+        `IdempotencyConflict`."""
+
+    @abstractmethod
+    async def idempotency_finish(self, claim: Claim, status: int, body: str) -> None:
+        """Store a claimed request's result for replay."""
+
+    @abstractmethod
+    async def idempotency_abandon(self, claim: Claim) -> None:
+        """Drop a claim whose request failed (a retry runs it again)."""
 
     @abstractmethod
     async def set_balance(self, account: str, nanos: int) -> None:
@@ -714,6 +745,7 @@ class MemoryQuotaStore(QuotaStore):
         self._settled: dict[str, int] = {}  # request id -> forget after (ms)
         self._next_sweep_ms = 0
         self._clock_ms = 0  # the latest admission time seen
+        self.idempotency = MemoryIdempotency()
 
     async def admit(self, req: AdmitRequest) -> Admission:
         return self.admit_now(req)
@@ -902,6 +934,28 @@ class MemoryQuotaStore(QuotaStore):
             state[0] += nanos
             return state[0]
 
+    async def topup_once(self, account: str, nanos: int, claim: Claim) -> tuple[int, bool]:
+        _check_topup(nanos)
+        records = self.idempotency
+        with self._lock, records.lock:
+            stored = resolve(claim, records.get(claim.key))
+            if stored is not None:
+                return int(stored.n or 0), True
+            state = self._accounts.setdefault(account, [0, 0])
+            _check_topup(nanos, state[0])
+            state[0] += nanos
+            records.put(claim.key, Stored(claim.fingerprint, 200, n=state[0]), RESULT_KEEP_MS)
+            return state[0], False
+
+    async def idempotency_begin(self, claim: Claim) -> Stored | None:
+        return self.idempotency.begin(claim)
+
+    async def idempotency_finish(self, claim: Claim, status: int, body: str) -> None:
+        self.idempotency.finish(claim, status, body)
+
+    async def idempotency_abandon(self, claim: Claim) -> None:
+        self.idempotency.abandon(claim)
+
     async def set_balance(self, account: str, nanos: int) -> None:
         with self._lock:
             self._accounts.setdefault(account, [nanos, 0])
@@ -987,6 +1041,18 @@ class FailOpenQuotaStore(QuotaStore):
 
     async def topup(self, account: str, nanos: int) -> int:
         return await self.primary.topup(account, nanos)
+
+    async def topup_once(self, account: str, nanos: int, claim: Claim) -> tuple[int, bool]:
+        return await self.primary.topup_once(account, nanos, claim)
+
+    async def idempotency_begin(self, claim: Claim) -> Stored | None:
+        return await self.primary.idempotency_begin(claim)
+
+    async def idempotency_finish(self, claim: Claim, status: int, body: str) -> None:
+        await self.primary.idempotency_finish(claim, status, body)
+
+    async def idempotency_abandon(self, claim: Claim) -> None:
+        await self.primary.idempotency_abandon(claim)
 
     async def set_balance(self, account: str, nanos: int) -> None:
         await self.primary.set_balance(account, nanos)

@@ -46,6 +46,16 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from billing.idempotency import (
+    ABANDON_LUA,
+    BEGIN_LUA,
+    PENDING_KEEP_MS,
+    RESULT_KEEP_MS,
+    Claim,
+    Stored,
+    encode_stored,
+    resolve,
+)
 from billing.money import format_amount
 from billing.quota import (
     BUCKET_MS,
@@ -371,6 +381,21 @@ return 1
 """
 )
 
+#: KEYS: the account, the idempotency record. ARGV: nanos to add, the largest balance
+#: allowed, the request's fingerprint, how long to keep the record (ms). Returns {1, record}
+#: when the key has a record (nothing added), {2, new balance} when applied (and recorded),
+#: {0} (nothing added) when the balance would pass the largest.
+TOPUP_ONCE_LUA = """
+local found = redis.call('GET', KEYS[2])
+if found then return {1, found} end
+local balance = tonumber(redis.call('HGET', KEYS[1], 'balance') or '0')
+if balance + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return {0} end
+local new = redis.call('HINCRBY', KEYS[1], 'balance', ARGV[1])
+local record = '{"f":"' .. ARGV[3] .. '","s":200,"n":' .. string.format('%d', new) .. '}'
+redis.call('SET', KEYS[2], record, 'PX', ARGV[4])
+return {2, new}
+"""
+
 #: KEYS: the account. ARGV: nanos to add, the largest balance allowed. Returns the new
 #: balance, or nil (nothing added) when it would pass the largest.
 TOPUP_LUA = """
@@ -451,6 +476,9 @@ class RedisQuotaStore(QuotaStore):
         self._settle_script = self._client.register_script(SETTLE_LUA)
         self._release_script = self._client.register_script(RELEASE_LUA)
         self._topup_script = self._client.register_script(TOPUP_LUA)
+        self._topup_once_script = self._client.register_script(TOPUP_ONCE_LUA)
+        self._begin_script = self._client.register_script(BEGIN_LUA)
+        self._abandon_script = self._client.register_script(ABANDON_LUA)
         # The two scripts every request runs go over one pipelined connection (hiredis
         # packing, no pool checkout); everything else, and URLs it cannot reach, via redis-py.
         self._pipeline = (
@@ -685,6 +713,38 @@ class RedisQuotaStore(QuotaStore):
         if result is None:
             raise ValueError(f"a balance cannot exceed {format_amount(MAX_BALANCE_NANOS)}")
         return int(result)
+
+    def _record_key(self, claim: Claim) -> str:
+        return f"{self.prefix}idem:{claim.key}"
+
+    async def topup_once(self, account: str, nanos: int, claim: Claim) -> tuple[int, bool]:
+        if nanos <= 0:
+            raise ValueError(f"a top-up must be positive, not {nanos}")
+        keys = [account_base(self.prefix, account), self._record_key(claim)]
+        args: list[str | int] = [nanos, MAX_BALANCE_NANOS, claim.fingerprint, RESULT_KEEP_MS]
+        reply = await self._call("top-up", lambda: self._topup_once_script(keys=keys, args=args))
+        outcome = int(reply[0])
+        if outcome == 0:
+            raise ValueError(f"a balance cannot exceed {format_amount(MAX_BALANCE_NANOS)}")
+        if outcome == 2:
+            return int(reply[1]), False
+        stored = resolve(claim, reply[1])
+        assert stored is not None
+        return int(stored.n or 0), True
+
+    async def idempotency_begin(self, claim: Claim) -> Stored | None:
+        keys = [self._record_key(claim)]
+        args: list[str | int] = [encode_stored(Stored(claim.fingerprint)), PENDING_KEEP_MS]
+        found = await self._call("idempotency", lambda: self._begin_script(keys=keys, args=args))
+        return resolve(claim, found) if found is not None else None
+
+    async def idempotency_finish(self, claim: Claim, status: int, body: str) -> None:
+        key, value = self._record_key(claim), encode_stored(Stored(claim.fingerprint, status, body))
+        await self._call("idempotency", lambda: self._client.set(key, value, px=RESULT_KEEP_MS))
+
+    async def idempotency_abandon(self, claim: Claim) -> None:
+        keys, args = [self._record_key(claim)], [encode_stored(Stored(claim.fingerprint))]
+        await self._call("idempotency", lambda: self._abandon_script(keys=keys, args=args))
 
     async def set_balance(self, account: str, nanos: int) -> None:
         """Open an account with `nanos` unless Redis knows it already (HSETNX: a restart or
