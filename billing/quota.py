@@ -476,6 +476,40 @@ class ScopeReading:
     """As for requests, for the tokens this request needs at least (prompt + min_tokens)."""
 
 
+class RollingWindow:
+    """One rolling window in memory: its buckets, oldest first, and their running total."""
+
+    __slots__ = ("buckets", "total")
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, int] = {}
+        self.total = 0
+
+    def prune(self, now_ms: int) -> None:
+        """Drop the buckets that have left the window."""
+        oldest = oldest_bucket(now_ms)
+        stale = []
+        for bucket in self.buckets:
+            if bucket >= oldest:
+                break
+            stale.append(bucket)
+        for bucket in stale:
+            self.total -= self.buckets.pop(bucket)
+
+    def add(self, bucket: int, amount: int) -> None:
+        self.buckets[bucket] = self.buckets.get(bucket, 0) + amount
+        self.total += amount
+
+    def correct(self, bucket: int, delta: int) -> None:
+        """Add `delta` to a bucket still in the window (a settle or a released hold)."""
+        if bucket in self.buckets:
+            self.buckets[bucket] += delta
+            self.total += delta
+
+    def first(self) -> int | None:
+        return next(iter(self.buckets), None)
+
+
 def split_window_counter(suffix: str) -> tuple[str, int] | None:
     """``(":tpm", bucket)`` for a rolling-window counter suffix, None for a plain counter."""
     name, at, bucket = suffix.rpartition("@")
@@ -494,13 +528,15 @@ def leaves_ms(bucket: int, now_ms: int) -> int:
     return (bucket + WINDOW_BUCKETS) * BUCKET_MS - now_ms
 
 
-def window_times(buckets: dict[int, int], now_ms: int, excess: int) -> tuple[int, int]:
+def window_times(
+    buckets: dict[int, int], first: int | None, now_ms: int, excess: int
+) -> tuple[int, int]:
     """(reset ms, retry ms) of a rolling window's live buckets (see `ScopeReading`).
 
-    `excess` is how much must leave the window before the request fits (<= 0: it fits).
+    `first` is the oldest bucket kept (None: none); `excess` is how much must leave the
+    window before the request fits (<= 0: it fits).
     """
-    live = [bucket for bucket, amount in buckets.items() if amount]
-    reset = leaves_ms(min(live) if live else now_ms // BUCKET_MS, now_ms)
+    reset = leaves_ms(first if first is not None else now_ms // BUCKET_MS, now_ms)
     if excess <= 0:
         return reset, 0
     freed = 0
@@ -739,7 +775,7 @@ class MemoryQuotaStore(QuotaStore):
         self.prefix = key_prefix
         self._lock = threading.Lock()
         self._counters: dict[str, list[int]] = {}  # key -> [value, expires_ms]
-        self._windows: dict[str, dict[int, int]] = {}  # rolling window -> {bucket: amount}
+        self._windows: dict[str, RollingWindow] = {}
         self._holds: dict[str, dict[str, _Hold]] = {}  # scope or account base -> holds
         self._accounts: dict[str, list[int]] = {}  # account -> [balance, held]
         self._settled: dict[str, int] = {}  # request id -> forget after (ms)
@@ -778,24 +814,20 @@ class MemoryQuotaStore(QuotaStore):
         """Add `delta` to a charged counter, if it (or its window bucket) is still there."""
         window = split_window_counter(suffix)
         if window is not None:
-            buckets = self._windows.get(base + window[0])
-            if buckets is not None and window[1] in buckets:
-                buckets[window[1]] += delta
+            rolling = self._windows.get(base + window[0])
+            if rolling is not None:
+                rolling.correct(window[1], delta)
             return
         entry = self._counters.get(base + suffix)
         if entry is not None:
             entry[0] += delta
 
-    def _window(self, key: str, now_ms: int) -> dict[int, int]:
-        """A rolling window's live buckets (older ones dropped)."""
-        buckets = self._windows.get(key)
-        if buckets is None:
-            return {}
-        oldest = oldest_bucket(now_ms)
-        if any(bucket < oldest for bucket in buckets):
-            buckets = {b: amount for b, amount in buckets.items() if b >= oldest}
-            self._windows[key] = buckets
-        return buckets
+    def _window_used(self, key: str, now_ms: int) -> int:
+        rolling = self._windows.get(key)
+        if rolling is None:
+            return 0
+        rolling.prune(now_ms)
+        return rolling.total
 
     def _window_reading(
         self, key: str, limit: int | None, need: int, now_ms: int
@@ -803,9 +835,12 @@ class MemoryQuotaStore(QuotaStore):
         """(used, reset ms, retry ms) of a rolling window against a limit."""
         if limit is None:
             return 0, 0, 0
-        buckets = self._window(key, now_ms)
-        used = sum(buckets.values())
-        reset, retry = window_times(buckets, now_ms, used + need - limit)
+        rolling = self._windows.get(key)
+        if rolling is None:
+            rolling = self._windows[key] = RollingWindow()
+        rolling.prune(now_ms)
+        used = rolling.total
+        reset, retry = window_times(rolling.buckets, rolling.first(), now_ms, used + need - limit)
         return used, reset, retry
 
     def _release_expired(self, base: str, now_ms: int, account: str | None = None) -> None:
@@ -861,12 +896,10 @@ class MemoryQuotaStore(QuotaStore):
         for plan in plans:
             bucket = plan.periods.bucket
             if plan.scope.limits.rpm is not None:
-                requests = self._windows.setdefault(plan.base + plan.rpm, {})
-                requests[bucket] = requests.get(bucket, 0) + 1
+                self._windows[plan.base + plan.rpm].add(bucket, 1)
             for suffix in plan.counters:
                 if split_window_counter(suffix) is not None:
-                    window = self._windows.setdefault(plan.base + plan.tpm, {})
-                    window[bucket] = window.get(bucket, 0) + tokens
+                    self._windows[plan.base + plan.tpm].add(bucket, tokens)
                     continue
                 ttl = counter_ttl_ms(plan, suffix, self.reservation_ttl_ms)
                 self._add(plan.base + suffix, tokens, ttl, now_ms)
@@ -921,8 +954,9 @@ class MemoryQuotaStore(QuotaStore):
             return
         self._next_sweep_ms = now_ms + 60_000
         self._counters = {k: v for k, v in self._counters.items() if v[1] > now_ms}
-        oldest = oldest_bucket(now_ms)
-        self._windows = {k: v for k, v in self._windows.items() if any(b >= oldest for b in v)}
+        for rolling in self._windows.values():
+            rolling.prune(now_ms)
+        self._windows = {k: v for k, v in self._windows.items() if v.buckets}
         self._holds = {k: v for k, v in self._holds.items() if v}
         self._settled = {k: v for k, v in self._settled.items() if v > now_ms}
 
@@ -971,8 +1005,8 @@ class MemoryQuotaStore(QuotaStore):
             live = sum(1 for h in self._holds.get(plan.base, {}).values() if h.expires_ms > now_ms)
             return remaining_from(
                 scope.limits,
-                sum(self._window(plan.base + plan.rpm, now_ms).values()),
-                sum(self._window(plan.base + plan.tpm, now_ms).values()),
+                self._window_used(plan.base + plan.rpm, now_ms),
+                self._window_used(plan.base + plan.tpm, now_ms),
                 live,
                 self._get(plan.base + plan.day),
                 self._get(plan.base + plan.month),

@@ -8,8 +8,9 @@ redis-py's pool). Python computes key names, calendar periods and TTLs
 
 Keys (prefix ``maas:quota:`` by default), per scope ``s:<scope id>`` and account ``a:<id>``:
 
-- ``s:<id>:rpm``, ``s:<id>:tpm`` - rolling windows: hashes one-second bucket -> amount;
-  an admission sums the last 61 buckets (and deletes older ones)
+- ``s:<id>:rpm``, ``s:<id>:tpm`` - rolling windows: hashes one-second bucket -> amount,
+  plus ``t`` (the total of the buckets kept) and ``o`` (the oldest bucket kept); buckets
+  that have left the window are deleted (and taken off ``t``) when ``o`` has left it
 - ``s:<id>:day:<YYYY-MM-DD>``, ``s:<id>:month:<YYYY-MM>`` - local calendar counters
 - ``s:<id>:inflight`` (zset request id -> expiry ms) and ``s:<id>:resv`` (hash request id
   -> "tokens suffix...") - open reservations, released lazily when expired
@@ -95,12 +96,17 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: Counter helpers shared by the scripts. A counter spec is a key, or ``<key>@<bucket>``
-#: for one bucket (hash field) of a rolling window; either is corrected only while it exists.
+#: for one bucket (hash field) of a rolling window (whose total ``t`` moves with it); either
+#: is corrected only while it exists.
 _COUNTER_LUA = """
-local function adjust(spec, delta)
+local function adjust(spec, amount)
+  local delta = string.format('%d', tonumber(amount))
   local key, field = string.match(spec, '^(.*)@(%d+)$')
   if key then
-    if redis.call('HEXISTS', key, field) == 1 then redis.call('HINCRBY', key, field, delta) end
+    if redis.call('HEXISTS', key, field) == 1 then
+      redis.call('HINCRBY', key, field, delta)
+      redis.call('HINCRBY', key, 't', delta)
+    end
   elseif redis.call('EXISTS', spec) == 1 then
     redis.call('INCRBY', spec, delta)
   end
@@ -171,26 +177,48 @@ local function leaves(b)
   return (b + WINDOW) * BUCKET_MS - now_ms
 end
 
--- A rolling window against a limit: used, reset ms, retry ms (mirrors window_times).
-local function window(key, limit, need)
+-- The buckets of a rolling window (field 't' and 'o' aside): {bucket, amount} pairs.
+local function buckets_of(key)
   local flat = redis.call('HGETALL', key)
-  local used, first = 0, nil
-  local live, stale = {}, {}
+  local found = {}
   for j = 1, #flat, 2 do
-    local b, amount = tonumber(flat[j]), tonumber(flat[j + 1])
-    if b < oldest then
-      table.insert(stale, flat[j])
-    else
-      used = used + amount
-      table.insert(live, {b, amount})
-      if amount ~= 0 and (first == nil or b < first) then first = b end
+    if flat[j] ~= 't' and flat[j] ~= 'o' then
+      table.insert(found, {tonumber(flat[j]), tonumber(flat[j + 1])})
     end
   end
-  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  return found
+end
+
+-- A rolling window against a limit: used, oldest bucket kept (or nil), reset ms, retry
+-- ms (mirrors RollingWindow and window_times). Buckets that have left are deleted once
+-- the oldest one has: about once a second per window, not at every admission.
+local function window(key, limit, need)
+  local state = redis.call('HMGET', key, 't', 'o')
+  local used, first = tonumber(state[1] or '0'), tonumber(state[2])
+  if first ~= nil and first < oldest then
+    local stale, kept = {}, nil
+    for _, e in ipairs(buckets_of(key)) do
+      if e[1] < oldest then
+        table.insert(stale, istr(e[1]))
+        used = used - e[2]
+      elseif kept == nil or e[1] < kept then
+        kept = e[1]
+      end
+    end
+    if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+    if kept == nil then
+      redis.call('DEL', key)
+      used = 0
+    else
+      redis.call('HSET', key, 't', istr(used), 'o', istr(kept))
+    end
+    first = kept
+  end
   local current = math.floor(now_ms / BUCKET_MS)
   local reset = leaves(first or current)
   local excess = used + need - limit
-  if excess <= 0 then return used, reset, 0 end
+  if excess <= 0 then return used, first, reset, 0 end
+  local live = buckets_of(key)
   table.sort(live, function(x, y) return x[1] < y[1] end)
   local freed, last = 0, current
   for _, e in ipairs(live) do
@@ -198,10 +226,19 @@ local function window(key, limit, need)
     last = e[1]
     if freed >= excess then break end
   end
-  return used, reset, leaves(last)
+  return used, first, reset, leaves(last)
+end
+
+-- Charge a rolling window's current bucket.
+local function charge(key, amount, first, ttl)
+  redis.call('HINCRBY', key, bucket, amount)
+  redis.call('HINCRBY', key, 't', amount)
+  if first == nil or tonumber(bucket) < first then redis.call('HSET', key, 'o', bucket) end
+  redis.call('PEXPIRE', key, ttl)
 end
 
 local readings = {}
+local firsts = {}
 local blocked = false
 local granted = max_tokens
 local need = prompt + min_tokens
@@ -213,14 +250,15 @@ for i = 1, nscopes do
   release_expired(KEYS[k + 1], KEYS[k + 2], ARGV[a + 1], nil)
   local requests, tpm_used, day_used, month_used = 0, 0, 0, 0
   local rpm_reset, rpm_retry, tpm_reset, tpm_retry = 0, 0, 0, 0
+  local rpm_first, tpm_first = nil, nil
   local inflight = redis.call('ZCARD', KEYS[k + 1])
   if rpm >= 0 then
-    requests, rpm_reset, rpm_retry = window(KEYS[k + 3], rpm, 1)
+    requests, rpm_first, rpm_reset, rpm_retry = window(KEYS[k + 3], rpm, 1)
     if requests + 1 > rpm then blocked = true end
   end
   if conc >= 0 and inflight + 1 > conc then blocked = true end
   if tpm >= 0 then
-    tpm_used, tpm_reset, tpm_retry = window(KEYS[k + 4], tpm, need)
+    tpm_used, tpm_first, tpm_reset, tpm_retry = window(KEYS[k + 4], tpm, need)
     granted = math.min(granted, tpm - tpm_used - prompt)
   end
   if day >= 0 then
@@ -240,6 +278,7 @@ for i = 1, nscopes do
   table.insert(readings, rpm_retry)
   table.insert(readings, tpm_reset)
   table.insert(readings, tpm_retry)
+  firsts[i] = {rpm_first, tpm_first}
 end
 
 local balance = false
@@ -270,14 +309,8 @@ if admitted then
     local a = GLOBALS + (i - 1) * PER
     local rpm, tpm, conc = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
     local day, month = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
-    if rpm >= 0 then
-      redis.call('HINCRBY', KEYS[k + 3], bucket, 1)
-      redis.call('PEXPIRE', KEYS[k + 3], ARGV[a + 7])
-    end
-    if tpm >= 0 then
-      redis.call('HINCRBY', KEYS[k + 4], bucket, tokens)
-      redis.call('PEXPIRE', KEYS[k + 4], ARGV[a + 7])
-    end
+    if rpm >= 0 then charge(KEYS[k + 3], 1, firsts[i][1], ARGV[a + 7]) end
+    if tpm >= 0 then charge(KEYS[k + 4], tokens, firsts[i][2], ARGV[a + 7]) end
     if day >= 0 then
       redis.call('INCRBY', KEYS[k + 5], tokens)
       redis.call('PEXPIRE', KEYS[k + 5], ARGV[a + 8])
@@ -804,7 +837,11 @@ class RedisQuotaStore(QuotaStore):
         oldest = oldest_bucket(plan.periods.now_ms)
 
         def used(window: dict[str, str]) -> int:
-            return sum(int(amount) for bucket, amount in window.items() if int(bucket) >= oldest)
+            return sum(
+                int(amount)
+                for bucket, amount in window.items()
+                if bucket.isdigit() and int(bucket) >= oldest
+            )
 
         return remaining_from(
             scope.limits,

@@ -268,6 +268,19 @@ async def test_tokens_per_minute_roll_across_a_clock_minute(store: QuotaStore) -
     await store.admit(ask(scope, now=NOW + timedelta(seconds=120)))  # the first one has left
 
 
+async def test_an_expired_reservation_leaves_the_rolling_window(store: QuotaStore) -> None:
+    scope = tenant(tpm=1_000)
+    await store.admit(ask(scope))  # reserves 200 at 12:00:00, never settled (a crash)
+    settled = await store.admit(ask(scope, now=NOW + timedelta(seconds=1)))
+    await store.settle(settled, used_tokens=150, cost_nanos=0)
+    # 12:01:00.5: the reservation expired (RESERVATION_TTL_S) but its bucket is still in the
+    # window; only the settled 150 count.
+    later = NOW + timedelta(seconds=RESERVATION_TTL_S, milliseconds=500)
+    admission = await store.admit(ask(scope, now=later, max_tokens=900))
+    assert admission.granted_max_tokens == 750  # 1000 - 150 - 100 prompt
+    assert (await store.remaining(scope, later))["tpm"] == 0
+
+
 async def test_concurrent_requests_limit(store: QuotaStore) -> None:
     scope = tenant(max_concurrent=2)
     first = await store.admit(ask(scope))
