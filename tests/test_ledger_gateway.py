@@ -913,7 +913,7 @@ async def test_sigkill_under_load_loses_no_answered_request(
         "time_scale": 1,
         "ttft_overhead_ms": 2,
         "prefill_ms_per_token": 0,
-        "itl_ms": 1,
+        "itl_ms": 5,  # streams last long enough for some to be mid-way at the kill
         "jitter": 0,
         "output": {"distribution": "uniform", "mean": 20, "sd": 5, "min": 5, "max": 40},
     }
