@@ -16,6 +16,7 @@ Keys (prefix ``maas:quota:`` by default), per scope ``s:<scope id>`` and account
   -> "tokens suffix...") - open reservations, released lazily when expired
 - ``a:<id>`` (hash ``balance``, ``held``), ``a:<id>:inflight``, ``a:<id>:resv``
 - ``done:<request id>`` - settle idempotency marker
+- ``idem:<Idempotency-Key>`` - an admin write's idempotency record (`billing.idempotency`)
 
 Lua counts in doubles: amounts stay below 2**53 (nine million currency units in nanos).
 The scripts touch the keys of expired reservations they find, so the store needs a
