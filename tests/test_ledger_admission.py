@@ -1,26 +1,33 @@
 """Admission journaling: a request admitted and never recorded still gets exactly one row,
 by the crash policy, and a final record always wins over the provisional one.
 
-The SIGKILL test through a running gateway is in tests/test_ledger_gateway.py; here a
-recorder process admits requests, records some, and is killed with SIGKILL.
+The SIGKILL-under-load test through a running gateway is in tests/test_ledger_gateway.py;
+here a recorder process admits requests, records some, and is killed with SIGKILL, and a
+`maas-gateway serve` process is killed in the middle of a long stream, whose row then bills
+the output delivered by the last checkpoint.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from billing.ledger import ENTRIES, Ledger, LedgerConfig, merge_replayed
 from billing.record import GATEWAY_DIED, UsageRecord
 from billing.usage import Usage
+from tests.harness import ACME_KEY, base_config, gateway_process
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,3 +154,84 @@ async def test_sigkill_leaves_one_row_per_admitted_request(tmp_path: Path) -> No
         assert after[f"open-{i}"] == (500, GATEWAY_DIED, (i % 3) * 1_000)
     for i in range(3000):
         assert after[f"done-{i}"] == (200, None, (1 + i % 5) * 1_000)
+
+
+async def test_sigkill_mid_stream_bills_the_output_delivered_by_the_last_checkpoint(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    """A stream in flight for over a second when `maas-gateway serve` is killed: its row is
+    `gateway_died`, bills output it had delivered (never more, never the prompt)."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"
+    provider = {
+        "name": "sim",
+        "type": "simulated",
+        "time_scale": 1,
+        "ttft_overhead_ms": 2,
+        "prefill_ms_per_token": 0,
+        "itl_ms": 40,
+        "jitter": 0,
+        "output": {"distribution": "uniform", "mean": 200, "sd": 0, "min": 200, "max": 200},
+    }
+    config = base_config(
+        tmp_path, tokenizer_dir, providers=[provider], ledger={"url": url, "url_env": None}
+    )
+    headers = {"authorization": f"Bearer {ACME_KEY}"}
+    body = {
+        "model": "gpt-4o-mini",
+        "max_tokens": 200,
+        "stream": True,
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+    }
+    chunks = 0
+    with gateway_process(config, tmp_path, name="killed") as (base_url, process):
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+
+            async def short_requests() -> None:  # others finish meanwhile: the journal rotates
+                quick = {**body, "stream": False, "max_tokens": 1}
+                while True:
+                    await http.post("/v1/chat/completions", json=quick, headers=headers)
+                    await asyncio.sleep(0.05)
+
+            background = asyncio.create_task(short_requests())
+            try:
+                async with http.stream(
+                    "POST", "/v1/chat/completions", json=body, headers=headers
+                ) as response:
+                    request_id = response.headers["x-request-id"]
+                    started = time.monotonic()
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: {"):
+                            chunks += 1
+                        if time.monotonic() - started > 2.5:
+                            process.send_signal(signal.SIGKILL)
+                            await asyncio.to_thread(process.wait, 10)
+                            break
+            finally:
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                    await background
+    assert chunks > 20
+    ledger = await Ledger.open(LedgerConfig(url=url, url_env=None))
+    await ledger.aclose()
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    select(
+                        ENTRIES.c.status_code,
+                        ENTRIES.c.error_type,
+                        ENTRIES.c.uncached_input,
+                        ENTRIES.c.output,
+                        ENTRIES.c.cost_nanos,
+                        ENTRIES.c.unit_price_output_nanos,
+                        ENTRIES.c.stream_cut_by,
+                    ).where(ENTRIES.c.request_id == request_id)
+                )
+            ).one()
+    finally:
+        await engine.dispose()
+    status, error, prompt, output, cost, output_price, cut_by = row
+    assert (status, error, prompt, cut_by) == (500, GATEWAY_DIED, 0, "gateway")
+    assert 0 < output <= chunks  # one token a chunk here: never more than was delivered
+    assert cost == output * output_price
