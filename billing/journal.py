@@ -114,6 +114,15 @@ class Journal:
         if written != len(data):  # a full disk; the line is torn and will be skipped
             raise OSError(f"journal write to {self._path} was short ({written}/{len(data)})")
 
+    def append_many(self, records: list[UsageRecord]) -> None:
+        """Write several records with one system call (nothing when the list is empty)."""
+        if not records:
+            return
+        data = b"".join(encode_record(rec) for rec in records)
+        written = os.write(self._fd, data)
+        if written != len(data):
+            raise OSError(f"journal write to {self._path} was short ({written}/{len(data)})")
+
     def rotate(self) -> None:
         """Close the current segment and start a new one.
 

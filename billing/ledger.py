@@ -1,11 +1,16 @@
 """The usage ledger: one row per request, written in batches off the request path.
 
-`Ledger.record` appends the record to the crash journal (`billing.journal`) and queues it;
+`Ledger.admit` journals a provisional record for a request the moment it is admitted: the
+row the crash policy gives it (`closed_by_crash`) should the process die before the real
+outcome is known. `Ledger.record` appends the final record to the crash journal
+(`billing.journal`) and queues it;
 a background task writes queued records to the database in batches, one transaction per
 batch, inserting each request id at most once and adding only the rows actually inserted
-to the 15-minute rollups in the same transaction. Only then is the journal trimmed. On
-open, segments left by a stopped process are replayed the same idempotent way, so a crash
-at any point leaves every recorded request in the ledger exactly once.
+to the 15-minute rollups in the same transaction. Only then is the journal trimmed (the
+provisional records of requests still in flight are written again into each new segment, so
+trimming never drops one). On open, segments left by a stopped process are replayed the same
+idempotent way, a final record winning over a provisional one, so a crash at any point
+leaves every admitted request in the ledger exactly once.
 
 SQLite (the embedded default) and PostgreSQL run the same code; the schema is migrated to
 the newest Alembic revision on open.
@@ -22,7 +27,7 @@ import os
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -40,7 +45,7 @@ from billing.journal import Journal
 from billing.migrations import upgrade
 from billing.models import BUCKET_SECONDS, LedgerEntry, LedgerState, UsageRollup
 from billing.money import format_amount
-from billing.record import UsageRecord
+from billing.record import GATEWAY_DIED, UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -474,6 +479,20 @@ class SqliteWriter:
         return len(batch)
 
 
+def merge_replayed(records: Iterable[UsageRecord]) -> list[UsageRecord]:
+    """One record per request id from journal lines in the order written.
+
+    A final record wins over a provisional one (`error_type == GATEWAY_DIED`) whatever the
+    order; among records of the same kind the later wins (a later checkpoint).
+    """
+    merged: dict[str, UsageRecord] = {}
+    for rec in records:
+        seen = merged.get(rec.request_id)
+        if seen is None or seen.error_type == GATEWAY_DIED or rec.error_type != GATEWAY_DIED:
+            merged[rec.request_id] = rec
+    return list(merged.values())
+
+
 def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -513,6 +532,7 @@ class Ledger:
         self._sqlite_writer = SqliteWriter(db_file) if db_file is not None else None
         self._queue: deque[tuple[float, UsageRecord]] = deque()
         self._inflight: list[tuple[float, UsageRecord]] = []
+        self._open: dict[str, Callable[[], UsageRecord]] = {}
         self._flush_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
@@ -543,6 +563,24 @@ class Ledger:
 
     # -- the request path -------------------------------------------------------------
 
+    def admit(self, request_id: str, provisional: Callable[[], UsageRecord]) -> None:
+        """Journal an admitted request's provisional record (a few microseconds).
+
+        `provisional()` returns the row the crash policy gives the request if the process
+        dies before `record` is called for it (`error_type == GATEWAY_DIED`); it is called
+        now and again each time the journal starts a new segment, so it may report output
+        delivered so far. `record` replaces it.
+        """
+        if self._closed:
+            raise RuntimeError("the ledger is closed")
+        self._journal.append(provisional())
+        self._open[request_id] = provisional
+
+    @property
+    def open_requests(self) -> int:
+        """Requests admitted and not yet recorded."""
+        return len(self._open)
+
     def record(self, rec: UsageRecord) -> None:
         """Journal the record and queue it for the database (a few microseconds).
 
@@ -552,6 +590,7 @@ class Ledger:
         if self._closed:
             raise RuntimeError("the ledger is closed")
         self._journal.append(rec)
+        self._open.pop(rec.request_id, None)
         self._queue.append((time.monotonic(), rec))
         if len(self._queue) >= self.config.batch_size:
             self._wake.set()
@@ -577,6 +616,7 @@ class Ledger:
             if not self._queue:
                 return
             self._journal.rotate()
+            self._rejournal_open()
             self._inflight = list(self._queue)
             self._queue.clear()
             try:
@@ -590,10 +630,20 @@ class Ledger:
                     self._inflight = []
             self._journal.discard_closed()
 
+    def _rejournal_open(self) -> None:
+        """Write the provisional records of requests in flight into the new segment."""
+        if self._open:
+            self._journal.append_many([provisional() for provisional in self._open.values()])
+
     async def aclose(self) -> None:
-        """Stop the writer and flush everything; the journal is emptied on success."""
+        """Stop the writer and flush everything; the journal is emptied on success.
+
+        Requests still in flight are closed by the crash policy (their provisional record).
+        """
         if self._closed:
             return
+        for provisional in list(self._open.values()):
+            self.record(provisional())
         self._closed = True  # record() refuses from here on
         self._wake.set()
         if self._writer is not None:
@@ -634,19 +684,31 @@ class Ledger:
                 log.exception("ledger write failed (attempt %d); records stay journaled", failures)
 
     async def _replay_orphans(self) -> None:
-        for segment in self._journal.orphans():
-            try:
-                records = segment.read()
-                inserted = 0
-                for chunk in _chunks(records, self.config.batch_size):
-                    inserted += await self._write(chunk)
-            except BaseException:
+        # Every orphan at once: a request's provisional record and its final one may be in
+        # different segments, and the final one must win.
+        segments = list(self._journal.orphans())
+        if not segments:
+            return
+        try:
+            lines = [rec for segment in segments for rec in segment.read()]
+            records = merge_replayed(lines)
+            crashed = sum(1 for rec in records if rec.error_type == GATEWAY_DIED)
+            inserted = 0
+            for chunk in _chunks(records, self.config.batch_size):
+                inserted += await self._write(chunk)
+        except BaseException:
+            for segment in segments:
                 segment.release()
-                raise
+            raise
+        for segment in segments:
             segment.discard()
-            log.info(
-                "replayed journal %s: %d records, %d new", segment.path, len(records), inserted
-            )
+        log.info(
+            "replayed %d journal segments: %d requests (%d closed by the crash policy), %d new",
+            len(segments),
+            len(records),
+            crashed,
+            inserted,
+        )
 
     async def _apply_retention(self) -> None:
         days = self.config.retention_days

@@ -10,10 +10,13 @@ truth shared by every gateway replica).
 
 Semantics, shared by both backends:
 
-- **Windows.** Requests and tokens per minute use a *fixed* window: the UTC clock minute
-  (epoch milliseconds // 60000). Within one clock minute a scope never admits more than its
-  limit; across a minute boundary a burst can reach twice the limit within 60 seconds.
-  `x-ratelimit-reset-*` and `retry_after_s` give the time to the end of the minute.
+- **Windows.** Requests and tokens per minute use a *sliding* window of one-second buckets
+  (epoch milliseconds // 1000): an admission counts what the last 61 buckets hold (the
+  current second and the 60 before it), so no 60-second span, wherever it starts, ever
+  admits more than the limit; a request counts against it for 60 to 61 seconds.
+  `retry_after_s` is the time until enough of the window has left it for this request to
+  fit; `x-ratelimit-reset-*` the time until the oldest request (or tokens) still counted
+  leave the window, when `remaining` next grows.
 - **Periods.** Daily and monthly token budgets are calendar periods in the scope's time
   zone (the same boundaries the invoices use): a day runs from local midnight to local
   midnight (23 or 25 hours across a daylight-saving change).
@@ -48,6 +51,13 @@ from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from billing.idempotency import (
+    RESULT_KEEP_MS,
+    Claim,
+    MemoryIdempotency,
+    Stored,
+    resolve,
+)
 from billing.money import format_amount
 
 __all__ = [
@@ -86,6 +96,12 @@ SETTLED_KEEP_MS = 86_400_000
 CONCURRENCY_RETRY_S = 1.0
 #: The largest prepaid balance (nanos): Redis Lua counts in doubles, exact below 2**53.
 MAX_BALANCE_NANOS = 2**53 - 1
+#: Rolling windows: one-second buckets, and how many of them an admission counts (the
+#: current one and the 60 before it: a 60-second span touches at most 61 buckets).
+BUCKET_MS = 1_000
+WINDOW_BUCKETS = 61
+#: How long a rolling-window hash outlives its last write.
+WINDOW_TTL_MS = (WINDOW_BUCKETS + 1) * BUCKET_MS
 
 
 class Limits(BaseModel):
@@ -218,6 +234,30 @@ class QuotaStore(ABC):
         (nothing added) when the balance would pass `MAX_BALANCE_NANOS`."""
 
     @abstractmethod
+    async def topup_once(self, account: str, nanos: int, claim: Claim) -> tuple[int, bool]:
+        """`topup` under an idempotency key, recorded in the same atomic step.
+
+        Returns (balance, replayed): a key already used by the same request returns the
+        balance its first top-up produced and adds nothing. Raises
+        `billing.idempotency.IdempotencyConflict` for a key used by another request or one
+        still running, `ValueError` as `topup` does (nothing is recorded then).
+        """
+
+    @abstractmethod
+    async def idempotency_begin(self, claim: Claim) -> Stored | None:
+        """Claim an idempotency key for a request; the stored result to replay, or None
+        (go ahead, then `idempotency_finish` or `idempotency_abandon`). Raises
+        `IdempotencyConflict`."""
+
+    @abstractmethod
+    async def idempotency_finish(self, claim: Claim, status: int, body: str) -> None:
+        """Store a claimed request's result for replay."""
+
+    @abstractmethod
+    async def idempotency_abandon(self, claim: Claim) -> None:
+        """Drop a claim whose request failed (a retry runs it again)."""
+
+    @abstractmethod
     async def set_balance(self, account: str, nanos: int) -> None:
         """Set an initial balance, only if the account is not yet known (so a restart never
         resets a balance). Does not raise when the store is unavailable: a store that can
@@ -313,7 +353,8 @@ class Periods:
 
     now_ms: int
     minute: int
-    minute_reset_ms: int
+    bucket: int
+    """The current one-second bucket of the rolling windows."""
     day: str
     day_reset_ms: int
     month: str
@@ -321,14 +362,14 @@ class Periods:
 
 
 def periods(now: datetime, timezone: str) -> Periods:
-    """The UTC clock minute and the local calendar day and month of `now` in `timezone`."""
+    """The rolling-window bucket and the local calendar day and month of `now` in `timezone`."""
     now_ms = epoch_ms(now)
     minute = now_ms // 60_000
     calendar = _calendar(timezone, minute)
     return Periods(
         now_ms=now_ms,
         minute=minute,
-        minute_reset_ms=(minute + 1) * 60_000 - now_ms,
+        bucket=now_ms // BUCKET_MS,
         day=calendar[0],
         day_reset_ms=calendar[1] - now_ms,
         month=calendar[2],
@@ -372,7 +413,8 @@ class ScopePlan:
     month: str
 
     counters: tuple[str, ...]
-    """Suffixes of the token counters this scope charges (tpm, day, month)."""
+    """Suffixes of the token counters this scope charges (tpm, day, month); a rolling
+    window's is ``:tpm@<bucket>``: the bucket (hash field) of the ``:tpm`` hash charged."""
     holds: bool
     """Whether an admission keeps a reservation in this scope."""
 
@@ -380,11 +422,11 @@ class ScopePlan:
 def plan_scope(scope: Scope, now: datetime, prefix: str) -> ScopePlan:
     p = periods(now, scope.timezone)
     limits = scope.limits
-    tpm, day, month = f":tpm:{p.minute}", f":day:{p.day}", f":month:{p.month}"
+    day, month = f":day:{p.day}", f":month:{p.month}"
     counters = tuple(
         suffix
         for limit, suffix in (
-            (limits.tpm, tpm),
+            (limits.tpm, f":tpm@{p.bucket}"),
             (limits.tokens_per_day, day),
             (limits.tokens_per_month, month),
         )
@@ -394,8 +436,8 @@ def plan_scope(scope: Scope, now: datetime, prefix: str) -> ScopePlan:
         scope=scope,
         base=f"{prefix}s:{scope.id}",
         periods=p,
-        rpm=f":rpm:{p.minute}",
-        tpm=tpm,
+        rpm=":rpm",
+        tpm=":tpm",
         day=day,
         month=month,
         counters=counters,
@@ -410,8 +452,8 @@ def account_base(prefix: str, account: str) -> str:
 def counter_ttl_ms(plan: ScopePlan, suffix: str, reservation_ttl_ms: int) -> int:
     """How long a counter key lives: to the end of its period plus a margin."""
     p = plan.periods
-    if suffix in (plan.rpm, plan.tpm):
-        return p.minute_reset_ms + 60_000
+    if suffix in (plan.rpm, plan.tpm) or "@" in suffix:
+        return WINDOW_TTL_MS
     period_ms = p.day_reset_ms if suffix == plan.day else p.month_reset_ms
     return period_ms + reservation_ttl_ms + PERIOD_MARGIN_MS
 
@@ -425,6 +467,86 @@ class ScopeReading:
     tpm: int
     day: int
     month: int
+    rpm_reset_ms: int = 0
+    """Until the oldest request counted leaves the rolling window (or this one would)."""
+    rpm_retry_ms: int = 0
+    """Until enough requests have left for one more to fit (0 when it fits now)."""
+    tpm_reset_ms: int = 0
+    tpm_retry_ms: int = 0
+    """As for requests, for the tokens this request needs at least (prompt + min_tokens)."""
+
+
+class RollingWindow:
+    """One rolling window in memory: its buckets, oldest first, and their running total."""
+
+    __slots__ = ("buckets", "total")
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, int] = {}
+        self.total = 0
+
+    def prune(self, now_ms: int) -> None:
+        """Drop the buckets that have left the window."""
+        oldest = oldest_bucket(now_ms)
+        stale = []
+        for bucket in self.buckets:
+            if bucket >= oldest:
+                break
+            stale.append(bucket)
+        for bucket in stale:
+            self.total -= self.buckets.pop(bucket)
+
+    def add(self, bucket: int, amount: int) -> None:
+        self.buckets[bucket] = self.buckets.get(bucket, 0) + amount
+        self.total += amount
+
+    def correct(self, bucket: int, delta: int) -> None:
+        """Add `delta` to a bucket still in the window (a settle or a released hold)."""
+        if bucket in self.buckets:
+            self.buckets[bucket] += delta
+            self.total += delta
+
+    def first(self) -> int | None:
+        return next(iter(self.buckets), None)
+
+
+def split_window_counter(suffix: str) -> tuple[str, int] | None:
+    """``(":tpm", bucket)`` for a rolling-window counter suffix, None for a plain counter."""
+    name, at, bucket = suffix.rpartition("@")
+    if at and bucket.isdigit():
+        return name, int(bucket)
+    return None
+
+
+def oldest_bucket(now_ms: int) -> int:
+    """The oldest one-second bucket a rolling window counts at `now_ms`."""
+    return now_ms // BUCKET_MS - WINDOW_BUCKETS + 1
+
+
+def leaves_ms(bucket: int, now_ms: int) -> int:
+    """How long until `bucket` leaves the rolling window."""
+    return (bucket + WINDOW_BUCKETS) * BUCKET_MS - now_ms
+
+
+def window_times(
+    buckets: dict[int, int], first: int | None, now_ms: int, excess: int
+) -> tuple[int, int]:
+    """(reset ms, retry ms) of a rolling window's live buckets (see `ScopeReading`).
+
+    `first` is the oldest bucket kept (None: none); `excess` is how much must leave the
+    window before the request fits (<= 0: it fits).
+    """
+    reset = leaves_ms(first if first is not None else now_ms // BUCKET_MS, now_ms)
+    if excess <= 0:
+        return reset, 0
+    freed = 0
+    last = now_ms // BUCKET_MS
+    for bucket in sorted(buckets):
+        freed += buckets[bucket]
+        last = bucket
+        if freed >= excess:
+            break
+    return reset, leaves_ms(last, now_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -498,11 +620,15 @@ def ratelimit_headers(
     for plan, reading in zip(plans, readings, strict=True):
         limits, p = plan.scope.limits, plan.periods
         if limits.rpm is not None:
-            left = (max(limits.rpm - reading.requests - requests, 0), limits.rpm, p.minute_reset_ms)
+            left = (
+                max(limits.rpm - reading.requests - requests, 0),
+                limits.rpm,
+                reading.rpm_reset_ms,
+            )
             if best_requests is None or left[0] < best_requests[0]:
                 best_requests = left
         for limit, used, reset in (
-            (limits.tpm, reading.tpm, p.minute_reset_ms),
+            (limits.tpm, reading.tpm, reading.tpm_reset_ms),
             (limits.tokens_per_day, reading.day, p.day_reset_ms),
             (limits.tokens_per_month, reading.month, p.month_reset_ms),
         ):
@@ -541,7 +667,6 @@ def refusal(
     found: list[QuotaExceeded] = []
     for plan, reading in zip(plans, readings, strict=True):
         limits, p, sid = plan.scope.limits, plan.periods, plan.scope.id
-        minute_s = p.minute_reset_ms / 1000
         if limits.rpm is not None and reading.requests + 1 > limits.rpm:
             found.append(
                 QuotaExceeded(
@@ -549,9 +674,9 @@ def refusal(
                     "rpm",
                     sid,
                     f"Rate limit reached for requests per minute on {sid}: limit {limits.rpm},"
-                    f" used {reading.requests}. Please try again in"
-                    f" {format_reset(p.minute_reset_ms)}.",
-                    retry_after_s=minute_s,
+                    f" used {reading.requests} in the last 60s. Please try again in"
+                    f" {format_reset(reading.rpm_retry_ms)}.",
+                    retry_after_s=reading.rpm_retry_ms / 1000,
                 )
             )
         if limits.max_concurrent is not None and reading.inflight + 1 > limits.max_concurrent:
@@ -576,10 +701,10 @@ def refusal(
             else:
                 message = (
                     f"Rate limit reached for tokens per minute on {sid}: limit {limits.tpm},"
-                    f" used {reading.tpm}, requested at least {need}. Please try again in"
-                    f" {format_reset(p.minute_reset_ms)}."
+                    f" used {reading.tpm} in the last 60s, requested at least {need}. Please"
+                    f" try again in {format_reset(reading.tpm_retry_ms)}."
                 )
-                retry = minute_s
+                retry = reading.tpm_retry_ms / 1000
             found.append(QuotaExceeded("rate_limit", "tpm", sid, message, retry_after_s=retry))
         budgets: list[tuple[RefusalReason, int | None, int, str, int]] = [
             ("tokens_per_day", limits.tokens_per_day, reading.day, "Daily", p.day_reset_ms),
@@ -650,11 +775,13 @@ class MemoryQuotaStore(QuotaStore):
         self.prefix = key_prefix
         self._lock = threading.Lock()
         self._counters: dict[str, list[int]] = {}  # key -> [value, expires_ms]
+        self._windows: dict[str, RollingWindow] = {}
         self._holds: dict[str, dict[str, _Hold]] = {}  # scope or account base -> holds
         self._accounts: dict[str, list[int]] = {}  # account -> [balance, held]
         self._settled: dict[str, int] = {}  # request id -> forget after (ms)
         self._next_sweep_ms = 0
         self._clock_ms = 0  # the latest admission time seen
+        self.idempotency = MemoryIdempotency()
 
     async def admit(self, req: AdmitRequest) -> Admission:
         return self.admit_now(req)
@@ -664,7 +791,8 @@ class MemoryQuotaStore(QuotaStore):
         now_ms = plans[0].periods.now_ms if plans else epoch_ms(req.now)
         with self._lock:
             self._sweep(now_ms)
-            readings = [self._read_scope(plan, now_ms) for plan in plans]
+            need = req.prompt_tokens + min_tokens(req)
+            readings = [self._read_scope(plan, need, now_ms) for plan in plans]
             account = None
             if req.balance_account is not None:
                 account = self._read_account(req.balance_account, now_ms)
@@ -682,6 +810,39 @@ class MemoryQuotaStore(QuotaStore):
         entry[0] += amount
         entry[1] = now_ms + ttl_ms
 
+    def _correct(self, base: str, suffix: str, delta: int) -> None:
+        """Add `delta` to a charged counter, if it (or its window bucket) is still there."""
+        window = split_window_counter(suffix)
+        if window is not None:
+            rolling = self._windows.get(base + window[0])
+            if rolling is not None:
+                rolling.correct(window[1], delta)
+            return
+        entry = self._counters.get(base + suffix)
+        if entry is not None:
+            entry[0] += delta
+
+    def _window_used(self, key: str, now_ms: int) -> int:
+        rolling = self._windows.get(key)
+        if rolling is None:
+            return 0
+        rolling.prune(now_ms)
+        return rolling.total
+
+    def _window_reading(
+        self, key: str, limit: int | None, need: int, now_ms: int
+    ) -> tuple[int, int, int]:
+        """(used, reset ms, retry ms) of a rolling window against a limit."""
+        if limit is None:
+            return 0, 0, 0
+        rolling = self._windows.get(key)
+        if rolling is None:
+            rolling = self._windows[key] = RollingWindow()
+        rolling.prune(now_ms)
+        used = rolling.total
+        reset, retry = window_times(rolling.buckets, rolling.first(), now_ms, used + need - limit)
+        return used, reset, retry
+
     def _release_expired(self, base: str, now_ms: int, account: str | None = None) -> None:
         holds = self._holds.get(base)
         if not holds:
@@ -691,19 +852,27 @@ class MemoryQuotaStore(QuotaStore):
             if account is not None:
                 self._accounts[account][1] -= hold.amount
             for suffix in hold.counters:
-                entry = self._counters.get(base + suffix)
-                if entry is not None:
-                    entry[0] -= hold.amount
+                self._correct(base, suffix, -hold.amount)
 
-    def _read_scope(self, plan: ScopePlan, now_ms: int) -> ScopeReading:
+    def _read_scope(self, plan: ScopePlan, need: int, now_ms: int) -> ScopeReading:
         self._release_expired(plan.base, now_ms)
         limits = plan.scope.limits
+        requests, rpm_reset, rpm_retry = self._window_reading(
+            plan.base + plan.rpm, limits.rpm, 1, now_ms
+        )
+        tpm, tpm_reset, tpm_retry = self._window_reading(
+            plan.base + plan.tpm, limits.tpm, need, now_ms
+        )
         return ScopeReading(
-            requests=self._get(plan.base + plan.rpm) if limits.rpm is not None else 0,
+            requests=requests,
             inflight=len(self._holds.get(plan.base, ())),
-            tpm=self._get(plan.base + plan.tpm) if limits.tpm is not None else 0,
+            tpm=tpm,
             day=self._get(plan.base + plan.day) if limits.tokens_per_day is not None else 0,
             month=self._get(plan.base + plan.month) if limits.tokens_per_month is not None else 0,
+            rpm_reset_ms=rpm_reset,
+            rpm_retry_ms=rpm_retry,
+            tpm_reset_ms=tpm_reset,
+            tpm_retry_ms=tpm_retry,
         )
 
     def _read_account(self, account: str, now_ms: int) -> AccountReading:
@@ -725,9 +894,13 @@ class MemoryQuotaStore(QuotaStore):
         expires_ms = now_ms + self.reservation_ttl_ms
         charges = []
         for plan in plans:
+            bucket = plan.periods.bucket
             if plan.scope.limits.rpm is not None:
-                self._add(plan.base + plan.rpm, 1, counter_ttl_ms(plan, plan.rpm, 0), now_ms)
+                self._windows[plan.base + plan.rpm].add(bucket, 1)
             for suffix in plan.counters:
+                if split_window_counter(suffix) is not None:
+                    self._windows[plan.base + plan.tpm].add(bucket, tokens)
+                    continue
                 ttl = counter_ttl_ms(plan, suffix, self.reservation_ttl_ms)
                 self._add(plan.base + suffix, tokens, ttl, now_ms)
             if plan.holds:
@@ -765,9 +938,7 @@ class MemoryQuotaStore(QuotaStore):
                 held = self._holds.get(charge.base, {}).pop(rid, None) is not None
                 delta = used_tokens - admission.reserved_tokens if held else used_tokens
                 for suffix in charge.counters:
-                    entry = self._counters.get(charge.base + suffix)
-                    if entry is not None:
-                        entry[0] += delta
+                    self._correct(charge.base, suffix, delta)
             account = admission.balance_account
             if account is not None:
                 state = self._accounts.setdefault(account, [0, 0])
@@ -783,6 +954,9 @@ class MemoryQuotaStore(QuotaStore):
             return
         self._next_sweep_ms = now_ms + 60_000
         self._counters = {k: v for k, v in self._counters.items() if v[1] > now_ms}
+        for rolling in self._windows.values():
+            rolling.prune(now_ms)
+        self._windows = {k: v for k, v in self._windows.items() if v.buckets}
         self._holds = {k: v for k, v in self._holds.items() if v}
         self._settled = {k: v for k, v in self._settled.items() if v > now_ms}
 
@@ -793,6 +967,28 @@ class MemoryQuotaStore(QuotaStore):
             _check_topup(nanos, state[0])
             state[0] += nanos
             return state[0]
+
+    async def topup_once(self, account: str, nanos: int, claim: Claim) -> tuple[int, bool]:
+        _check_topup(nanos)
+        records = self.idempotency
+        with self._lock, records.lock:
+            stored = resolve(claim, records.get(claim.key))
+            if stored is not None:
+                return int(stored.n or 0), True
+            state = self._accounts.setdefault(account, [0, 0])
+            _check_topup(nanos, state[0])
+            state[0] += nanos
+            records.put(claim.key, Stored(claim.fingerprint, 200, n=state[0]), RESULT_KEEP_MS)
+            return state[0], False
+
+    async def idempotency_begin(self, claim: Claim) -> Stored | None:
+        return self.idempotency.begin(claim)
+
+    async def idempotency_finish(self, claim: Claim, status: int, body: str) -> None:
+        self.idempotency.finish(claim, status, body)
+
+    async def idempotency_abandon(self, claim: Claim) -> None:
+        self.idempotency.abandon(claim)
 
     async def set_balance(self, account: str, nanos: int) -> None:
         with self._lock:
@@ -809,8 +1005,8 @@ class MemoryQuotaStore(QuotaStore):
             live = sum(1 for h in self._holds.get(plan.base, {}).values() if h.expires_ms > now_ms)
             return remaining_from(
                 scope.limits,
-                self._get(plan.base + plan.rpm),
-                self._get(plan.base + plan.tpm),
+                self._window_used(plan.base + plan.rpm, now_ms),
+                self._window_used(plan.base + plan.tpm, now_ms),
                 live,
                 self._get(plan.base + plan.day),
                 self._get(plan.base + plan.month),
@@ -879,6 +1075,18 @@ class FailOpenQuotaStore(QuotaStore):
 
     async def topup(self, account: str, nanos: int) -> int:
         return await self.primary.topup(account, nanos)
+
+    async def topup_once(self, account: str, nanos: int, claim: Claim) -> tuple[int, bool]:
+        return await self.primary.topup_once(account, nanos, claim)
+
+    async def idempotency_begin(self, claim: Claim) -> Stored | None:
+        return await self.primary.idempotency_begin(claim)
+
+    async def idempotency_finish(self, claim: Claim, status: int, body: str) -> None:
+        await self.primary.idempotency_finish(claim, status, body)
+
+    async def idempotency_abandon(self, claim: Claim) -> None:
+        await self.primary.idempotency_abandon(claim)
 
     async def set_balance(self, account: str, nanos: int) -> None:
         await self.primary.set_balance(account, nanos)

@@ -8,12 +8,15 @@ redis-py's pool). Python computes key names, calendar periods and TTLs
 
 Keys (prefix ``maas:quota:`` by default), per scope ``s:<scope id>`` and account ``a:<id>``:
 
-- ``s:<id>:rpm:<minute>``, ``s:<id>:tpm:<minute>`` - fixed UTC-minute counters
+- ``s:<id>:rpm``, ``s:<id>:tpm`` - rolling windows: hashes one-second bucket -> amount,
+  plus ``t`` (the total of the buckets kept) and ``o`` (the oldest bucket kept); buckets
+  that have left the window are deleted (and taken off ``t``) when ``o`` has left it
 - ``s:<id>:day:<YYYY-MM-DD>``, ``s:<id>:month:<YYYY-MM>`` - local calendar counters
 - ``s:<id>:inflight`` (zset request id -> expiry ms) and ``s:<id>:resv`` (hash request id
   -> "tokens suffix...") - open reservations, released lazily when expired
 - ``a:<id>`` (hash ``balance``, ``held``), ``a:<id>:inflight``, ``a:<id>:resv``
 - ``done:<request id>`` - settle idempotency marker
+- ``idem:<Idempotency-Key>`` - an admin write's idempotency record (`billing.idempotency`)
 
 Lua counts in doubles: amounts stay below 2**53 (nine million currency units in nanos).
 The scripts touch the keys of expired reservations they find, so the store needs a
@@ -45,11 +48,23 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from billing.idempotency import (
+    ABANDON_LUA,
+    BEGIN_LUA,
+    PENDING_KEEP_MS,
+    RESULT_KEEP_MS,
+    Claim,
+    Stored,
+    encode_stored,
+    resolve,
+)
 from billing.money import format_amount
 from billing.quota import (
+    BUCKET_MS,
     HOLDS_KEEP_MS,
     MAX_BALANCE_NANOS,
     SETTLED_KEEP_MS,
+    WINDOW_BUCKETS,
     AccountReading,
     Admission,
     AdmitRequest,
@@ -63,6 +78,7 @@ from billing.quota import (
     counter_ttl_ms,
     decide,
     epoch_ms,
+    oldest_bucket,
     plan_scope,
     ratelimit_headers,
     refusal,
@@ -80,12 +96,36 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Per scope: 6 KEYS (inflight, resv, rpm, tpm, day, month) and 10 ARGV
-#: (base, rpm, tpm, max_concurrent, day, month limits (-1 = none), minute/day/month TTL ms,
+#: Counter helpers shared by the scripts. A counter spec is a key, or ``<key>@<bucket>``
+#: for one bucket (hash field) of a rolling window (whose total ``t`` moves with it); either
+#: is corrected only while it exists.
+_COUNTER_LUA = """
+local function adjust(spec, amount)
+  local delta = string.format('%d', tonumber(amount))
+  local key, field = string.match(spec, '^(.*)@(%d+)$')
+  if key then
+    if redis.call('HEXISTS', key, field) == 1 then
+      redis.call('HINCRBY', key, field, delta)
+      redis.call('HINCRBY', key, 't', delta)
+    end
+  elseif redis.call('EXISTS', spec) == 1 then
+    redis.call('INCRBY', spec, delta)
+  end
+end
+"""
+
+#: Globals: 13 ARGV (request id, now ms, expiry ms, prompt, max tokens, min tokens, input
+#: cost, output price, scope count, has account, holds keep ms, current bucket, oldest
+#: bucket counted). Per scope: 6 KEYS (inflight, resv, rpm, tpm, day, month) and 10 ARGV
+#: (base, rpm, tpm, max_concurrent, day, month limits (-1 = none), window/day/month TTL ms,
 #: the space-separated suffixes of the token counters it charges). Then, with an account,
 #: 3 KEYS (account, its inflight, its resv).
-#: Returns {admitted 0/1, granted, balance or nil, held, then 5 readings per scope}.
-ADMIT_LUA = """
+#: Returns {admitted 0/1, granted, balance or nil, held, then 9 readings per scope}
+#: (requests, inflight, tpm, day, month, rpm reset/retry ms, tpm reset/retry ms).
+ADMIT_LUA = (
+    (
+        _COUNTER_LUA
+        + """
 local rid = ARGV[1]
 local now = ARGV[2]
 local expires = ARGV[3]
@@ -97,7 +137,13 @@ local out_price = tonumber(ARGV[8])
 local nscopes = tonumber(ARGV[9])
 local has_account = ARGV[10] == '1'
 local keep_ms = ARGV[11]
+local bucket = ARGV[12]
+local oldest = tonumber(ARGV[13])
+local now_ms = tonumber(now)
 local PER = 10
+local GLOBALS = 13
+local WINDOW = @WINDOW_BUCKETS@
+local BUCKET_MS = @BUCKET_MS@
 
 local function istr(n) return string.format('%d', n) end
 
@@ -113,8 +159,8 @@ local function release_expired(inflight, resv, base, account)
         for word in string.gmatch(held, '%S+') do
           if amount == nil then
             amount = word
-          elseif redis.call('EXISTS', base .. word) == 1 then
-            redis.call('DECRBY', base .. word, amount)
+          else
+            adjust(base .. word, -tonumber(amount))
           end
         end
       end
@@ -128,24 +174,92 @@ local function count(key)
   return tonumber(redis.call('GET', key) or '0')
 end
 
+local function leaves(b)
+  return (b + WINDOW) * BUCKET_MS - now_ms
+end
+
+-- The buckets of a rolling window (field 't' and 'o' aside): {bucket, amount} pairs.
+local function buckets_of(key)
+  local flat = redis.call('HGETALL', key)
+  local found = {}
+  for j = 1, #flat, 2 do
+    if flat[j] ~= 't' and flat[j] ~= 'o' then
+      table.insert(found, {tonumber(flat[j]), tonumber(flat[j + 1])})
+    end
+  end
+  return found
+end
+
+-- A rolling window against a limit: used, oldest bucket kept (or nil), reset ms, retry
+-- ms (mirrors RollingWindow and window_times). Buckets that have left are deleted once
+-- the oldest one has: about once a second per window, not at every admission.
+local function window(key, limit, need)
+  local state = redis.call('HMGET', key, 't', 'o')
+  local used, first = tonumber(state[1] or '0'), tonumber(state[2])
+  if first ~= nil and first < oldest then
+    local stale, kept = {}, nil
+    for _, e in ipairs(buckets_of(key)) do
+      if e[1] < oldest then
+        table.insert(stale, istr(e[1]))
+        used = used - e[2]
+      elseif kept == nil or e[1] < kept then
+        kept = e[1]
+      end
+    end
+    if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+    if kept == nil then
+      redis.call('DEL', key)
+      used = 0
+    else
+      redis.call('HSET', key, 't', istr(used), 'o', istr(kept))
+    end
+    first = kept
+  end
+  local current = math.floor(now_ms / BUCKET_MS)
+  local reset = leaves(first or current)
+  local excess = used + need - limit
+  if excess <= 0 then return used, first, reset, 0 end
+  local live = buckets_of(key)
+  table.sort(live, function(x, y) return x[1] < y[1] end)
+  local freed, last = 0, current
+  for _, e in ipairs(live) do
+    freed = freed + e[2]
+    last = e[1]
+    if freed >= excess then break end
+  end
+  return used, first, reset, leaves(last)
+end
+
+-- Charge a rolling window's current bucket.
+local function charge(key, amount, first, ttl)
+  redis.call('HINCRBY', key, bucket, amount)
+  redis.call('HINCRBY', key, 't', amount)
+  if first == nil or tonumber(bucket) < first then redis.call('HSET', key, 'o', bucket) end
+  redis.call('PEXPIRE', key, ttl)
+end
+
 local readings = {}
+local firsts = {}
 local blocked = false
 local granted = max_tokens
+local need = prompt + min_tokens
 for i = 1, nscopes do
   local k = (i - 1) * 6
-  local a = 11 + (i - 1) * PER
+  local a = GLOBALS + (i - 1) * PER
   local rpm, tpm, conc = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
   local day, month = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
   release_expired(KEYS[k + 1], KEYS[k + 2], ARGV[a + 1], nil)
   local requests, tpm_used, day_used, month_used = 0, 0, 0, 0
+  local rpm_reset, rpm_retry, tpm_reset, tpm_retry = 0, 0, 0, 0
+  local rpm_first, tpm_first = nil, nil
   local inflight = redis.call('ZCARD', KEYS[k + 1])
   if rpm >= 0 then
-    requests = count(KEYS[k + 3])
+    requests, rpm_first, rpm_reset, rpm_retry = window(KEYS[k + 3], rpm, 1)
     if requests + 1 > rpm then blocked = true end
   end
   if conc >= 0 and inflight + 1 > conc then blocked = true end
   if tpm >= 0 then
-    tpm_used = count(KEYS[k + 4])
+    tpm_used, tpm_first, tpm_reset, tpm_retry = window(KEYS[k + 4], tpm, need)
     granted = math.min(granted, tpm - tpm_used - prompt)
   end
   if day >= 0 then
@@ -161,6 +275,11 @@ for i = 1, nscopes do
   table.insert(readings, tpm_used)
   table.insert(readings, day_used)
   table.insert(readings, month_used)
+  table.insert(readings, rpm_reset)
+  table.insert(readings, rpm_retry)
+  table.insert(readings, tpm_reset)
+  table.insert(readings, tpm_retry)
+  firsts[i] = {rpm_first, tpm_first}
 end
 
 local balance = false
@@ -188,17 +307,11 @@ if admitted then
   local tokens = istr(prompt + granted)
   for i = 1, nscopes do
     local k = (i - 1) * 6
-    local a = 11 + (i - 1) * PER
+    local a = GLOBALS + (i - 1) * PER
     local rpm, tpm, conc = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
     local day, month = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
-    if rpm >= 0 then
-      redis.call('INCR', KEYS[k + 3])
-      redis.call('PEXPIRE', KEYS[k + 3], ARGV[a + 7])
-    end
-    if tpm >= 0 then
-      redis.call('INCRBY', KEYS[k + 4], tokens)
-      redis.call('PEXPIRE', KEYS[k + 4], ARGV[a + 7])
-    end
+    if rpm >= 0 then charge(KEYS[k + 3], 1, firsts[i][1], ARGV[a + 7]) end
+    if tpm >= 0 then charge(KEYS[k + 4], tokens, firsts[i][2], ARGV[a + 7]) end
     if day >= 0 then
       redis.call('INCRBY', KEYS[k + 5], tokens)
       redis.call('PEXPIRE', KEYS[k + 5], ARGV[a + 8])
@@ -229,12 +342,18 @@ local out = {admitted and 1 or 0, granted, balance, held}
 for _, v in ipairs(readings) do table.insert(out, v) end
 return out
 """
+    )
+    .replace("@WINDOW_BUCKETS@", str(WINDOW_BUCKETS))
+    .replace("@BUCKET_MS@", str(BUCKET_MS))
+)
 
 #: KEYS: the done marker; per scope: inflight, resv, then its counters; then, with an
 #: account: account, inflight, resv. ARGV: request id, reserved tokens, used tokens,
 #: reserved nanos, cost nanos, done TTL ms, scope count, has account, counters per scope.
 #: Returns 1 when applied, 0 when this request was already settled.
-SETTLE_LUA = """
+SETTLE_LUA = (
+    _COUNTER_LUA
+    + """
 local rid = ARGV[1]
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[6]) then return 0 end
 local reserved, used = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -247,11 +366,7 @@ for i = 1, tonumber(ARGV[7]) do
   local delta = used
   if held == 1 then delta = used - reserved end
   if delta ~= 0 then
-    for j = 1, n do
-      if redis.call('EXISTS', KEYS[k + 2 + j]) == 1 then
-        redis.call('INCRBY', KEYS[k + 2 + j], istr(delta))
-      end
-    end
+    for j = 1, n do adjust(KEYS[k + 2 + j], istr(delta)) end
   end
   k = k + 2 + n
 end
@@ -265,12 +380,15 @@ if ARGV[8] == '1' then
 end
 return 1
 """
+)
 
 #: KEYS: per scope: inflight, resv, then its counters; then, with an account: account,
 #: inflight, resv. ARGV: request id, scope count, has account, counters per scope.
 #: Releases whatever this request still holds (nothing when its admission never ran), by the
 #: amounts stored with the reservation; marks nothing, so a later settle still applies.
-RELEASE_LUA = """
+RELEASE_LUA = (
+    _COUNTER_LUA
+    + """
 local rid = ARGV[1]
 local function istr(n) return string.format('%d', n) end
 local k = 0
@@ -279,11 +397,7 @@ for i = 1, tonumber(ARGV[2]) do
   local held = redis.call('HGET', KEYS[k + 2], rid)
   if held then
     local amount = string.match(held, '%S+')
-    for j = 1, n do
-      if redis.call('EXISTS', KEYS[k + 2 + j]) == 1 then
-        redis.call('DECRBY', KEYS[k + 2 + j], amount)
-      end
-    end
+    for j = 1, n do adjust(KEYS[k + 2 + j], -tonumber(amount)) end
     redis.call('HDEL', KEYS[k + 2], rid)
   end
   redis.call('ZREM', KEYS[k + 1], rid)
@@ -298,6 +412,22 @@ if ARGV[3] == '1' then
   redis.call('ZREM', KEYS[k + 2], rid)
 end
 return 1
+"""
+)
+
+#: KEYS: the account, the idempotency record. ARGV: nanos to add, the largest balance
+#: allowed, the request's fingerprint, how long to keep the record (ms). Returns {1, record}
+#: when the key has a record (nothing added), {2, new balance} when applied (and recorded),
+#: {0} (nothing added) when the balance would pass the largest.
+TOPUP_ONCE_LUA = """
+local found = redis.call('GET', KEYS[2])
+if found then return {1, found} end
+local balance = tonumber(redis.call('HGET', KEYS[1], 'balance') or '0')
+if balance + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return {0} end
+local new = redis.call('HINCRBY', KEYS[1], 'balance', ARGV[1])
+local record = '{"f":"' .. ARGV[3] .. '","s":200,"n":' .. string.format('%d', new) .. '}'
+redis.call('SET', KEYS[2], record, 'PX', ARGV[4])
+return {2, new}
 """
 
 #: KEYS: the account. ARGV: nanos to add, the largest balance allowed. Returns the new
@@ -380,6 +510,9 @@ class RedisQuotaStore(QuotaStore):
         self._settle_script = self._client.register_script(SETTLE_LUA)
         self._release_script = self._client.register_script(RELEASE_LUA)
         self._topup_script = self._client.register_script(TOPUP_LUA)
+        self._topup_once_script = self._client.register_script(TOPUP_ONCE_LUA)
+        self._begin_script = self._client.register_script(BEGIN_LUA)
+        self._abandon_script = self._client.register_script(ABANDON_LUA)
         # The two scripts every request runs go over one pipelined connection (hiredis
         # packing, no pool checkout); everything else, and URLs it cannot reach, via redis-py.
         self._pipeline = (
@@ -465,6 +598,8 @@ class RedisQuotaStore(QuotaStore):
             len(plans),
             1 if req.balance_account is not None else 0,
             HOLDS_KEEP_MS,
+            now_ms // BUCKET_MS,
+            oldest_bucket(now_ms),
         ]
         for plan in plans:
             base, limits = plan.base, plan.scope.limits
@@ -504,7 +639,7 @@ class RedisQuotaStore(QuotaStore):
             raise
         admitted, granted, balance, held = (int(reply[0]), int(reply[1]), reply[2], int(reply[3]))
         values = [int(v) for v in reply[4:]]
-        readings = [ScopeReading(*values[i * 5 : i * 5 + 5]) for i in range(len(plans))]
+        readings = [ScopeReading(*values[i * 9 : i * 9 + 9]) for i in range(len(plans))]
         account = None
         if req.balance_account is not None:
             account = AccountReading(int(balance) if balance is not None else None, held)
@@ -613,6 +748,38 @@ class RedisQuotaStore(QuotaStore):
             raise ValueError(f"a balance cannot exceed {format_amount(MAX_BALANCE_NANOS)}")
         return int(result)
 
+    def _record_key(self, claim: Claim) -> str:
+        return f"{self.prefix}idem:{claim.key}"
+
+    async def topup_once(self, account: str, nanos: int, claim: Claim) -> tuple[int, bool]:
+        if nanos <= 0:
+            raise ValueError(f"a top-up must be positive, not {nanos}")
+        keys = [account_base(self.prefix, account), self._record_key(claim)]
+        args: list[str | int] = [nanos, MAX_BALANCE_NANOS, claim.fingerprint, RESULT_KEEP_MS]
+        reply = await self._call("top-up", lambda: self._topup_once_script(keys=keys, args=args))
+        outcome = int(reply[0])
+        if outcome == 0:
+            raise ValueError(f"a balance cannot exceed {format_amount(MAX_BALANCE_NANOS)}")
+        if outcome == 2:
+            return int(reply[1]), False
+        stored = resolve(claim, reply[1])
+        assert stored is not None
+        return int(stored.n or 0), True
+
+    async def idempotency_begin(self, claim: Claim) -> Stored | None:
+        keys = [self._record_key(claim)]
+        args: list[str | int] = [encode_stored(Stored(claim.fingerprint)), PENDING_KEEP_MS]
+        found = await self._call("idempotency", lambda: self._begin_script(keys=keys, args=args))
+        return resolve(claim, found) if found is not None else None
+
+    async def idempotency_finish(self, claim: Claim, status: int, body: str) -> None:
+        key, value = self._record_key(claim), encode_stored(Stored(claim.fingerprint, status, body))
+        await self._call("idempotency", lambda: self._client.set(key, value, px=RESULT_KEEP_MS))
+
+    async def idempotency_abandon(self, claim: Claim) -> None:
+        keys, args = [self._record_key(claim)], [encode_stored(Stored(claim.fingerprint))]
+        await self._call("idempotency", lambda: self._abandon_script(keys=keys, args=args))
+
     async def set_balance(self, account: str, nanos: int) -> None:
         """Open an account with `nanos` unless Redis knows it already (HSETNX: a restart or
         another replica never resets a balance). When Redis cannot be reached this does not
@@ -660,16 +827,27 @@ class RedisQuotaStore(QuotaStore):
 
         async def read() -> list[Any]:
             pipe = self._client.pipeline(transaction=False)
-            for suffix in (plan.rpm, plan.tpm, plan.day, plan.month):
-                pipe.get(base + suffix)
+            pipe.hgetall(base + plan.rpm)
+            pipe.hgetall(base + plan.tpm)
+            pipe.get(base + plan.day)
+            pipe.get(base + plan.month)
             pipe.zcount(f"{base}:inflight", f"({plan.periods.now_ms}", "+inf")
             return await pipe.execute()  # type: ignore[no-any-return]
 
         rpm, tpm, day, month, inflight = await self._call("remaining", read)
+        oldest = oldest_bucket(plan.periods.now_ms)
+
+        def used(window: dict[str, str]) -> int:
+            return sum(
+                int(amount)
+                for bucket, amount in window.items()
+                if bucket.isdigit() and int(bucket) >= oldest
+            )
+
         return remaining_from(
             scope.limits,
-            int(rpm or 0),
-            int(tpm or 0),
+            used(rpm),
+            used(tpm),
             int(inflight),
             int(day or 0),
             int(month or 0),

@@ -7,6 +7,12 @@ from datetime import datetime
 
 from billing.usage import Usage
 
+#: The `error_type` of a request closed by the crash policy: the gateway process died (or
+#: stopped) while the request was in flight, so its real outcome was never recorded.
+GATEWAY_DIED = "gateway_died"
+#: The `status_code` such a request is recorded with.
+GATEWAY_DIED_STATUS = 500
+
 
 @dataclass(slots=True)
 class UsageRecord:
@@ -41,7 +47,7 @@ class UsageRecord:
     status_code: int = 200
     error_type: str | None = None
     stream: bool = False
-    stream_cut_by: str | None = None  # None, "client" or "upstream"
+    stream_cut_by: str | None = None  # None, "client", "upstream" or "gateway"
     attempts: int = 1
     ttft_ms: float | None = None
     duration_ms: float = 0.0

@@ -3,11 +3,14 @@
 Admin routes take `Authorization: Bearer <admin key>`; the admin key comes from the
 environment variable named by `server.admin_key_env`. Without one the admin API refuses.
 Balances live in the quota store: while it cannot be reached, the routes that read or move
-them answer 503 (creating a prepaid tenant then stores nothing).
+them answer 503 (creating a prepaid tenant then stores nothing). Writes honour an
+`Idempotency-Key` header (`gateway.admin_idempotency`); a top-up records it in the same
+atomic step as the balance change.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,10 +23,12 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 
+from billing.idempotency import IdempotencyConflict
 from billing.invoice import TenantBilling, build_invoice, finalize_invoice, render_invoice
 from billing.money import format_amount, to_nanos
 from billing.quota import MAX_BALANCE_NANOS, Limits, QuotaUnavailable
 from billing.reconcile import reconcile
+from gateway.admin_idempotency import REPLAYED, claim_of, conflict, idempotent
 from gateway.auth import Tenant
 from gateway.errors import ApiError, invalid_request, service_unavailable
 
@@ -100,7 +105,10 @@ def admin_routes(gw: Gateway) -> list[HTTPRouteHandler]:
         require_admin(request)
         return _json({"data": [_tenant_json(t) for t in gw.directory.tenants.values()]})
 
+    once = functools.partial(idempotent, lambda: gw.quotas, require_admin)
+
     @post("/admin/tenants", status_code=201)
+    @once()
     async def create_tenant(request: Request[Any, Any, Any]) -> Response[Any]:
         require_admin(request)
         new = await body_of(request, NewTenant)
@@ -141,6 +149,7 @@ def admin_routes(gw: Gateway) -> list[HTTPRouteHandler]:
         return _json(_tenant_json(tenant), 201)
 
     @post("/admin/tenants/{tenant_id:str}/keys", status_code=201)
+    @once(secret_fields=("key",))  # a replay never shows the secret again
     async def create_key(request: Request[Any, Any, Any]) -> Response[Any]:
         require_admin(request)
         tenant_id = request.path_params["tenant_id"]
@@ -174,6 +183,7 @@ def admin_routes(gw: Gateway) -> list[HTTPRouteHandler]:
         return _json({"data": [k.public() for k in gw.directory.keys_of(tenant_id)]})
 
     @post("/admin/keys/{key_id:str}/revoke", status_code=200)
+    @once()
     async def revoke_key(request: Request[Any, Any, Any]) -> Response[Any]:
         require_admin(request)
         key_id = request.path_params["key_id"]
@@ -196,15 +206,25 @@ def admin_routes(gw: Gateway) -> list[HTTPRouteHandler]:
             raise invalid_request(f"Invalid amount {amount!r}.", param="amount") from None
         if nanos <= 0:
             raise invalid_request("A top-up must be positive.", param="amount")
+        claim = await claim_of(request)
         # A store that timed out may still apply the top-up: say so rather than invite a repeat.
         with _quota_errors(
-            "The quota service is unavailable: check the balance before repeating the top-up."
+            "The quota service is unavailable: repeat the top-up with the same Idempotency-Key"
+            " (it is applied at most once), or check the balance before repeating it."
         ):
             try:
-                balance = await gw.quotas.topup(tenant_id, nanos)
+                if claim is None:
+                    balance, again = await gw.quotas.topup(tenant_id, nanos), False
+                else:  # the key is recorded in the same atomic step as the balance change
+                    balance, again = await gw.quotas.topup_once(tenant_id, nanos, claim)
             except ValueError as exc:  # the balance would grow past the largest one
                 raise invalid_request(f"Invalid top-up: {exc}.", param="amount") from None
-        return _json({"tenant": tenant_id, "balance": format_amount(balance)})
+            except IdempotencyConflict as exc:
+                raise conflict(exc) from None
+        response = _json({"tenant": tenant_id, "balance": format_amount(balance)})
+        if again:
+            response.headers[REPLAYED] = "true"
+        return response
 
     @get("/admin/tenants/{tenant_id:str}/balance")
     async def balance(request: Request[Any, Any, Any]) -> Response[Any]:
@@ -245,6 +265,7 @@ def admin_routes(gw: Gateway) -> list[HTTPRouteHandler]:
         return Response(render_invoice(document, fmt), media_type=_CONTENT_TYPES[fmt])  # type: ignore[arg-type]
 
     @post("/admin/invoices/{tenant_id:str}/{month:str}/finalize", status_code=200)
+    @once()
     async def finalize(request: Request[Any, Any, Any]) -> Response[Any]:
         require_admin(request)
         tenant = tenant_or_404(request.path_params["tenant_id"])

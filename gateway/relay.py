@@ -38,7 +38,7 @@ from billing.quota import (
     QuotaUnavailable,
     Scope,
 )
-from billing.record import UsageRecord
+from billing.record import GATEWAY_DIED, GATEWAY_DIED_STATUS, UsageRecord
 from billing.usage import Usage
 from gateway.auth import ApiKey, Directory, Tenant
 from gateway.errors import (
@@ -61,6 +61,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("maas.relay")
 _encode = msgspec.json.Encoder().encode
 _DONE = b"data: [DONE]\n\n"
+#: How often (at most) a stream's crash-policy record recounts the output delivered so far.
+PROVISIONAL_RECOUNT_S = 1.0
 _KIND_OF_ENDPOINT = {"chat.completions": "chat", "completions": "chat", "embeddings": "embedding"}
 
 
@@ -92,6 +94,7 @@ class Metering:
     __slots__ = (
         "admission",
         "attempts",
+        "checkpoint",
         "cut_by",
         "delivered",
         "deployment",
@@ -149,6 +152,7 @@ class Metering:
         self.upstream_s: float | None = None
         self.finished = False
         self.record: UsageRecord | None = None
+        self.checkpoint: tuple[int, float, int] = (0, 0.0, 0)  # parts, when, output tokens
 
     def fail(self, error: ApiError) -> None:
         self.status_code = error.status_code
@@ -166,11 +170,42 @@ class Metering:
             return Usage(output=output)  # the upstream failed: the prompt is not billed
         return Usage(uncached_input=self.prompt_tokens, output=output)
 
+    def provisional(self) -> UsageRecord:
+        """The row the crash policy gives this request if the gateway dies now.
+
+        Output delivered by the last checkpoint is billed (the prompt is not: the gateway
+        failed); checkpoints recount the whole delivered text at most once a second.
+        """
+        parts = sum(len(texts) for texts in self.delivered.values())
+        seen, when, output = self.checkpoint
+        now = time.perf_counter()
+        if parts != seen and now - when >= PROVISIONAL_RECOUNT_S:
+            count = self.services.counter.count_text
+            output = sum(count(self.model, "".join(texts)) for texts in self.delivered.values())
+            self.checkpoint = (parts, now, output)
+        return self._build(
+            Usage(output=output),
+            GATEWAY_DIED_STATUS,
+            GATEWAY_DIED,
+            "gateway" if self.stream and output else None,
+        )
+
     def finish(self) -> UsageRecord:
         """Price, record and observe (synchronously, so nothing is lost); returns the record."""
         if self.record is not None:
             return self.record
-        usage = self.usage()
+        rec = self._build(self.usage(), self.status_code, self.error_type, self.cut_by)
+        self.record = rec
+        self.services.ledger.record(rec)
+        total_s = rec.duration_ms / 1000
+        upstream = self.upstream_s
+        overhead = total_s - upstream if upstream is not None else total_s
+        self.services.metrics.observe_request(rec, overhead_s=overhead, upstream_s=upstream)
+        return rec
+
+    def _build(
+        self, usage: Usage, status_code: int, error_type: str | None, cut_by: str | None
+    ) -> UsageRecord:
         quote = self.quote
         cost = quote.cost(usage) if quote else 0
         deployment = self.deployment
@@ -180,7 +215,7 @@ class Metering:
             if costs is not None and deployment is not None
             else 0
         )
-        rec = UsageRecord(
+        return UsageRecord(
             request_id=self.request_id,
             started_at=self.started,
             tenant_id=self.tenant.id,
@@ -201,21 +236,14 @@ class Metering:
             cost_nanos=cost,
             list_cost_nanos=quote.list_cost(usage) if quote else 0,
             compute_cost_nanos=compute,
-            status_code=self.status_code,
-            error_type=self.error_type,
+            status_code=status_code,
+            error_type=error_type,
             stream=self.stream,
-            stream_cut_by=self.cut_by,
+            stream_cut_by=cut_by,
             attempts=self.attempts,
             ttft_ms=self.ttft_s * 1000 if self.ttft_s is not None else None,
             duration_ms=(time.perf_counter() - self.t0) * 1000,
         )
-        self.record = rec
-        self.services.ledger.record(rec)
-        total_s = rec.duration_ms / 1000
-        upstream = self.upstream_s
-        overhead = total_s - upstream if upstream is not None else total_s
-        self.services.metrics.observe_request(rec, overhead_s=overhead, upstream_s=upstream)
-        return rec
 
     async def settle(self) -> None:
         """Charge the reservation with the real cost and release the rest (once)."""
@@ -315,6 +343,7 @@ class Relay:
         n = int(body.get("n") or 1)
         wanted = requested if requested is not None else s.default_max_output_tokens
         meter.admission = await self._admit(meter, prompt_tokens, wanted * n, quote, n)
+        s.ledger.admit(meter.request_id, meter.provisional)  # a crash from here on: a row
         if endpoint != "embeddings":
             granted = meter.admission.granted_max_tokens // n
             if requested is None or granted < requested:

@@ -45,6 +45,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from billing.ledger import ENTRIES, ROLLUPS
 from billing.money import to_nanos
+from billing.record import GATEWAY_DIED
 from gateway.config import parse_settings
 from gateway.tokens import TokenCounter, TokenizerConfig
 from tests.harness import (
@@ -809,6 +810,7 @@ def test_finalised_invoice_is_the_draft(mixed_run: MixedRun) -> None:
 @dataclass(slots=True)
 class Load:
     completed: list[str] = field(default_factory=list)  # request ids that fully arrived
+    seen: set[str] = field(default_factory=set)  # every x-request-id a client received
     told: dict[str, int] = field(default_factory=dict)  # request id -> cost told (nanos)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -824,6 +826,7 @@ async def load_worker(http: httpx.AsyncClient, worker: int, load: Load) -> None:
             if kind == 0:
                 body = {"model": "gpt-4o-mini", "max_tokens": 30, **chat(text)}
                 response = await http.post("/v1/chat/completions", json=body, headers=headers)
+                load.seen.add(response.headers["x-request-id"])
                 if response.status_code == 200:
                     cost = response.json()["usage"]["maas"]["cost"]
                     load.told[response.headers["x-request-id"]] = to_nanos(cost)
@@ -838,6 +841,7 @@ async def load_worker(http: httpx.AsyncClient, worker: int, load: Load) -> None:
                 path = "/v1/completions"
             async with http.stream("POST", path, json=body, headers=headers) as response:
                 request_id = response.headers["x-request-id"]
+                load.seen.add(request_id)
                 cost = None
                 async for line in response.aiter_lines():
                     if line == "data: [DONE]":
@@ -872,13 +876,32 @@ async def ledger_ids(url: str) -> tuple[list[str], dict[str, int], int, int, int
     )
 
 
+async def crash_rows(url: str) -> dict[str, tuple[int, int]]:
+    """Rows closed by the crash policy: request id -> (status, output tokens billed)."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+            rows = (
+                await connection.execute(
+                    select(ENTRIES.c.request_id, ENTRIES.c.status_code, ENTRIES.c.output).where(
+                        ENTRIES.c.error_type == GATEWAY_DIED
+                    )
+                )
+            ).all()
+    finally:
+        await engine.dispose()
+    return {request_id: (int(status), int(output)) for request_id, status, output in rows}
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_sigkill_under_load_loses_no_answered_request(
     backend: str, tmp_path: Path, tokenizer_dir: Path, request: pytest.FixtureRequest
 ) -> None:
     """`maas-gateway serve` under concurrent load (streams and not) is killed with SIGKILL;
     restarted with the same configuration, every response that reached its client whole is
-    in the ledger exactly once, at the cost the client was told, and the rollups agree."""
+    in the ledger exactly once, at the cost the client was told, and the rollups agree. Every
+    request that got an `x-request-id` has exactly one row: those in flight at the kill are
+    closed by the crash policy (`gateway_died`, billed for the output their client got)."""
     if backend == "postgres":
         url = request.getfixturevalue("postgres_database")
     else:
@@ -890,7 +913,7 @@ async def test_sigkill_under_load_loses_no_answered_request(
         "time_scale": 1,
         "ttft_overhead_ms": 2,
         "prefill_ms_per_token": 0,
-        "itl_ms": 1,
+        "itl_ms": 5,  # streams last long enough for some to be mid-way at the kill
         "jitter": 0,
         "output": {"distribution": "uniform", "mean": 20, "sd": 5, "min": 5, "max": 40},
     }
@@ -923,6 +946,13 @@ async def test_sigkill_under_load_loses_no_answered_request(
         assert len(ids) == len(set(ids)), "duplicate ledger rows"
         missing = set(completed) - set(ids)
         assert not missing, f"{len(missing)} of {len(completed)} answered requests were lost"
+        in_flight = load.seen - set(completed)
+        assert in_flight, "no request was in flight at the kill"
+        lost = load.seen - set(ids)
+        assert not lost, f"{len(lost)} of {len(in_flight)} requests in flight have no row"
+        crashed = await crash_rows(url)
+        assert crashed and set(crashed) <= set(ids) - set(completed)
+        assert all(status == 500 for status, _ in crashed.values())
         assert {i: costs[i] for i in load.told} == load.told
         assert raw_cost == rolled_cost and rolled_requests == len(ids)
         leftovers = await asyncio.to_thread(os.listdir, journal)

@@ -191,22 +191,49 @@ async def test_embeddings_need_no_output_tokens(store: QuotaStore) -> None:
 # ---- rate limits ------------------------------------------------------------------------
 
 
-async def test_requests_per_minute_fixed_window(store: QuotaStore) -> None:
+async def test_requests_per_minute_sliding_window(store: QuotaStore) -> None:
     scope = tenant(rpm=3)
-    at = NOW + timedelta(seconds=45)
-    for _ in range(3):
-        admission = await store.admit(ask(scope, now=at))
+    for second in (45, 50, 55):
+        admission = await store.admit(ask(scope, now=NOW + timedelta(seconds=second)))
         await store.settle(admission, 150, 0)
     assert admission.headers["x-ratelimit-limit-requests"] == "3"
     assert admission.headers["x-ratelimit-remaining-requests"] == "0"
-    assert admission.headers["x-ratelimit-reset-requests"] == "15s"
+    # The oldest request (12:00:45) leaves the window at 12:01:46, 51 s after 12:00:55.
+    assert admission.headers["x-ratelimit-reset-requests"] == "51s"
 
-    error = await refused(store, ask(scope, now=at))
+    error = await refused(store, ask(scope, now=NOW + timedelta(seconds=59)))
     assert (error.kind, error.reason) == ("rate_limit", "rpm")
-    assert error.retry_after_s == 15.0
-    assert "Please try again in 15s" in error.message
+    assert error.retry_after_s == 47.0
+    assert "Please try again in 47s" in error.message
 
-    await store.admit(ask(scope, now=NOW + timedelta(minutes=1)))
+    # A new clock minute frees nothing: the last 60 seconds still hold three requests.
+    await refused(store, ask(scope, now=NOW + timedelta(minutes=1)))
+    await refused(store, ask(scope, now=NOW + timedelta(seconds=105, milliseconds=999)))
+    await store.admit(ask(scope, now=NOW + timedelta(seconds=106)))
+    error = await refused(store, ask(scope, now=NOW + timedelta(seconds=106)))
+    assert error.retry_after_s == 5.0  # 12:00:50 leaves at 12:01:51
+
+
+@pytest.mark.parametrize("limit", [1, 7])
+async def test_no_sixty_second_span_admits_more_than_the_limit(
+    store: QuotaStore, limit: int
+) -> None:
+    """3x the limit fired across a minute boundary, at random moments: in no 60 s span,
+    wherever it starts, are more than `limit` requests admitted."""
+    scope = Scope(f"tenant:span-{limit}", Limits(rpm=limit))
+    rng = random.Random(limit)
+    start = NOW + timedelta(seconds=30)
+    offsets = [*(rng.uniform(0, 90) for _ in range(3 * limit)), 29.999, 30.0, 59.999, 60.0]
+    admitted: list[float] = []
+    for offset in sorted(offsets):
+        try:
+            await store.admit(ask(scope, now=start + timedelta(seconds=offset)))
+        except QuotaExceeded:
+            continue
+        admitted.append(offset)
+    assert admitted
+    for first in admitted:
+        assert sum(1 for t in admitted if first <= t < first + 60) <= limit
 
 
 async def test_tokens_per_minute_corrected_at_settle(store: QuotaStore) -> None:
@@ -216,7 +243,7 @@ async def test_tokens_per_minute_corrected_at_settle(store: QuotaStore) -> None:
     assert second.headers["x-ratelimit-remaining-tokens"] == "100"
     error = await refused(store, ask(scope, prompt_tokens=150, max_tokens=100))
     assert (error.kind, error.reason) == ("rate_limit", "tpm")
-    assert error.retry_after_s == 60.0
+    assert error.retry_after_s == 61.0  # when the 400 reserved at 12:00:00.000 leave the window
 
     await store.settle(first, used_tokens=110, cost_nanos=0)  # releases 90
     clamped = await store.admit(ask(scope, prompt_tokens=150, max_tokens=100))
@@ -225,6 +252,33 @@ async def test_tokens_per_minute_corrected_at_settle(store: QuotaStore) -> None:
     too_big = await refused(store, ask(scope, now=NOW + timedelta(minutes=1), prompt_tokens=600))
     assert too_big.reason == "tpm" and too_big.retry_after_s is None
     assert "Request too large" in too_big.message
+
+
+async def test_tokens_per_minute_roll_across_a_clock_minute(store: QuotaStore) -> None:
+    scope = tenant(tpm=500)
+    first = await store.admit(ask(scope, now=NOW + timedelta(seconds=59.5)))  # reserves 200
+    await store.settle(first, used_tokens=150, cost_nanos=0)  # the window keeps 150
+    later = NOW + timedelta(seconds=60.5)  # a new clock minute, the same 60 s
+    clamped = await store.admit(ask(scope, now=later, max_tokens=300))
+    assert clamped.granted_max_tokens == 250  # 500 - 150 - 100 prompt
+    assert clamped.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert clamped.headers["x-ratelimit-reset-tokens"] == "1m0s"  # 12:00:59 leaves at 12:02:00
+    error = await refused(store, ask(scope, now=later))
+    assert error.reason == "tpm" and error.retry_after_s == 59.5
+    await store.admit(ask(scope, now=NOW + timedelta(seconds=120)))  # the first one has left
+
+
+async def test_an_expired_reservation_leaves_the_rolling_window(store: QuotaStore) -> None:
+    scope = tenant(tpm=1_000)
+    await store.admit(ask(scope))  # reserves 200 at 12:00:00, never settled (a crash)
+    settled = await store.admit(ask(scope, now=NOW + timedelta(seconds=1)))
+    await store.settle(settled, used_tokens=150, cost_nanos=0)
+    # 12:01:00.5: the reservation expired (RESERVATION_TTL_S) but its bucket is still in the
+    # window; only the settled 150 count.
+    later = NOW + timedelta(seconds=RESERVATION_TTL_S, milliseconds=500)
+    admission = await store.admit(ask(scope, now=later, max_tokens=900))
+    assert admission.granted_max_tokens == 750  # 1000 - 150 - 100 prompt
+    assert (await store.remaining(scope, later))["tpm"] == 0
 
 
 async def test_concurrent_requests_limit(store: QuotaStore) -> None:

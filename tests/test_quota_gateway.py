@@ -54,6 +54,8 @@ CONCURRENT_REQUESTS = 200
 PRICES = {PACED_MODEL: ("0.15", "0.60"), FULL_MODEL: ("30", "60")}  # as in harness.base_config
 LATENCY_BOUND_S = 2.0
 TPM_FULL_REQUESTS = 12
+EDGE_RPM = 10
+"""The `edge` tenant's requests per minute (fired 3x across a minute boundary)."""
 """The `tpm` tenant's limit pays for this many FULL_MODEL answers of 20 tokens."""
 
 PACED_PROVIDER = {
@@ -219,6 +221,7 @@ def fleet(
         tenant("rpm", {"rpm": 30, "tpm": 10**9}),
         tenant("tpm", {"rpm": 10**6, "tpm": TPM_FULL_REQUESTS * (full.prompt_tokens + 20)}),
         tenant("rpm1", {"rpm": 1, "tpm": 10**9}),
+        tenant("edge", {"rpm": EDGE_RPM, "tpm": 10**9}),
         tenant("broke", huge, balance=0),
         tenant("warm", huge),
         tenant("clamp-tok", {"tokens_per_month": full.prompt_tokens + 10}),
@@ -376,13 +379,6 @@ def minute_now() -> int:
     return int(time.time() // 60)
 
 
-async def wait_for_fresh_minute(margin_s: float) -> None:
-    """Sleep into the next UTC minute when less than `margin_s` is left of this one."""
-    left = 60 - time.time() % 60
-    if left < margin_s:
-        await asyncio.sleep(left + 0.05)
-
-
 def assert_openai_error(reply: Reply, status: int, code: str) -> None:
     assert reply.status == status, reply.body
     assert set(reply.error) == {"message", "type", "param", "code"}
@@ -472,19 +468,15 @@ async def test_concurrent_spending_never_exceeds_the_budget_and_bills_what_was_u
 
 
 async def test_rpm_holds_across_two_processes_sharing_redis(fleet: Fleet) -> None:
-    await wait_for_fresh_minute(margin_s=5)
-    minute = minute_now()
     replies = await burst(fleet.pair, "rpm", 90, model=FULL_MODEL, max_tokens=5)
-    same_minute = minute_now() == minute
 
     admitted = [r for r in replies if r.status == 200]
     per_gateway = {gw.name: sum(r.gateway == gw.name for r in admitted) for gw in fleet.pair}
-    if same_minute:  # each process alone would admit 30: together they must not
-        assert len(admitted) == 30, per_gateway
-        remaining = sorted(int(r.headers["x-ratelimit-remaining-requests"]) for r in admitted)
-        assert remaining == list(range(30))
-    else:  # fixed UTC-minute windows: a burst across a boundary may use two windows
-        assert 30 <= len(admitted) <= 60, per_gateway
+    # Each process alone would admit 30: together they must not (a rolling window, so
+    # whether the burst crosses a clock minute makes no difference).
+    assert len(admitted) == 30, per_gateway
+    remaining = sorted(int(r.headers["x-ratelimit-remaining-requests"]) for r in admitted)
+    assert remaining == list(range(30))
     for reply in admitted:
         assert RATELIMIT_HEADERS <= set(reply.headers)
         assert reply.headers["x-ratelimit-limit-requests"] == "30"
@@ -493,9 +485,38 @@ async def test_rpm_holds_across_two_processes_sharing_redis(fleet: Fleet) -> Non
             continue
         assert_openai_error(reply, 429, "rate_limit_exceeded")
         assert reply.error["type"] == "requests"
-        assert 1 <= int(reply.headers["retry-after"]) <= 60
+        assert 1 <= int(reply.headers["retry-after"]) <= 61
         assert reply.headers["x-ratelimit-remaining-requests"] == "0"
         assert "x-should-retry" not in reply.headers
+
+
+async def test_three_times_the_rpm_across_a_minute_boundary_admits_the_limit_once(
+    fleet: Fleet,
+) -> None:
+    """RPM is a rolling window in both stores: the limit fired just before a UTC minute
+    turns and twice the limit just after it admit the limit once, not once per minute."""
+    left = 60 - time.time() % 60  # into the last 1.5 s of a minute
+    await asyncio.sleep(left - 1.5 if left >= 1.5 else left + 58.5)
+    minute = minute_now()
+    stores = {"memory": fleet.solo, "redis": fleet.pair}
+    before = await asyncio.gather(
+        *(burst(g, "edge", EDGE_RPM, model=FULL_MODEL, max_tokens=5) for g in stores.values())
+    )
+    assert minute_now() == minute, "the first burst should end before the minute turns"
+    await asyncio.sleep(60 - time.time() % 60 + 0.3)  # the next clock minute has begun
+    assert minute_now() == minute + 1
+    after = await asyncio.gather(
+        *(burst(g, "edge", 2 * EDGE_RPM, model=FULL_MODEL, max_tokens=5) for g in stores.values())
+    )
+    for store, first, second in zip(stores, before, after, strict=True):
+        assert [r.status for r in first] == [200] * EDGE_RPM, store
+        refused = [r for r in second if r.status != 200]
+        assert len(refused) == 2 * EDGE_RPM, f"{store}: a new minute admitted more"
+        for reply in refused:
+            assert_openai_error(reply, 429, "rate_limit_exceeded")
+            # The window frees when the first burst leaves it, about a minute after it.
+            assert 55 <= int(reply.headers["retry-after"]) <= 61, store
+            assert reply.headers["x-ratelimit-remaining-requests"] == "0"
 
 
 async def test_tpm_holds_across_two_processes_sharing_redis(
@@ -503,18 +524,12 @@ async def test_tpm_holds_across_two_processes_sharing_redis(
 ) -> None:
     full = tariffs[FULL_MODEL]
     tpm = TPM_FULL_REQUESTS * (full.prompt_tokens + 20)
-    await wait_for_fresh_minute(margin_s=5)
-    minute = minute_now()
     replies = await burst(fleet.pair, "tpm", 40, model=FULL_MODEL, max_tokens=20)
-    same_minute = minute_now() == minute
 
     admitted = [r for r in replies if r.status == 200]
     used = sum(r.billed_tokens for r in admitted)
-    if same_minute:
-        assert used <= tpm
-        assert len(admitted) == TPM_FULL_REQUESTS  # every answer runs to max_tokens
-    else:
-        assert used <= 2 * tpm
+    assert used <= tpm
+    assert len(admitted) == TPM_FULL_REQUESTS  # every answer runs to max_tokens
     for reply in admitted:
         assert RATELIMIT_HEADERS <= set(reply.headers)
         assert reply.completion_tokens == 20
@@ -523,7 +538,7 @@ async def test_tpm_holds_across_two_processes_sharing_redis(
             continue
         assert_openai_error(reply, 429, "rate_limit_exceeded")
         assert reply.error["type"] == "tokens"
-        assert 1 <= int(reply.headers["retry-after"]) <= 60
+        assert 1 <= int(reply.headers["retry-after"]) <= 61
 
 
 # ---- refusal shapes through the official SDK -------------------------------------------------
@@ -570,7 +585,6 @@ async def test_sdk_raises_rate_limit_error_and_does_not_retry_insufficient_quota
 
 
 async def test_sdk_sees_rpm_refusal_with_retry_after_and_ratelimit_headers(fleet: Fleet) -> None:
-    await wait_for_fresh_minute(margin_s=3)
     first, second = fleet.pair
     async with counting_sdk(first, "rpm1", max_retries=0) as (client, _):
         ok = await client.chat.completions.with_raw_response.create(
@@ -590,8 +604,8 @@ async def test_sdk_sees_rpm_refusal_with_retry_after_and_ratelimit_headers(fleet
             )
     assert refused.value.code == "rate_limit_exceeded"
     headers = refused.value.response.headers
-    assert 1 <= int(headers["retry-after"]) <= 60
-    assert 0 < int(headers["retry-after-ms"]) <= 60_000
+    assert 1 <= int(headers["retry-after"]) <= 61
+    assert 0 < int(headers["retry-after-ms"]) <= 61_000
     assert headers["x-ratelimit-limit-requests"] == "1"
     assert sent == ["/v1/chat/completions"]
 

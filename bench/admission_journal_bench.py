@@ -1,0 +1,75 @@
+"""Cost of journaling a request at admission (`Ledger.admit`), per request.
+
+    python bench/admission_journal_bench.py
+
+Times `Ledger.admit` with a provisional record shaped like the gateway's, and for scale
+`Ledger.record` of the final one, on a real journal file (no database writes are timed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from billing.ledger import Ledger, LedgerConfig
+from billing.record import GATEWAY_DIED, UsageRecord
+from billing.usage import Usage
+
+N = 20_000
+
+
+def make(request_id: str, error_type: str | None) -> UsageRecord:
+    return UsageRecord(
+        request_id=request_id,
+        started_at=datetime.now(UTC),
+        tenant_id="acme",
+        key_id="key_0123456789",
+        model="gpt-4o-mini",
+        endpoint="chat.completions",
+        provider="openai",
+        deployment="openai-mini",
+        usage=Usage(120, 0, 30, 0),
+        price_version="gpt-4o-mini@2026-01-01T00:00Z",
+        unit_price_input_nanos=150,
+        unit_price_output_nanos=600,
+        cost_nanos=36_000,
+        status_code=500 if error_type else 200,
+        error_type=error_type,
+    )
+
+
+async def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = LedgerConfig(
+            url=f"sqlite+aiosqlite:///{tmp}/ledger.db", url_env=None, flush_interval_ms=60_000
+        )
+        ledger = await Ledger.open(config)
+        admit_us, record_us = [], []
+        for run in range(5):
+            ids = [f"req_{run}_{i}" for i in range(N)]
+            finals = [make(rid, None) for rid in ids]
+            t0 = time.perf_counter()
+            for rid in ids:
+                ledger.admit(rid, lambda rid=rid: make(rid, GATEWAY_DIED))
+            t1 = time.perf_counter()
+            for rec in finals:
+                ledger.record(rec)
+            t2 = time.perf_counter()
+            admit_us.append((t1 - t0) / N * 1e6)
+            record_us.append((t2 - t1) / N * 1e6)
+            await ledger.flush()
+        await ledger.aclose()
+    admit, record = statistics.median(admit_us), statistics.median(record_us)
+    print(f"Ledger.admit  (provisional record built + journaled): median {admit:.2f} us/request")
+    print(f"Ledger.record (final record journaled + queued):      median {record:.2f} us/request")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
