@@ -1,0 +1,123 @@
+"""Server-sent events, parsed by the WHATWG EventSource rules, incrementally and fast.
+
+`SSEDecoder.feed` takes the bytes of one upstream read and returns the events that read
+completed, as `(event_type, data)` pairs; bytes of an event not finished yet are kept for
+the next read. What it follows, from the HTML standard's "Parsing an event stream":
+
+- lines end with CRLF, LF or a lone CR, and a CRLF split between two reads is one line end;
+- a leading UTF-8 byte order mark is skipped;
+- a blank line dispatches the event; lines starting with `:` are comments (keep-alives);
+- `field: value` (one space after the colon dropped), or a bare `field` with an empty value;
+  `data` lines are joined with LF, `event` sets the type, `id` (without NUL) the last event
+  id and `retry` (ASCII digits only) the reconnection time; other fields are ignored,
+  except `error`, which llama.cpp's server uses for a mid-stream error and which is read as
+  an event of type `error`;
+- an event with no `data` line is not dispatched (as the standard says), nor is one whose
+  data is empty (an OpenAI-style stream carries nothing in it);
+- an event not terminated by a blank line when the stream ends is not dispatched:
+  `pending` tells whether such bytes (other than blank lines and comments) are left, which
+  is how a caller tells a stream that was cut mid-event.
+
+Most upstreams send `data: {json}\\n\\n` events; those take one `bytes.find` and one slice.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SSEDecoder"]
+
+_BOM = b"\xef\xbb\xbf"
+_MESSAGE = b""  # the default event type ("message")
+
+
+class SSEDecoder:
+    """An incremental event-stream parser for one response."""
+
+    __slots__ = ("_buffer", "_cr", "_started", "last_event_id", "retry_ms")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._cr = False  # the last read ended with CR: a LF starting the next one is its pair
+        self._started = False  # past the optional byte order mark
+        self.last_event_id = b""
+        self.retry_ms: int | None = None
+
+    def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        """The events completed by `data`, in order, as `(event_type, data)` pairs.
+
+        `event_type` is empty for the default type (`message`).
+        """
+        if self._cr:
+            self._cr = False
+            if data[:1] == b"\n":
+                data = data[1:]
+        if b"\r" in data:
+            self._cr = data[-1:] == b"\r"
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buffer = self._buffer + data if self._buffer else data
+        if not self._started:
+            if len(buffer) < 3 and _BOM.startswith(buffer):
+                self._buffer = buffer
+                return []
+            self._started = True
+            if buffer.startswith(_BOM):
+                buffer = buffer[3:]
+        events: list[tuple[bytes, bytes]] = []
+        find = buffer.find
+        start = 0
+        while True:
+            end = find(b"\n\n", start)
+            if end < 0:
+                break
+            block = buffer[start:end]
+            start = end + 2
+            if block[:6] == b"data: " and b"\n" not in block:
+                if len(block) > 6:
+                    events.append((_MESSAGE, block[6:]))
+                continue
+            event = self._parse(block)
+            if event is not None:
+                events.append(event)
+        self._buffer = buffer[start:] if start else buffer
+        return events
+
+    @property
+    def pending(self) -> bool:
+        """Whether bytes of an unfinished event (not just blank lines or comments) are held."""
+        for line in self._buffer.split(b"\n"):
+            if line and line[:1] != b":":
+                return True
+        return False
+
+    def _parse(self, block: bytes) -> tuple[bytes, bytes] | None:
+        """One event's lines (no blank line among them but perhaps a leading one)."""
+        data: list[bytes] = []
+        kind = _MESSAGE
+        for line in block.split(b"\n"):
+            if not line or line[:1] == b":":
+                continue
+            colon = line.find(b":")
+            if colon < 0:
+                name, value = line, b""
+            else:
+                name, value = line[:colon], line[colon + 1 :]
+                if value[:1] == b" ":
+                    value = value[1:]
+            if name == b"data":
+                data.append(value)
+            elif name == b"event":
+                kind = value
+            elif name == b"id":
+                if b"\0" not in value:
+                    self.last_event_id = value
+            elif name == b"retry":
+                if value.isdigit() and value.isascii():
+                    self.retry_ms = int(value)
+            elif name == b"error":  # llama.cpp's server: `error: {json}`
+                kind = b"error"
+                data.append(value)
+        if not data:
+            return None
+        payload = b"\n".join(data)
+        if not payload:
+            return None
+        return kind, payload
