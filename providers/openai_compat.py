@@ -169,17 +169,19 @@ class OpenAICompatProvider(Provider):
         try:
             async for data in response.aiter_raw():
                 events = decoder.feed(data)
-                if not events:
-                    continue
-                final = events[-1]
+                left = len(events)
                 for event in events:
-                    kind, payload = event
+                    left -= 1
+                    if type(event) is tuple:
+                        kind, payload = event
+                    else:
+                        kind, payload = b"", event
                     if payload == b"[DONE]":
                         return
                     chunk = _json_decode(payload)
                     if kind == b"error" or ("error" in chunk and "choices" not in chunk):
                         raise stream_error(self.name, chunk)
-                    stream.ready = event is not final
+                    stream.ready = left > 0
                     last = chunk
                     yield chunk
             if decoder.pending or not _finished(last):

@@ -1,7 +1,7 @@
 """Server-sent events, parsed by the WHATWG EventSource rules, incrementally and fast.
 
 `SSEDecoder.feed` takes the bytes of one upstream read and returns the events that read
-completed, as `(event_type, data)` pairs; bytes of an event not finished yet are kept for
+completed: the data of each `message` event, `(event_type, data)` for another type; bytes of an event not finished yet are kept for
 the next read. What it follows, from the HTML standard's "Parsing an event stream":
 
 - lines end with CRLF, LF or a lone CR, and a CRLF split between two reads is one line end;
@@ -23,10 +23,16 @@ Most upstreams send `data: {json}\\n\\n` events; those take one `bytes.find` and
 
 from __future__ import annotations
 
-__all__ = ["SSEDecoder"]
+__all__ = ["Event", "SSEDecoder"]
 
 _BOM = b"\xef\xbb\xbf"
 _MESSAGE = b""  # the default event type ("message")
+
+
+Event = bytes | tuple[bytes, bytes]
+"""A dispatched event: its data (type `message`), or `(event_type, data)` for another type."""
+
+_NOTHING: list[Event] = []
 
 
 class SSEDecoder:
@@ -41,10 +47,11 @@ class SSEDecoder:
         self.last_event_id = b""
         self.retry_ms: int | None = None
 
-    def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
-        """The events completed by `data`, in order, as `(event_type, data)` pairs.
+    def feed(self, data: bytes) -> list[Event]:
+        """The events completed by `data`, in order (do not modify the list returned).
 
-        `event_type` is empty for the default type (`message`).
+        An event of the default type (`message`) is its data; another is a pair
+        `(event_type, data)`.
         """
         if self._cr:
             self._cr = False
@@ -57,27 +64,28 @@ class SSEDecoder:
         if not self._started:
             if len(buffer) < 3 and _BOM.startswith(buffer):
                 self._buffer = buffer
-                return []
+                return _NOTHING
             self._started = True
             if buffer.startswith(_BOM):
                 buffer = buffer[3:]
-        events: list[tuple[bytes, bytes]] = []
-        find = buffer.find
+        end = buffer.find(b"\n\n")
+        if end < 0:
+            self._buffer = buffer
+            return _NOTHING
+        events: list[Event] = []
         start = 0
-        while True:
-            end = find(b"\n\n", start)
-            if end < 0:
-                break
+        while end >= 0:
             block = buffer[start:end]
             start = end + 2
-            if block[:6] == b"data: " and b"\n" not in block:
+            if block.startswith(b"data: ") and b"\n" not in block:
                 if len(block) > 6:
-                    events.append((_MESSAGE, block[6:]))
-                continue
-            event = self._parse(block)
-            if event is not None:
-                events.append(event)
-        self._buffer = buffer[start:] if start else buffer
+                    events.append(block[6:])
+            else:
+                event = self._parse(block)
+                if event is not None:
+                    events.append(event)
+            end = buffer.find(b"\n\n", start)
+        self._buffer = buffer[start:]
         return events
 
     @property
@@ -88,7 +96,7 @@ class SSEDecoder:
                 return True
         return False
 
-    def _parse(self, block: bytes) -> tuple[bytes, bytes] | None:
+    def _parse(self, block: bytes) -> Event | None:
         """One event's lines (no blank line among them but perhaps a leading one)."""
         data: list[bytes] = []
         kind = _MESSAGE
@@ -110,7 +118,7 @@ class SSEDecoder:
                 if b"\0" not in value:
                     self.last_event_id = value
             elif name == b"retry":
-                if value.isdigit() and value.isascii():
+                if value.isdigit():
                     self.retry_ms = int(value)
             elif name == b"error":  # llama.cpp's server: `error: {json}`
                 kind = b"error"
@@ -120,4 +128,4 @@ class SSEDecoder:
         payload = b"\n".join(data)
         if not payload:
             return None
-        return kind, payload
+        return payload if kind == _MESSAGE or kind == b"message" else (kind, payload)

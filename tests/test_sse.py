@@ -9,12 +9,12 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from providers.sse import SSEDecoder
+from providers.sse import Event, SSEDecoder
 
 
-def feed_all(parts: list[bytes]) -> tuple[list[tuple[bytes, bytes]], SSEDecoder]:
+def feed_all(parts: list[bytes]) -> tuple[list[Event], SSEDecoder]:
     decoder = SSEDecoder()
-    events: list[tuple[bytes, bytes]] = []
+    events: list[Event] = []
     for part in parts:
         events.extend(decoder.feed(part))
     return events, decoder
@@ -48,10 +48,10 @@ STREAM = (
     b"\n"
 )
 EXPECTED = [
-    (b"", b'{"a": 1}'),
-    (b"message", b'{"b":\n 2}'),
+    b'{"a": 1}',
+    b'{"b":\n 2}',  # `event: message` is the default type
     (b"error", b'{"error": {"message": "boom"}}'),
-    (b"", b"[DONE]"),
+    b"[DONE]",
 ]
 
 
@@ -78,17 +78,17 @@ def test_any_segmentation_gives_the_same_events(ending: bytes, cuts: list[int]) 
 
 def test_a_crlf_split_between_two_reads_is_one_line_end() -> None:
     events, _ = feed_all([b"data: 1\r", b"\n\r", b"\ndata: 2\r\n\r\n"])
-    assert events == [(b"", b"1"), (b"", b"2")]
+    assert events == [b"1", b"2"]
 
 
 def test_mixed_line_endings_in_one_stream() -> None:
     events, _ = feed_all([b"data: 1\r\n\ndata: 2\n\r\ndata: 3\r\rdata: 4\n\n"])
-    assert [data for _, data in events] == [b"1", b"2", b"3", b"4"]
+    assert events == [b"1", b"2", b"3", b"4"]
 
 
 def test_an_unfinished_event_is_not_dispatched_and_is_reported_pending() -> None:
     events, decoder = feed_all([b'data: {"a": 1}\n\ndata: {"b"'])
-    assert events == [(b"", b'{"a": 1}')]
+    assert events == [b'{"a": 1}']
     assert decoder.pending
     _, decoder = feed_all([b"data: 1\n\n: trailing comment\n\n\n"])
     assert not decoder.pending
@@ -96,7 +96,7 @@ def test_an_unfinished_event_is_not_dispatched_and_is_reported_pending() -> None
 
 def test_events_without_data_are_not_dispatched() -> None:
     events, _ = feed_all([b"event: ping\n\nid: 3\n\n: x\n\ndata:\n\ndata: 1\n\n"])
-    assert events == [(b"", b"1")]
+    assert events == [b"1"]
 
 
 def test_llama_cpp_error_field_is_an_error_event() -> None:
@@ -106,6 +106,6 @@ def test_llama_cpp_error_field_is_an_error_event() -> None:
 
 def test_only_a_leading_bom_is_skipped() -> None:
     events, _ = feed_all([b"\xef", b"\xbb", b"\xbfdata: 1\n\n"])
-    assert events == [(b"", b"1")]
+    assert events == [b"1"]
     events, _ = feed_all([b"data: 1\n\n\xef\xbb\xbfdata: 2\n\n"])
-    assert events == [(b"", b"1")]  # a BOM later is part of a field name: ignored
+    assert events == [b"1"]  # a BOM later is part of a field name: ignored
