@@ -2,7 +2,8 @@
 
 `SSEDecoder.feed` takes the bytes of one upstream read and returns the events that read
 completed: the data of each `message` event, `(event_type, data)` for another type.
-Bytes of an event not finished yet are kept for the next read. What it follows, from the HTML standard's "Parsing an event stream":
+Bytes of an event not finished yet are kept for the next read. What it follows, from the
+HTML standard's "Parsing an event stream":
 
 - lines end with CRLF, LF or a lone CR, and a CRLF split between two reads is one line end;
 - a leading UTF-8 byte order mark is skipped;
