@@ -172,7 +172,7 @@ class OpenAICompatProvider(Provider):
                 left = len(events)
                 for event in events:
                     left -= 1
-                    if type(event) is tuple:
+                    if isinstance(event, tuple):
                         kind, payload = event
                     else:
                         kind, payload = b"", event
