@@ -57,6 +57,7 @@ class Case:
     usage: tuple[int, int, int, int] | None = None
     error: str | None = None  # the error the caller gets mid-stream (its message starts so)
     cut: bool = False  # the upstream failed: only delivered output is billed
+    code: str | None = None  # the `code` of the error the caller gets
 
 
 CASES = [
@@ -73,6 +74,7 @@ CASES = [
         "Think.",
         error="The engine was aborted: out of KV cache memory.",
         cut=True,
+        code="InternalServerError",
     ),
     Case("llama-cpp", "chat", True, "The sky is blue.", usage=(9, 16, 4, 0)),
     Case("llama-cpp", "chat", False, "The sky is blue.", usage=(9, 16, 4, 0)),
@@ -84,8 +86,9 @@ CASES = [
         "The sky",
         error="Context size has been exceeded.",
         cut=True,
+        code="exceed_context_size_error",
     ),
-    Case("llama-cpp", "cut", True, "The sky", error="Upstream replay", cut=True),
+    Case("llama-cpp", "cut", True, "The sky", error="Upstream replay", cut=True, code="stream_cut"),
     Case("llama-tgi", "chat", True, "Paris is the capital.", usage=(14, 0, 4, 0)),
     Case("llama-tgi", "chat", False, "Paris is the capital.", usage=(14, 0, 4, 0)),
     Case(
@@ -95,6 +98,7 @@ CASES = [
         "Paris",
         error="Request failed during generation: Server error: CUDA out of memory.",
         cut=True,
+        code="generation",
     ),
     Case("qwen-ollama", "chat", True, "Hi there!", "Greet back.", usage=(11, 0, 9, 0)),
     Case("qwen-ollama", "chat", False, "Hi there!", "Greet back.", usage=(11, 0, 9, 0)),
@@ -125,6 +129,7 @@ CASES = [
         "Use",
         error="The server had an error while processing your request.",
         cut=True,
+        code="server_error",
     ),
     Case("tiny-starlette", "chat", True, "One two three"),
 ]
@@ -176,6 +181,7 @@ class Seen:
     completion_tokens: int | None = None
     cost: int | None = None
     error: str | None = None
+    error_body: Any = None
 
 
 def _nanos(amount: str) -> int:
@@ -219,6 +225,7 @@ async def call(client: openai.AsyncOpenAI, case: Case) -> Seen:
                 seen.cost = _nanos((chunk.usage.model_extra or {})["maas"]["cost"])
     except openai.APIError as exc:
         seen.error = exc.message
+        seen.error_body = exc.body
     return seen
 
 
@@ -277,6 +284,12 @@ async def test_every_dialect_is_relayed_and_billed_exactly(
                         where,
                         seen.error,
                     )
+                    assert seen.error_body == {
+                        "message": seen.error,
+                        "type": "upstream_error",
+                        "param": None,
+                        "code": case.code,
+                    }, where
                     # The upstream failed mid-stream: the output delivered is billed, the
                     # prompt is not; the error text is never billed.
                     delivered = case.reasoning + case.content
