@@ -39,10 +39,11 @@ _NOTHING: list[Event] = []
 class SSEDecoder:
     """An incremental event-stream parser for one response."""
 
-    __slots__ = ("_buffer", "_cr", "_started", "last_event_id", "retry_ms")
+    __slots__ = ("_buffer", "_cr", "_lead", "_started", "last_event_id", "retry_ms")
 
     def __init__(self) -> None:
         self._buffer = b""
+        self._lead = True  # the start of this read needs a look (stream start, or a CR before)
         self._cr = False  # the last read ended with CR: a LF starting the next one is its pair
         self._started = False  # past the optional byte order mark
         self.last_event_id = b""
@@ -54,25 +55,33 @@ class SSEDecoder:
         An event of the default type (`message`) is its data; another is a pair
         `(event_type, data)`.
         """
-        if self._cr:
-            self._cr = False
-            if data[:1] == b"\n":
-                data = data[1:]
+        if self._lead:
+            if self._cr:
+                self._cr = False
+                if data[:1] == b"\n":
+                    data = data[1:]
+            if not self._started:
+                buffer = self._buffer + data
+                if len(buffer) < 3 and _BOM.startswith(buffer):
+                    self._buffer = buffer
+                    return _NOTHING
+                self._started = True
+                self._buffer = b""
+                data = buffer[3:] if buffer.startswith(_BOM) else buffer
+            self._lead = False
         if b"\r" in data:
-            self._cr = data[-1:] == b"\r"
+            if data[-1:] == b"\r":
+                self._cr = self._lead = True
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        buffer = self._buffer + data if self._buffer else data
-        if not self._started:
-            if len(buffer) < 3 and _BOM.startswith(buffer):
-                self._buffer = buffer
-                return _NOTHING
-            self._started = True
-            if buffer.startswith(_BOM):
-                buffer = buffer[3:]
+        pending = self._buffer
+        buffer = pending + data if pending else data
         end = buffer.find(b"\n\n")
         if end < 0:
             self._buffer = buffer
             return _NOTHING
+        if end + 2 == len(buffer) and buffer.find(b"\n") == end and buffer.startswith(b"data: "):
+            self._buffer = b""  # one plain event, the most common read of a live stream
+            return [buffer[6:end]] if end > 6 else _NOTHING
         events: list[Event] = []
         start = 0
         while end >= 0:
