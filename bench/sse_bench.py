@@ -1,13 +1,14 @@
 """Micro-benchmark: the event-stream parser (`providers.sse.SSEDecoder`) against the one it
 replaced (events split on `\\n\\n` only), in microseconds per chunk, parsing only.
 
-    python bench/sse_bench.py [--chunks 64] [--repeat 2000]
+    python bench/sse_bench.py [--chunks 64] [--repeat 500]
 
 A stream of `--chunks` chat-completion chunks (as vLLM sends them), a usage chunk and
 `[DONE]`, cut into reads three ways: one event per read (a live model), the whole stream in
 one read (a fast upstream), and random reads of 1 to 300 bytes; with LF and, for the new
 parser only (the old one fails on it), CRLF line endings. Figures are CPU time per chunk
-(best of 5 rounds), which other load on a shared host inflates less than wall-clock time.
+(best of 15 rounds, old and new interleaved), which other load on a shared host inflates
+less than wall-clock time.
 """
 
 from __future__ import annotations
@@ -88,21 +89,25 @@ def stream(chunks: int, ending: bytes) -> list[bytes]:
     return events
 
 
-def per_chunk_us(parse: Callable[[list[bytes]], int], reads: list[bytes], repeat: int) -> float:
-    count = parse(reads)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.thread_time()  # CPU time: a shared, loaded host does not inflate it
-        for _ in range(repeat):
-            parse(reads)
-        best = min(best, time.thread_time() - t0)
-    return best / repeat / count * 1e6
+def per_chunk_us(
+    parsers: list[Callable[[list[bytes]], int]], reads: list[bytes], repeat: int, rounds: int = 15
+) -> list[float]:
+    """Each parser's best CPU time per chunk, rounds interleaved so load hits all alike."""
+    count = parsers[0](reads)
+    best = [float("inf")] * len(parsers)
+    for _ in range(rounds):
+        for i, parse in enumerate(parsers):
+            t0 = time.thread_time()  # CPU time: a shared, loaded host does not inflate it
+            for _ in range(repeat):
+                parse(reads)
+            best[i] = min(best[i], time.thread_time() - t0)
+    return [b / repeat / count * 1e6 for b in best]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=500)
     args = parser.parse_args()
     rng = random.Random(7)
     print("| reads | line end | old µs/chunk | new µs/chunk |")
@@ -117,8 +122,10 @@ def main() -> None:
             cuts.append(whole[at : at + step])
             at += step
         for label, reads in (("one event each", events), ("one read", [whole]), ("random", cuts)):
-            new = per_chunk_us(new_parse, reads, args.repeat)
-            old = per_chunk_us(old_parse, reads, args.repeat) if ending == b"\n" else None
+            if ending == b"\n":
+                old, new = per_chunk_us([old_parse, new_parse], reads, args.repeat)
+            else:
+                old, (new,) = None, per_chunk_us([new_parse], reads, args.repeat)
             name = "LF" if ending == b"\n" else "CRLF"
             old_text = f"{old:.3f}" if old is not None else "fails"
             print(f"| {label} | {name} | {old_text} | {new:.3f} |")
