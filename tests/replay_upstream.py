@@ -39,6 +39,7 @@ class ReplayUpstream:
     """The stub server; `requests` holds every request body it received, decoded."""
 
     seed: int = 0
+    whole: bool = False  # send each response in one write, its body in one HTTP chunk
     port: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
     _server: asyncio.Server | None = None
@@ -93,13 +94,17 @@ class ReplayUpstream:
         cut = any(line.lower().startswith(b"x-replay-cut:") for line in lines)
         lines = [line for line in lines if not line.lower().startswith(b"x-replay-")]
         chunked = any(line.lower() == b"transfer-encoding: chunked" for line in lines)
-        pieces = _random_pieces(body, rng)
+        pieces = [body] if self.whole else _random_pieces(body, rng)
         if chunked:
             framed = [b"%x\r\n%s\r\n" % (len(p), p) for p in pieces]
             if not cut:
                 framed.append(b"0\r\n\r\n")
             pieces = framed
         out = b"\r\n".join(lines) + b"\r\n\r\n"
+        if self.whole:
+            writer.write(out + b"".join(pieces))
+            await writer.drain()
+            return not cut
         for piece in [out, *pieces]:
             for part in _random_pieces(piece, rng, most=64) if rng.random() < 0.3 else [piece]:
                 writer.write(part)
@@ -120,8 +125,8 @@ def _random_pieces(data: bytes, rng: random.Random, most: int = 400) -> list[byt
 
 
 @contextlib.asynccontextmanager
-async def replay_upstream(seed: int = 0) -> AsyncIterator[ReplayUpstream]:
-    upstream = ReplayUpstream(seed=seed)
+async def replay_upstream(seed: int = 0, whole: bool = False) -> AsyncIterator[ReplayUpstream]:
+    upstream = ReplayUpstream(seed=seed, whole=whole)
     await upstream.start()
     try:
         yield upstream

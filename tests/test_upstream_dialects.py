@@ -25,6 +25,8 @@ import pytest
 
 from billing.usage import Usage
 from gateway.tokens import TokenCounter, TokenizerConfig
+from providers.base import ProviderRequest
+from providers.openai_compat import OpenAICompatConfig, OpenAICompatProvider
 from tests.harness import ACME_KEY, base_config, gateway_process
 from tests.replay_upstream import ReplayUpstream, replay_upstream
 
@@ -359,3 +361,27 @@ async def test_every_dialect_is_relayed_and_billed_exactly(
 def test_usage_objects_normalise(usage: dict[str, Any], expected: tuple[int, ...]) -> None:
     got = Usage.from_openai(usage)
     assert (got.uncached_input, got.cached_input, got.output, got.reasoning) == expected
+
+
+async def test_events_of_one_read_are_flagged_ready_for_one_write() -> None:
+    """The provider's `ready` hint: every event of an upstream read but the last says the
+    next is at hand (`[DONE]` included), so the gateway sends them in one write."""
+    async with replay_upstream(whole=True) as upstream:
+        provider = OpenAICompatProvider("replay", OpenAICompatConfig(base_url=upstream.url))
+        try:
+            for dialect, case, last in (
+                ("openai", "chat", True),
+                ("sse-starlette", "chat", True),
+                ("llamacpp", "nodone", False),
+            ):
+                body = {"model": dialect, "messages": [{"role": "user", "content": case}]}
+                request = ProviderRequest("chat.completions", dialect, {**body, "stream": True})
+                response = await provider.send(request)
+                stream = response.stream
+                assert stream is not None
+                flags = []
+                async for _chunk in stream:
+                    flags.append(stream.ready)  # type: ignore[attr-defined]
+                assert len(flags) > 3 and flags == [True] * (len(flags) - 1) + [last], dialect
+        finally:
+            await provider.aclose()
