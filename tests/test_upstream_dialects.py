@@ -66,6 +66,16 @@ CASES = [
     Case("qwen-vllm", "chat", True, "Hello! How can I help?", usage=(21, 0, 6, 0)),
     Case("qwen-vllm", "chat", False, "Hello! How can I help?", usage=(21, 0, 6, 0)),
     Case("qwen-vllm", "cached", True, "Cached prefix reused.", usage=(8, 32, 5, 0)),
+    # The body ended cleanly, but with no [DONE], usage or finish_reason: a cut.
+    Case(
+        "qwen-vllm",
+        "closed",
+        True,
+        "Hello!",
+        error="Upstream replay ended the stream early.",
+        cut=True,
+        code="stream_cut",
+    ),
     Case("r1-sglang", "chat", True, "2 + 2 = 4", "Two plus two.", usage=(10, 8, 12, 0)),
     Case("r1-sglang", "chat", False, "2 + 2 = 4", "Two plus two.", usage=(10, 8, 12, 0)),
     Case(
