@@ -38,13 +38,22 @@ class Usage:
 
     @classmethod
     def from_openai(cls, usage: dict[str, Any]) -> Usage:
-        """Read an OpenAI `usage` object (chat, completions or embeddings)."""
-        prompt = int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
+        """Read an OpenAI `usage` object (chat, completions or embeddings), in any of the
+        dialects upstreams speak: cached input in `prompt_tokens_details.cached_tokens`
+        (OpenAI, vLLM, SGLang, llama.cpp, Ark) or `prompt_cache_hit_tokens` (DeepSeek, whose
+        `prompt_cache_hit_tokens + prompt_cache_miss_tokens` is the prompt), reasoning in
+        `completion_tokens_details.reasoning_tokens` (part of the output)."""
+        hit = int(usage.get("prompt_cache_hit_tokens") or 0)
+        prompt = int(
+            usage.get("prompt_tokens")
+            or usage.get("input_tokens")
+            or hit + int(usage.get("prompt_cache_miss_tokens") or 0)
+        )
         output = int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
         details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
         cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
         # DeepSeek reports cache hits at the top level.
-        cached = cached or int(usage.get("prompt_cache_hit_tokens") or 0)
+        cached = cached or hit
         out_details = (
             usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
         )

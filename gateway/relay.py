@@ -552,6 +552,9 @@ def _collect_delta(choice: dict[str, Any], delivered: list[str]) -> None:
         if text:
             delivered.append(text)
         return
+    reasoning = delta.get("reasoning_content") or delta.get("reasoning")  # DeepSeek, Ollama...
+    if reasoning:
+        delivered.append(reasoning)
     content = delta.get("content")
     if content:
         delivered.append(content)
@@ -569,6 +572,7 @@ def _message_texts(body: dict[str, Any]) -> dict[int, list[str]]:
         if message is None:
             parts.append(choice.get("text") or "")
             continue
+        parts.append(message.get("reasoning_content") or message.get("reasoning") or "")
         parts.append(message.get("content") or "")
         for call in message.get("tool_calls") or ():
             function = call.get("function") or {}

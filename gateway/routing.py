@@ -7,7 +7,11 @@ plus an upstream model name, with a weight and a priority tier (lower is preferr
 1. a tenant's override for the model (a pinned, possibly dedicated, deployment) first;
 2. then the best priority tier that has a healthy deployment, choosing within the tier by
    the model's strategy (`weighted` random, `least_inflight` or `lowest_latency`);
-3. when the whole model is down (no deployment healthy), its `fallbacks` models in order.
+3. when the whole model is down (no deployment healthy), its `fallbacks` models in order;
+   and when every deployment of the model has failed a request before its first byte,
+   that same request goes on to the fallbacks (within `max_attempts` and the retry
+   budget) before any deployment is tried twice. It is billed once, to the deployment
+   that served it.
 
 A deployment is healthy when its circuit breaker lets traffic through (see
 `gateway.breaker`) and it is not cooling down after an upstream 429.
@@ -117,7 +121,8 @@ class ModelConfig(_Strict):
     )
     deployments: list[DeploymentConfig] = Field(min_length=1)
     fallbacks: list[str] = Field(
-        default_factory=list, description="Models to use, in order, when this one is down"
+        default_factory=list,
+        description="Models to use, in order, when this one is down or has failed the request",
     )
     strategy: Literal["weighted", "least_inflight", "lowest_latency"] = "weighted"
     encoding: str | None = Field(default=None, description="Tokenizer override")
@@ -343,14 +348,14 @@ class Router:
         tried: tuple[Deployment, ...] | list[Deployment],
         now: float,
     ) -> Deployment | None:
-        route = self._routes[model_name]
-        chosen = self._pick_in(route, tenant_id, tried, now)
-        if chosen is not None:
-            return chosen
-        for fallback in self._fallbacks[model_name]:
-            chosen = self._pick_in(fallback, tenant_id, tried, now)
-            if chosen is not None:
-                return chosen
+        """The model's untried deployments first, then its fallbacks' untried ones, in order;
+        only then a tried one still healthy (the model's own first), for a retry."""
+        routes = [self._routes[model_name], *self._fallbacks[model_name]]
+        for untried_only in (True, False) if tried else (False,):
+            for route in routes:
+                chosen = self._pick_in(route, tenant_id, tried, now, untried_only)
+                if chosen is not None:
+                    return chosen
         return None
 
     def _pick_in(
@@ -359,12 +364,16 @@ class Router:
         tenant_id: str,
         tried: tuple[Deployment, ...] | list[Deployment],
         now: float,
+        untried_only: bool = False,
     ) -> Deployment | None:
-        """A deployment of one model: untried ones first, else a tried one still healthy."""
+        """A deployment of one model: untried ones first, else (unless `untried_only`) a
+        tried one still healthy."""
         pinned = self._overrides.get(tenant_id, {}).get(route.config.name) if tenant_id else None
         pinned_ok = pinned is not None and pinned.available(now)
         if pinned_ok and pinned not in tried:
             return pinned
+        if untried_only:
+            pinned_ok = False
         fallback_tier: list[Deployment] | None = None
         for tier in route.tiers:
             healthy = [d for d in tier if d.available(now)]
@@ -373,7 +382,7 @@ class Router:
             untried = [d for d in healthy if d not in tried] if tried else healthy
             if untried:
                 return self._choose(route.config.strategy, untried)
-            if fallback_tier is None:
+            if fallback_tier is None and not untried_only:
                 fallback_tier = healthy
         if pinned_ok:
             return pinned

@@ -20,6 +20,7 @@ import msgspec
 from pydantic import BaseModel, Field
 
 from providers.base import Chunk, Provider, ProviderRequest, ProviderResponse, UpstreamError
+from providers.sse import SSEDecoder
 
 _PATHS = {
     "chat.completions": "/chat/completions",
@@ -114,8 +115,15 @@ class OpenAICompatProvider(Provider):
         try:
             response = await self._client.send(http_request, stream=request.stream)
         except httpx.TimeoutException as exc:
+            if _timed_out(exc):
+                raise UpstreamError(
+                    504, f"Upstream {self.name} timed out: {exc}", type="timeout", retryable=True
+                ) from None
             raise UpstreamError(
-                504, f"Upstream {self.name} timed out: {exc}", type="timeout", retryable=True
+                502,
+                f"Upstream {self.name} closed the connection: {exc}",
+                type="upstream_unreachable",
+                retryable=True,
             ) from None
         except httpx.HTTPError as exc:
             raise UpstreamError(
@@ -149,38 +157,37 @@ class OpenAICompatProvider(Provider):
     async def _events(self, response: httpx.Response, stream: _EventStream) -> AsyncIterator[Chunk]:
         """Server-sent events as chunk dicts, until `[DONE]`; a cut stream raises.
 
-        Before each chunk is handed out, `stream.ready` tells whether another complete
-        event is already in the buffer.
+        Before each chunk is handed out, `stream.ready` tells whether another event of
+        the same upstream read follows. A stream that ends without `[DONE]` is complete
+        when its body ended cleanly, no event was left unfinished, and its last chunk
+        carried usage or a `finish_reason` for every choice in it; otherwise it was cut.
+        An `error` event, or a data event holding only an `error` object, ends the stream
+        with that error (see `stream_error`).
         """
-        buffer = b""
+        decoder = SSEDecoder()
+        last: Chunk | None = None
         try:
             async for data in response.aiter_raw():
-                buffer = buffer + data if buffer else data
-                start = 0  # events are sliced out by offset; the rest is kept once per read
-                while True:
-                    end = buffer.find(b"\n\n", start)
-                    if end < 0:
-                        buffer = buffer[start:]
-                        break
-                    event, start = buffer[start:end], end + 2
-                    payload = _event_data(event)
-                    if payload is None:
-                        continue
+                events = decoder.feed(data)
+                left = len(events)
+                for event in events:
+                    left -= 1
+                    if isinstance(event, tuple):
+                        kind, payload = event
+                    else:
+                        kind, payload = b"", event
                     if payload == b"[DONE]":
                         return
                     chunk = _json_decode(payload)
-                    if "error" in chunk and "choices" not in chunk:
-                        error = chunk["error"] or {}
-                        raise UpstreamError(
-                            502,
-                            str(error.get("message") or "upstream error mid-stream"),
-                            type=str(error.get("type") or "upstream_error"),
-                        )
-                    stream.ready = buffer.find(b"\n\n", start) >= 0
+                    if kind == b"error" or ("error" in chunk and "choices" not in chunk):
+                        raise stream_error(self.name, chunk)
+                    stream.ready = left > 0
+                    last = chunk
                     yield chunk
-            raise UpstreamError(
-                502, f"Upstream {self.name} ended the stream early.", type="stream_cut"
-            )
+            if decoder.pending or not _finished(last):
+                raise UpstreamError(
+                    502, f"Upstream {self.name} ended the stream early.", type="stream_cut"
+                )
         except httpx.HTTPError as exc:
             raise UpstreamError(
                 502,
@@ -218,13 +225,50 @@ class _EventStream:
         await self._events.aclose()  # type: ignore[attr-defined]
 
 
-def _event_data(event: bytes) -> bytes | None:
-    """The `data:` payload of one SSE event (multi-line data joined), or None."""
-    if event.startswith(b"data: ") and b"\n" not in event:
-        return event[6:]
-    event = event.replace(b"\r\n", b"\n")
-    parts = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-    return b"\n".join(parts) if parts else None
+def _timed_out(exc: httpx.TimeoutException) -> bool:
+    """Whether a "timeout" was one: httpx-aiohttp reports every aiohttp connection error,
+    a connection reset or closed by the upstream (a killed server) included, as
+    `ConnectTimeout`; only a cause that is itself a timeout makes it one."""
+    cause = exc.__cause__
+    return cause is None or isinstance(cause, TimeoutError)
+
+
+def _finished(last: Chunk | None) -> bool:
+    """Whether a stream whose last chunk was `last` had said all it had to say."""
+    if last is None:
+        return False
+    if last.get("usage"):
+        return True
+    choices = last.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return False
+    return all(isinstance(c, dict) and c.get("finish_reason") for c in choices)
+
+
+def stream_error(name: str, chunk: Any) -> UpstreamError:
+    """The error an upstream reported mid-stream, in whichever shape it used.
+
+    `{"error": {"message", "type", "code"}}` (OpenAI, vLLM, SGLang, Ollama),
+    `{"error": "text", "error_type": ...}` (TGI), or the error object itself in an
+    `event: error` (or llama.cpp's `error:`) event. The caller gets a 502 with the
+    upstream's message; the upstream's type or code is kept as the error's `code`.
+    """
+    error: Any = chunk.get("error", chunk) if isinstance(chunk, dict) else chunk
+    message, type_, code = f"Upstream {name} failed mid-stream.", "upstream_error", None
+    if isinstance(error, dict):
+        message = str(error.get("message") or message)
+        type_ = str(error.get("type") or type_)
+        code = error.get("code")
+    elif isinstance(error, str) and error:
+        message = error
+        if isinstance(chunk, dict) and chunk.get("error_type"):
+            type_ = str(chunk["error_type"])
+    return UpstreamError(
+        502,
+        message,
+        type=type_,
+        code=str(code) if isinstance(code, str) else type_,
+    )
 
 
 def _upstream_error(name: str, status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
