@@ -330,6 +330,7 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litesta
         return Response(body, media_type=content_type)
 
     from gateway.admin import admin_routes
+    from gateway.console import console_routes
 
     return Litestar(
         route_handlers=[
@@ -342,6 +343,7 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litesta
             readyz,
             metrics,
             *admin_routes(gw),
+            *console_routes(gw),
         ],
         lifespan=[lifespan],
         exception_handlers={Exception: _exception_handler},

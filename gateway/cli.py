@@ -142,9 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--month", required=True, help="month, e.g. 2026-11")
     rec.set_defaults(run=_reconcile)
 
+    from gateway.console.cli import add_commands as add_console_commands
     from gateway.economics.cli import add_commands
 
     add_commands(commands)
+    add_console_commands(commands)
     return parser
 
 
@@ -190,6 +192,9 @@ def _print_banner(settings: Settings, host: str, port: int, demo_key: str | None
     if demo_key:
         print(f"demo tenant API key: {demo_key}", flush=True)
     print(f"OpenAI base_url: http://{host}:{port}/v1", flush=True)
+    from gateway.console.cli import announce_demo_users
+
+    announce_demo_users(settings, host, port)
 
 
 def _serve_workers(

@@ -22,6 +22,7 @@ from billing.compute_cost import ComputeCostConfig
 from billing.ledger import LedgerConfig
 from billing.pricing import PricingConfig
 from billing.quota import Limits, QuotaConfig
+from gateway.console.config import ConsoleConfig
 from gateway.metrics import MetricsConfig
 from gateway.routing import ModelConfig, RoutingConfig
 from gateway.tokens import TokenizerConfig
@@ -108,6 +109,7 @@ class Settings(Strict):
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     tenants: list[TenantConfig] = Field(default_factory=list)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     demo_key_env: str | None = Field(
         None,
         description="Give the first tenant a key from this environment variable "
