@@ -75,8 +75,9 @@ def user_admin_routes(console: Console) -> list[HTTPRouteHandler]:
         return _json(answer, 201)
 
     @delete("/admin/console-users/{username:str}", status_code=200)
-    async def delete_user(request: Request[Any, Any, Any], username: str) -> Response[Any]:
+    async def delete_user(request: Request[Any, Any, Any]) -> Response[Any]:
         require_admin(request)
+        username = request.path_params["username"]
         store = await console.store()
         if not await store.delete(username):
             raise ApiError(404, f"No console user {username!r}.", code="user_not_found")

@@ -87,24 +87,28 @@ def month_days(month: str) -> list[date]:
 
 
 async def tenant_month(ledger: Ledger, tenant_id: str, timezone: str, month: str) -> MonthUsage:
-    """A tenant's month in its time zone from the rollups (a few thousand rows at most)."""
+    """A tenant's month in its time zone, summed by the database from the rollups into
+    local days and models (about days x models rows come back, whatever the traffic)."""
     first, end = month_buckets(month, timezone)
-    query = (
-        select(ROLLUPS.c.bucket, ROLLUPS.c.model, *_SUMS)
-        .where(ROLLUPS.c.tenant_id == tenant_id, ROLLUPS.c.bucket >= first, ROLLUPS.c.bucket < end)
-        .group_by(ROLLUPS.c.bucket, ROLLUPS.c.model)
-    )
     zone = ZoneInfo(timezone)
+    days = month_days(month)
+    # Each local day as a run of buckets: [midnight, next midnight) in epoch seconds.
+    starts = [int(datetime.combine(d, datetime.min.time(), zone).timestamp()) for d in days]
+    day_index = case(
+        *((ROLLUPS.c.bucket < start, index - 1) for index, start in enumerate(starts[1:], 1)),
+        else_=len(days) - 1,
+    ).label("day")
+    query = (
+        select(day_index, ROLLUPS.c.model, *_SUMS)
+        .where(ROLLUPS.c.tenant_id == tenant_id, ROLLUPS.c.bucket >= first, ROLLUPS.c.bucket < end)
+        .group_by(day_index, ROLLUPS.c.model)
+    )
     usage = MonthUsage(month)
     async with ledger.engine.connect() as connection:
         rows = (await connection.execute(query)).all()
-    day_of: dict[int, date] = {}
     for row in rows:
-        day = day_of.get(row.bucket)
-        if day is None:
-            day = day_of[row.bucket] = datetime.fromtimestamp(row.bucket, zone).date()
         usage.total.add(row)
-        usage.by_day.setdefault(day, Totals()).add(row)
+        usage.by_day.setdefault(days[row.day], Totals()).add(row)
         usage.by_model.setdefault(row.model, Totals()).add(row)
     return usage
 

@@ -302,7 +302,8 @@ def console_router(console: Console) -> Router:
     # -- tenant pages -----------------------------------------------------------------
 
     @get("/tenants/{tenant_id:str}/")
-    async def overview(request: AnyRequest, tenant_id: str) -> Response[Any]:
+    async def overview(request: AnyRequest) -> Response[Any]:
+        tenant_id = request.path_params["tenant_id"]
         started = time.perf_counter()
         session = await console.session(request)
         tenant = console.tenant_for(session, tenant_id)
@@ -355,13 +356,15 @@ def console_router(console: Console) -> Router:
         )
 
     @get("/tenants/{tenant_id:str}/keys")
-    async def keys_page(request: AnyRequest, tenant_id: str) -> Response[Any]:
+    async def keys_page(request: AnyRequest) -> Response[Any]:
+        tenant_id = request.path_params["tenant_id"]
         session = await console.session(request)
         tenant = console.tenant_for(session, tenant_id, ("owner", "member", "admin"))
         return _keys_response(console, session, tenant, created=None)
 
     @post("/tenants/{tenant_id:str}/keys", status_code=200)
-    async def create_key(request: AnyRequest, tenant_id: str) -> Response[Any]:
+    async def create_key(request: AnyRequest) -> Response[Any]:
+        tenant_id = request.path_params["tenant_id"]
         session = await console.session(request)
         form = await console.form(request, session)
         tenant = console.tenant_for(session, tenant_id, ("owner", "admin"))
@@ -390,7 +393,9 @@ def console_router(console: Console) -> Router:
         return _keys_response(console, session, tenant, created=created)
 
     @post("/tenants/{tenant_id:str}/keys/{key_id:str}/revoke", status_code=303)
-    async def revoke_key(request: AnyRequest, tenant_id: str, key_id: str) -> Response[Any]:
+    async def revoke_key(request: AnyRequest) -> Response[Any]:
+        tenant_id = request.path_params["tenant_id"]
+        key_id = request.path_params["key_id"]
         session = await console.session(request)
         await console.form(request, session)
         tenant = console.tenant_for(session, tenant_id, ("owner", "admin"))
@@ -410,7 +415,8 @@ def console_router(console: Console) -> Router:
         return Redirect(f"/console/tenants/{tenant.id}/keys", status_code=303)
 
     @get("/tenants/{tenant_id:str}/invoices")
-    async def invoices_page(request: AnyRequest, tenant_id: str) -> Response[Any]:
+    async def invoices_page(request: AnyRequest) -> Response[Any]:
+        tenant_id = request.path_params["tenant_id"]
         session = await console.session(request)
         tenant = console.tenant_for(session, tenant_id, _INVOICE_ROLES)
         months = await _invoice_months(gw, tenant)
@@ -422,7 +428,9 @@ def console_router(console: Console) -> Router:
         return console.page("invoices.html", session, tenant=tenant, months=months, final=final)
 
     @get("/tenants/{tenant_id:str}/invoices/{month:str}")
-    async def invoice_page(request: AnyRequest, tenant_id: str, month: str) -> Response[Any]:
+    async def invoice_page(request: AnyRequest) -> Response[Any]:
+        tenant_id = request.path_params["tenant_id"]
+        month = request.path_params["month"]
         session = await console.session(request)
         tenant = console.tenant_for(session, tenant_id, _INVOICE_ROLES)
         invoice = await _invoice(console, session, tenant, month)
@@ -435,7 +443,9 @@ def console_router(console: Console) -> Router:
         )
 
     @get("/tenants/{tenant_id:str}/invoices/{month:str}/pdf")
-    async def invoice_pdf_file(request: AnyRequest, tenant_id: str, month: str) -> Response[Any]:
+    async def invoice_pdf_file(request: AnyRequest) -> Response[Any]:
+        tenant_id = request.path_params["tenant_id"]
+        month = request.path_params["month"]
         session = await console.session(request)
         tenant = console.tenant_for(session, tenant_id, _INVOICE_ROLES)
         invoice = await _invoice(console, session, tenant, month)
@@ -443,7 +453,9 @@ def console_router(console: Console) -> Router:
         return _download(pdf, "application/pdf", f"{invoice.number}.pdf")
 
     @get("/tenants/{tenant_id:str}/invoices/{month:str}/csv")
-    async def invoice_csv_file(request: AnyRequest, tenant_id: str, month: str) -> Response[Any]:
+    async def invoice_csv_file(request: AnyRequest) -> Response[Any]:
+        tenant_id = request.path_params["tenant_id"]
+        month = request.path_params["month"]
         session = await console.session(request)
         tenant = console.tenant_for(session, tenant_id, _INVOICE_ROLES)
         invoice = await _invoice(console, session, tenant, month)
@@ -452,7 +464,8 @@ def console_router(console: Console) -> Router:
         )
 
     @get("/tenants/{tenant_id:str}/usage")
-    async def usage_page(request: AnyRequest, tenant_id: str) -> Response[Any]:
+    async def usage_page(request: AnyRequest) -> Response[Any]:
+        tenant_id = request.path_params["tenant_id"]
         session = await console.session(request)
         tenant = console.tenant_for(session, tenant_id)
         today = datetime.now(ZoneInfo(tenant.timezone)).date()
@@ -461,7 +474,8 @@ def console_router(console: Console) -> Router:
         )
 
     @get("/tenants/{tenant_id:str}/usage/export")
-    async def usage_export(request: AnyRequest, tenant_id: str) -> Response[Any]:
+    async def usage_export(request: AnyRequest) -> Response[Any]:
+        tenant_id = request.path_params["tenant_id"]
         session = await console.session(request)
         tenant = console.tenant_for(session, tenant_id)
         zone = ZoneInfo(tenant.timezone)
@@ -499,7 +513,8 @@ def console_router(console: Console) -> Router:
         )
 
     @get("/tenants/{tenant_id:str}/prices")
-    async def prices_page(request: AnyRequest, tenant_id: str) -> Response[Any]:
+    async def prices_page(request: AnyRequest) -> Response[Any]:
+        tenant_id = request.path_params["tenant_id"]
         session = await console.session(request)
         tenant = console.tenant_for(session, tenant_id)
         return console.page("prices.html", session, tenant=tenant, sheet=_price_sheet(gw, tenant))
@@ -567,7 +582,8 @@ def console_router(console: Console) -> Router:
         return Redirect(f"/console/finance/months/{month}", status_code=303)
 
     @get("/finance/months/{month:str}")
-    async def month_page(request: AnyRequest, month: str) -> Response[Any]:
+    async def month_page(request: AnyRequest) -> Response[Any]:
+        month = request.path_params["month"]
         session = await console.session(request)
         console.operator(session, _FINANCE_ROLES)
         from gateway.admin import tenant_billing
@@ -583,7 +599,8 @@ def console_router(console: Console) -> Router:
         return console.page("month.html", session, month=month, invoices=invoices, report=report)
 
     @get("/finance/months/{month:str}/archive")
-    async def month_archive(request: AnyRequest, month: str) -> Response[Any]:
+    async def month_archive(request: AnyRequest) -> Response[Any]:
+        month = request.path_params["month"]
         session = await console.session(request)
         console.operator(session, _FINANCE_ROLES)
         from gateway.admin import tenant_billing

@@ -1,0 +1,288 @@
+"""The console over HTTP against a running gateway: users and roles, sign-in throttling,
+sessions, CSRF, the usage export, reading rollups only, and the demo user at start-up."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import os
+import re
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import event
+
+from billing.money import format_amount
+from tests.console_helpers import raw_rows, write_past_usage
+from tests.harness import (
+    ACME_KEY,
+    ADMIN_KEY,
+    PROJECT_ROOT,
+    RunningGateway,
+    base_config,
+    gateway_process,
+    running_gateway,
+)
+
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+PASSWORD = "a long enough password"
+
+
+async def _user(gw: RunningGateway, username: str, role: str, tenant: str | None) -> None:
+    body: dict[str, Any] = {"username": username, "role": role, "password": PASSWORD}
+    if tenant:
+        body["tenant_id"] = tenant
+    async with gw.admin() as admin:
+        answer = await admin.post("/admin/console-users", json=body)
+    assert answer.status_code == 201, answer.text
+
+
+def _token(html: str) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert found is not None, html
+    return found.group(1)
+
+
+async def _sign_in(
+    client: httpx.AsyncClient, username: str, password: str = PASSWORD
+) -> httpx.Response:
+    page = await client.get("/console/login")
+    return await client.post(
+        "/console/login",
+        data={"csrf_token": _token(page.text), "username": username, "password": password},
+    )
+
+
+def _client(gw: RunningGateway) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=gw.url, timeout=30, follow_redirects=False)
+
+
+async def test_console_users_through_the_admin_api(tmp_path: Path, tokenizer_dir: Path) -> None:
+    async with running_gateway(tmp_path, tokenizer_dir) as gw, gw.admin() as admin:
+        anonymous = await httpx.AsyncClient(base_url=gw.url).get("/admin/console-users")
+        assert anonymous.status_code == 401
+        made = await admin.post(
+            "/admin/console-users", json={"username": "ann", "role": "owner", "tenant_id": "acme"}
+        )
+        assert made.status_code == 201
+        password = made.json()["password"]  # generated, shown once
+        assert len(password) >= 12
+        listed = (await admin.get("/admin/console-users")).json()["data"]
+        assert listed == [{"username": "ann", "tenant_id": "acme", "role": "owner"}]
+        assert password not in str(listed)
+        for body, status in (
+            ({"username": "ann", "role": "owner", "tenant_id": "acme"}, 409),
+            ({"username": "bob", "role": "admin", "tenant_id": "acme"}, 400),  # tenant role
+            ({"username": "bob", "role": "owner"}, 400),  # an operator is admin or finance
+            ({"username": "bob", "role": "owner", "tenant_id": "nobody"}, 404),
+            ({"username": "bob", "role": "admin", "password": "short"}, 400),
+            ({"username": "b b", "role": "admin"}, 400),
+        ):
+            answer = await admin.post("/admin/console-users", json=body)
+            assert answer.status_code == status, (body, answer.text)
+            assert "error" in answer.json()
+        async with _client(gw) as client:
+            assert (await _sign_in(client, "ann", password)).status_code == 303
+            assert (await client.get("/console/tenants/acme/")).status_code == 200
+            assert (await admin.delete("/admin/console-users/ann")).status_code == 200
+            gone = await client.get("/console/tenants/acme/")  # the session ended with the user
+            assert gone.status_code == 303 and gone.headers["location"] == "/console/login"
+        assert (await admin.delete("/admin/console-users/ann")).status_code == 404
+
+
+async def test_users_cli_creates_and_lists(tmp_path: Path, tokenizer_dir: Path) -> None:
+    async with running_gateway(tmp_path, tokenizer_dir) as gw:
+        env = {"MAAS_ADMIN_KEY": ADMIN_KEY, "NEW_PASSWORD": PASSWORD}
+
+        async def cli(*args: str) -> tuple[int, str]:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "gateway.cli", "users", *args, "--url", gw.url,
+                cwd=PROJECT_ROOT, env={**os.environ, **env},
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+            out, _ = await process.communicate()
+            return process.returncode or 0, out.decode()
+
+        code, out = await cli(
+            "create", "carol", "--role", "finance", "--tenant", "acme", "--password-env",
+            "NEW_PASSWORD",
+        )  # fmt: skip
+        assert code == 0, out
+        code, out = await cli("create", "olga", "--role", "finance")
+        assert code == 0 and '"password"' in out
+        code, out = await cli("list")
+        assert code == 0 and '"carol"' in out and '"olga"' in out
+        code, out = await cli("create", "carol", "--role", "finance", "--tenant", "acme")
+        assert code == 1 and "taken" in out
+        async with _client(gw) as client:
+            signed = await _sign_in(client, "carol")
+            assert signed.headers["location"] == "/console/tenants/acme/"
+
+
+async def test_sign_in_is_throttled_and_sessions_end(tmp_path: Path, tokenizer_dir: Path) -> None:
+    async with running_gateway(tmp_path, tokenizer_dir) as gw, _client(gw) as client:
+        await _user(gw, "dave", "owner", "acme")
+        for _ in range(5):
+            wrong = await _sign_in(client, "dave", "not the password")
+            assert wrong.status_code == 401
+            assert "Wrong username or password" in wrong.text
+        refused = await _sign_in(client, "dave")  # even the right password, for a while
+        assert refused.status_code == 429
+        assert int(refused.headers["retry-after"]) > 0
+        assert "maas_console" not in refused.cookies
+
+        # A sign-in form posted without its cookie-bound token is refused.
+        async with _client(gw) as other:
+            forged = await other.post(
+                "/console/login", data={"username": "dave", "password": PASSWORD}
+            )
+            assert forged.status_code == 403
+
+    # A fresh gateway (a fresh window): sign in, then sign out ends the session server-side.
+    async with running_gateway(tmp_path, tokenizer_dir) as gw, _client(gw) as client:
+        signed = await _sign_in(client, "dave")
+        assert signed.status_code == 303
+        cookie = client.cookies.get("maas_console")
+        assert cookie
+        page = await client.get("/console/tenants/acme/")
+        assert page.status_code == 200
+        no_token = await client.post("/console/logout")
+        assert no_token.status_code == 403
+        out = await client.post("/console/logout", data={"csrf_token": _token(page.text)})
+        assert out.status_code == 303
+        async with httpx.AsyncClient(base_url=gw.url, cookies={"maas_console": cookie}) as old:
+            stale = await old.get("/console/tenants/acme/", follow_redirects=False)
+            assert stale.status_code == 303  # the old cookie no longer opens a session
+
+
+async def test_roles_decide_what_each_user_may_do(tmp_path: Path, tokenizer_dir: Path) -> None:
+    async with running_gateway(tmp_path, tokenizer_dir) as gw:
+        for name, role, tenant in (
+            ("mia", "member", "acme"),
+            ("fred", "finance", "acme"),
+            ("opfin", "finance", None),
+            ("root", "admin", None),
+        ):
+            await _user(gw, name, role, tenant)
+        expected = {
+            "mia": {"/console/tenants/acme/": 200, "/console/tenants/acme/keys": 200,
+                    "/console/tenants/acme/invoices": 403, "/console/finance/": 404,
+                    "/console/tenants/globex/": 404},
+            "fred": {"/console/tenants/acme/": 200, "/console/tenants/acme/keys": 403,
+                     "/console/tenants/acme/invoices": 200, "/console/ops/": 404},
+            "opfin": {"/console/finance/": 200, "/console/ops/": 403,
+                      "/console/tenants/globex/invoices": 200},
+            "root": {"/console/ops/": 200, "/console/finance/": 200,
+                     "/console/tenants/globex/keys": 200},
+        }  # fmt: skip
+        for name, pages in expected.items():
+            async with _client(gw) as client:
+                await _sign_in(client, name)
+                for path, status in pages.items():
+                    answer = await client.get(path)
+                    assert answer.status_code == status, (name, path)
+                if name == "mia":  # a member sees keys but may not create one
+                    keys = await client.get("/console/tenants/acme/keys")
+                    made = await client.post(
+                        "/console/tenants/acme/keys",
+                        data={"csrf_token": _token(keys.text), "name": "x"},
+                    )
+                    assert made.status_code == 403
+                    assert len(gw.gateway.directory.keys_of("acme")) == 2
+
+
+async def test_overview_reads_rollups_only(tmp_path: Path, tokenizer_dir: Path) -> None:
+    config = base_config(tmp_path, tokenizer_dir)
+    now = datetime.now(UTC)
+    write_past_usage(config["ledger"]["url"], "acme", now - timedelta(minutes=30), 40)
+    async with running_gateway(tmp_path, tokenizer_dir) as gw, _client(gw) as client:
+        await _user(gw, "eve", "owner", "acme")
+        await _sign_in(client, "eve")
+        statements: list[str] = []
+
+        def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            statements.append(statement)
+
+        engine = gw.gateway.ledger.engine.sync_engine
+        event.listen(engine, "before_cursor_execute", seen)
+        try:
+            page = await client.get("/console/tenants/acme/")
+        finally:
+            event.remove(engine, "before_cursor_execute", seen)
+        assert page.status_code == 200
+        assert any("usage_rollups" in s for s in statements)
+        assert not [s for s in statements if "ledger_entries" in s]
+        assert float(page.headers["server-timing"].split("dur=")[1]) < 200
+        rows = raw_rows(
+            tmp_path / "ledger.db", "acme", now - timedelta(days=1), now + timedelta(days=1)
+        )
+        tokens = sum(r["uncached_input"] + r["output"] for r in rows)
+        assert f'id="month-tokens">{tokens:,}<' in page.text
+        assert 'id="month-requests">40<' in page.text
+
+
+async def test_usage_export_is_the_ledger(tmp_path: Path, tokenizer_dir: Path) -> None:
+    async with running_gateway(tmp_path, tokenizer_dir) as gw, _client(gw) as client:
+        await _user(gw, "uma", "member", "acme")
+        async with httpx.AsyncClient(base_url=gw.url, timeout=30) as api:
+            for _ in range(3):
+                answer = await api.post(
+                    "/v1/chat/completions",
+                    headers={"authorization": f"Bearer {ACME_KEY}"},
+                    json={"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]},
+                )
+                assert answer.status_code == 200
+        await _sign_in(client, "uma")
+        today = datetime.now(UTC).date().isoformat()
+        export = await client.get(
+            "/console/tenants/acme/usage/export", params={"start": today, "end": today}
+        )
+        assert export.status_code == 200
+        assert export.headers["content-type"].startswith("text/csv")
+        table = list(csv.DictReader(io.StringIO(export.text)))
+        start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        rows = raw_rows(tmp_path / "ledger.db", "acme", start, start + timedelta(days=1))
+        assert len(table) == len(rows) == 3
+        assert sorted(r["request_id"] for r in table) == sorted(r["request_id"] for r in rows)
+        assert sum(int(r["cost_nanos"]) for r in table) == sum(r["cost_nanos"] for r in rows)
+        assert {r["cost"] for r in table} == {format_amount(r["cost_nanos"]) for r in rows}
+        empty = await client.get(
+            "/console/tenants/acme/usage/export",
+            params={"start": "2020-01-01", "end": "2020-01-02"},
+        )
+        assert empty.text.strip().split(",")[0] == "request_id" and empty.text.count("\n") == 1
+        bad = await client.get(
+            "/console/tenants/acme/usage/export", params={"start": today, "end": "2020-01-01"}
+        )
+        assert bad.status_code == 400
+
+
+def test_serve_prints_a_demo_console_user(tmp_path: Path, tokenizer_dir: Path) -> None:
+    config = base_config(tmp_path, tokenizer_dir)
+    config["console"] = {"demo_password_env": "MAAS_TEST_DEMO_CONSOLE_PASSWORD"}
+    with gateway_process(config, tmp_path, name="demo") as (url, _):
+        deadline = time.monotonic() + 10
+        found = None
+        while found is None and time.monotonic() < deadline:
+            log = (tmp_path / "demo.log").read_text()
+            found = re.search(r"console: \S+ +user demo .* password: (\S+)", log)
+            time.sleep(0.05)
+        assert found is not None, log
+        with httpx.Client(base_url=url, timeout=30) as client:
+            page = client.get("/console/login")
+            signed = client.post(
+                "/console/login",
+                data={
+                    "csrf_token": _token(page.text),
+                    "username": "demo",
+                    "password": found.group(1),
+                },
+                follow_redirects=False,
+            )
+            assert signed.status_code == 303
+            assert signed.headers["location"] == "/console/tenants/acme/"
