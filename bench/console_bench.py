@@ -61,7 +61,7 @@ def _rows(first: int, count: int, total: int, start: datetime, span_s: float) ->
             output=output,
             reasoning=0,
             currency="USD",
-            price_version=f"{model}@2026-01-01",
+            price_version=f"{model}@2026-01-01T00:00Z",
             unit_price_input_nanos=price_in,
             unit_price_cached_nanos=price_in,
             unit_price_output_nanos=price_out,
@@ -83,12 +83,14 @@ def _rows(first: int, count: int, total: int, start: datetime, span_s: float) ->
     return rows
 
 
-def fill(db: Path, count: int, now: datetime) -> float:
+def fill(db: Path, count: int, now: datetime, *, whole_month: bool = True) -> float:
     """Write `count` rows for the tenant spread over the whole of this month (a full
-    month's rollups, the most the page reads); returns the seconds taken."""
+    month's rollups, the most the page reads) or, with `whole_month=False`, over the month
+    so far; returns the seconds taken."""
     start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     following = (start + timedelta(days=32)).replace(day=1)
-    span = (following - start).total_seconds() - 1
+    end = following if whole_month else now - timedelta(minutes=1)
+    span = max((end - start).total_seconds() - 1, 60.0)
     began = time.perf_counter()
     connection = sqlite3.connect(db, isolation_level=None)
     connection.execute("PRAGMA journal_mode=WAL")

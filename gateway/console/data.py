@@ -17,6 +17,9 @@ from sqlalchemy import case, func, select
 from billing.invoice import month_buckets, month_of
 from billing.ledger import ENTRIES, ROLLUPS, Ledger, naive_utc
 
+#: How requests refused before a model was known (a bad key, an unknown model) are listed.
+NO_MODEL = "(no model)"
+
 
 @dataclass(slots=True)
 class Totals:
@@ -109,7 +112,7 @@ async def tenant_month(ledger: Ledger, tenant_id: str, timezone: str, month: str
     for row in rows:
         usage.total.add(row)
         usage.by_day.setdefault(days[row.day], Totals()).add(row)
-        usage.by_model.setdefault(row.model, Totals()).add(row)
+        usage.by_model.setdefault(row.model or NO_MODEL, Totals()).add(row)
     return usage
 
 
@@ -141,9 +144,10 @@ async def month_breakdown(ledger: Ledger, tenants: dict[str, str], month: str) -
             )
             breakdown.by_tenant[tenant_id] = Totals()
             for row in (await connection.execute(query)).all():
+                model = row.model or NO_MODEL
                 breakdown.by_tenant[tenant_id].add(row)
-                breakdown.by_model.setdefault(row.model, Totals()).add(row)
-                breakdown.by_pair.setdefault((tenant_id, row.model), Totals()).add(row)
+                breakdown.by_model.setdefault(model, Totals()).add(row)
+                breakdown.by_pair.setdefault((tenant_id, model), Totals()).add(row)
                 breakdown.total.add(row)
     return breakdown
 
