@@ -11,6 +11,7 @@ import re
 import sys
 import time
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,12 @@ import httpx
 from sqlalchemy import event
 
 from billing.money import format_amount
-from tests.console_helpers import raw_rows, write_past_usage
+from gateway.config import parse_settings
+from tests.console_helpers import pdf_text, raw_rows, write_past_usage
 from tests.harness import (
     ACME_KEY,
     ADMIN_KEY,
+    GLOBEX_KEY,
     PROJECT_ROOT,
     RunningGateway,
     base_config,
@@ -260,6 +263,56 @@ async def test_usage_export_is_the_ledger(tmp_path: Path, tokenizer_dir: Path) -
             "/console/tenants/acme/usage/export", params={"start": today, "end": "2020-01-01"}
         )
         assert bad.status_code == 400
+
+
+async def test_finance_tops_up_and_invoices_carry_tax(tmp_path: Path, tokenizer_dir: Path) -> None:
+    config = base_config(tmp_path, tokenizer_dir)
+    config["tenants"][1].update(balance="10", tax_rate="0.2")
+    config["console"] = {"seller": {"name": "Seller Co", "tax_id": "VAT-1"}}
+    async with RunningGateway(parse_settings(config)) as gw, _client(gw) as client:
+        await _user(gw, "fin", "finance", None)
+        async with httpx.AsyncClient(base_url=gw.url, timeout=30) as api:
+            answer = await api.post(
+                "/v1/chat/completions",
+                headers={"authorization": f"Bearer {GLOBEX_KEY}"},
+                json={"model": "gpt-4", "messages": [{"role": "user", "content": "x " * 3000}]},
+            )
+            assert answer.status_code == 200
+        await _sign_in(client, "fin")
+        page = await client.get("/console/finance/")
+        before = await gw.gateway.quotas.balance("globex")
+        assert before is not None
+        refused = await client.post(
+            "/console/finance/topup", data={"tenant": "globex", "amount": "5"}
+        )
+        assert refused.status_code == 403
+        assert await gw.gateway.quotas.balance("globex") == before
+        done = await client.post(
+            "/console/finance/topup",
+            data={"csrf_token": _token(page.text), "tenant": "globex", "amount": "5.5"},
+        )
+        assert done.status_code == 303
+        assert await gw.gateway.quotas.balance("globex") == before + 5_500_000_000
+        shown = await client.get(done.headers["location"])
+        assert f"balance is now {format_amount(before + 5_500_000_000)}" in shown.text
+        bad = await client.post(
+            "/console/finance/topup",
+            data={"csrf_token": _token(page.text), "tenant": "acme", "amount": "5"},
+        )  # acme is billed in arrears
+        assert "No top-up" in (await client.get(bad.headers["location"])).text
+
+        month = datetime.now(UTC).strftime("%Y-%m")
+        pdf = await client.get(f"/console/tenants/globex/invoices/{month}/pdf")
+        assert pdf.headers["content-type"] == "application/pdf"
+        path = tmp_path / "globex.pdf"
+        path.write_bytes(pdf.content)
+        text = pdf_text(path)
+        subtotal = Decimal(re.search(r"Subtotal\s+([\d.]+) USD", text).group(1))  # type: ignore[union-attr]
+        tax = Decimal(re.search(r"Tax at 20%\s+([\d.]+) USD", text).group(1))  # type: ignore[union-attr]
+        total = Decimal(re.search(r"Total\s+([\d.]+) USD", text).group(1))  # type: ignore[union-attr]
+        assert subtotal > 0 and tax == (subtotal * Decimal("0.2")).quantize(Decimal("0.01"))
+        assert total == subtotal + tax
+        assert "Seller Co" in text and "VAT-1" in text and "Globex" in text
 
 
 def test_serve_prints_a_demo_console_user(tmp_path: Path, tokenizer_dir: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from playwright import sync_api as playwright_api
 
 from billing.money import format_amount
 from gateway.config import deep_merge
@@ -32,9 +33,6 @@ from tests.console_helpers import (
     write_past_usage,
 )
 from tests.harness import ACME_KEY, ADMIN_KEY, base_config, gateway_process
-
-playwright_api = pytest.importorskip("playwright.sync_api")
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium")
 
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 PASSWORD = "correct horse battery"

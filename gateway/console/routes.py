@@ -114,8 +114,17 @@ class Console:
         if not password or not self.gw.directory.tenants:
             return
         tenant_id = next(iter(self.gw.directory.tenants))
-        await store.create(DEMO_TENANT_USER, password, "owner", tenant_id, replace=True)
-        await store.create(DEMO_OPERATOR_USER, password, "admin", None, replace=True)
+        for username, role, tenant in (
+            (DEMO_TENANT_USER, "owner", tenant_id),
+            (DEMO_OPERATOR_USER, "admin", None),
+        ):
+            # Another worker may have written them already: keep theirs (and its sessions).
+            if await store.authenticate(username, password) is not None:
+                continue
+            try:
+                await store.create(username, password, role, tenant, replace=True)
+            except UserError:  # written by another worker just now
+                log.info("demo console user %s was created by another worker", username)
 
     # -- pages ------------------------------------------------------------------------
 
