@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the gateway",
         description="Run the gateway. With no --config it runs the embedded default: "
         "simulated models, SQLite ledger, in-process quotas and a demo tenant whose API key "
-        "is printed at start-up. Several workers share one socket; they need "
+        "is printed at start-up, with the web console at /console/ and its demo users' "
+        "password printed too. Several workers share one socket; they need "
         "quotas.backend: redis, and their metrics are summed in PROMETHEUS_MULTIPROC_DIR "
         "(a fresh temporary directory unless set).",
     )

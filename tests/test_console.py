@@ -45,6 +45,11 @@ async def _user(gw: RunningGateway, username: str, role: str, tenant: str | None
     assert answer.status_code == 201, answer.text
 
 
+def _recent(now: datetime) -> datetime:
+    """Half an hour ago, but today: 40 requests a minute apart from it stay in today."""
+    return max(now - timedelta(minutes=30), now.replace(hour=0, minute=0, second=0))
+
+
 def _token(html: str) -> str:
     found = re.search(r'name="csrf_token" value="([^"]+)"', html)
     assert found is not None, html
@@ -202,7 +207,7 @@ async def test_roles_decide_what_each_user_may_do(tmp_path: Path, tokenizer_dir:
 async def test_overview_reads_rollups_only(tmp_path: Path, tokenizer_dir: Path) -> None:
     config = base_config(tmp_path, tokenizer_dir)
     now = datetime.now(UTC)
-    write_past_usage(config["ledger"]["url"], "acme", now - timedelta(minutes=30), 40)
+    write_past_usage(config["ledger"]["url"], "acme", _recent(now), 40)
     async with running_gateway(tmp_path, tokenizer_dir) as gw, _client(gw) as client:
         await _user(gw, "eve", "owner", "acme")
         await _sign_in(client, "eve")
@@ -339,3 +344,32 @@ def test_serve_prints_a_demo_console_user(tmp_path: Path, tokenizer_dir: Path) -
             )
             assert signed.status_code == 303
             assert signed.headers["location"] == "/console/tenants/acme/"
+
+
+async def test_pages_on_postgresql(
+    tmp_path: Path, tokenizer_dir: Path, postgres_database: str
+) -> None:
+    config = base_config(tmp_path, tokenizer_dir)
+    config["ledger"] = {"url": postgres_database, "url_env": None}
+    now = datetime.now(UTC)
+    write_past_usage(postgres_database, "acme", _recent(now), 20)
+    async with RunningGateway(parse_settings(config)) as gw, _client(gw) as client:
+        await _user(gw, "pat", "admin", None)
+        await _sign_in(client, "pat")
+        overview = await client.get("/console/tenants/acme/")
+        assert overview.status_code == 200
+        assert 'id="month-requests">20<' in overview.text
+        month = now.strftime("%Y-%m")
+        today = now.date().isoformat()
+        for path in (
+            "/console/finance/",
+            f"/console/finance/months/{month}",
+            f"/console/finance/months/{month}/archive",
+            f"/console/tenants/acme/invoices/{month}/pdf",
+            f"/console/tenants/acme/usage/export?start={today}&end={today}",
+            "/console/ops/",
+        ):
+            answer = await client.get(path)
+            assert answer.status_code == 200, (path, answer.text[:300])
+        export = await client.get(f"/console/tenants/acme/usage/export?start={today}&end={today}")
+        assert len(export.text.strip().splitlines()) == 1 + 20
