@@ -55,7 +55,9 @@ def add_commands(commands: Any) -> None:
             sub.add_argument("username", help="the user's sign-in name")
         if name == "create":
             sub.add_argument(
-                "--role", required=True, help="owner, member or finance; admin or finance"
+                "--role",
+                required=True,
+                help="a tenant user: owner, member or finance; an operator user: admin or finance",
             )
             sub.add_argument("--tenant", help="the user's tenant (omit for an operator user)")
             sub.add_argument(
