@@ -149,7 +149,13 @@ def _sign_in(page: Any, url: str, username: str) -> None:
 
 
 def _shot(page: Any, path: Path, full: bool = False) -> None:
+    """A screenshot, kept small: 256 colours are plenty for these flat pages."""
+    from PIL import Image
+
     page.screenshot(path=str(path), full_page=full)
+    with Image.open(path) as image:
+        small = image.convert("RGB").quantize(colors=256, dither=Image.Dither.NONE)
+    small.save(path, optimize=True)
 
 
 if __name__ == "__main__":
