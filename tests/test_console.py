@@ -8,8 +8,8 @@ import csv
 import io
 import os
 import re
+import subprocess
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -28,8 +28,10 @@ from tests.harness import (
     PROJECT_ROOT,
     RunningGateway,
     base_config,
-    gateway_process,
+    free_port,
     running_gateway,
+    stop_process,
+    wait_for_http,
 )
 
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -320,30 +322,39 @@ async def test_finance_tops_up_and_invoices_carry_tax(tmp_path: Path, tokenizer_
         assert "Seller Co" in text and "VAT-1" in text and "Globex" in text
 
 
-def test_serve_prints_a_demo_console_user(tmp_path: Path, tokenizer_dir: Path) -> None:
-    config = base_config(tmp_path, tokenizer_dir)
-    config["console"] = {"demo_password_env": "MAAS_TEST_DEMO_CONSOLE_PASSWORD"}
-    with gateway_process(config, tmp_path, name="demo") as (url, _):
-        deadline = time.monotonic() + 10
-        found = None
-        while found is None and time.monotonic() < deadline:
-            log = (tmp_path / "demo.log").read_text()
-            found = re.search(r"console: \S+ +user demo .* password: (\S+)", log)
-            time.sleep(0.05)
-        assert found is not None, log
-        with httpx.Client(base_url=url, timeout=30) as client:
-            page = client.get("/console/login")
-            signed = client.post(
-                "/console/login",
-                data={
-                    "csrf_token": _token(page.text),
-                    "username": "demo",
-                    "password": found.group(1),
-                },
-                follow_redirects=False,
-            )
-            assert signed.status_code == 303
-            assert signed.headers["location"] == "/console/tenants/acme/"
+def test_the_embedded_default_prints_a_demo_console_user(tmp_path: Path) -> None:
+    """`maas-gateway serve` with no configuration (the README's first command)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_for_http(url + "/healthz", process=process)
+            found = re.search(r"console: \S+ +user demo .* password: (\S+)", log.read_text())
+            assert found is not None, log.read_text()
+            with httpx.Client(base_url=url, timeout=30) as client:
+                for username, home in (
+                    ("demo", "/console/tenants/demo/"),
+                    ("operator", "/console/ops/"),
+                ):
+                    client.cookies.clear()
+                    page = client.get("/console/login")
+                    signed = client.post(
+                        "/console/login",
+                        data={"csrf_token": _token(page.text), "username": username,
+                              "password": found.group(1)},
+                        follow_redirects=False,
+                    )  # fmt: skip
+                    assert signed.status_code == 303
+                    assert signed.headers["location"] == home
+                    assert client.get(home).status_code == 200
+        finally:
+            stop_process(process)
 
 
 async def test_pages_on_postgresql(
