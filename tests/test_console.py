@@ -234,6 +234,12 @@ async def test_overview_reads_rollups_only(tmp_path: Path, tokenizer_dir: Path) 
         tokens = sum(r["uncached_input"] + r["output"] for r in rows)
         assert f'id="month-tokens">{tokens:,}<' in page.text
         assert 'id="month-requests">40<' in page.text
+        per_bucket: dict[int, int] = {}
+        for row in rows:
+            started = datetime.fromisoformat(row["started_at"]).replace(tzinfo=UTC).timestamp()
+            per_bucket[int(started) // 900] = per_bucket.get(int(started) // 900, 0) + 1
+        busiest = max(per_bucket.values()) / 15
+        assert f'id="busiest-rpm">{busiest:,.1f} (' in page.text
 
 
 async def test_usage_export_is_the_ledger(tmp_path: Path, tokenizer_dir: Path) -> None:

@@ -116,6 +116,28 @@ async def tenant_month(ledger: Ledger, tenant_id: str, timezone: str, month: str
     return usage
 
 
+async def busiest_quarter(
+    ledger: Ledger, tenant_id: str, timezone: str, month: str
+) -> tuple[int, int]:
+    """The most requests and the most tokens in any one 15-minute bucket of the month."""
+    first, end = month_buckets(month, timezone)
+    per_bucket = (
+        select(
+            func.sum(ROLLUPS.c.requests).label("requests"),
+            func.sum(ROLLUPS.c.uncached_input + ROLLUPS.c.cached_input + ROLLUPS.c.output).label(
+                "tokens"
+            ),
+        )
+        .where(ROLLUPS.c.tenant_id == tenant_id, ROLLUPS.c.bucket >= first, ROLLUPS.c.bucket < end)
+        .group_by(ROLLUPS.c.bucket)
+        .subquery()
+    )
+    query = select(func.max(per_bucket.c.requests), func.max(per_bucket.c.tokens))
+    async with ledger.engine.connect() as connection:
+        row = (await connection.execute(query)).one()
+    return int(row[0] or 0), int(row[1] or 0)
+
+
 @dataclass(slots=True)
 class MonthBreakdown:
     """Every tenant's month: by tenant, by model, and by (tenant, model)."""

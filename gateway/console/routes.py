@@ -318,6 +318,7 @@ def console_router(console: Console) -> Router:
         tenant = console.tenant_for(session, tenant_id)
         month = data.current_month(tenant.timezone)
         usage = await data.tenant_month(gw.ledger, tenant.id, tenant.timezone, month)
+        peak = await data.busiest_quarter(gw.ledger, tenant.id, tenant.timezone, month)
         now = datetime.now(UTC)
         balance = remaining = None
         quota_note = None
@@ -330,7 +331,7 @@ def console_router(console: Console) -> Router:
         except QuotaUnavailable:
             quota_note = "The quota service is unavailable: balance and limits are not shown."
         days = data.month_days(month)
-        limits = _limit_rows(tenant, remaining)
+        limits = _limit_rows(tenant, remaining, peak)
         models = sorted(usage.by_model.items(), key=lambda kv: -kv[1].cost_nanos)
         day_tokens = [(d.strftime("%d"), usage.by_day.get(d, data.Totals()).tokens) for d in days]
         day_cost = [
@@ -789,7 +790,12 @@ def _previous_month(month: str) -> str:
     return f"{year - 1}-12" if number == 1 else f"{year}-{number - 1:02d}"
 
 
-def _limit_rows(tenant: Tenant, remaining: dict[str, int | None] | None) -> list[dict[str, Any]]:
+def _limit_rows(
+    tenant: Tenant, remaining: dict[str, int | None] | None, peak: tuple[int, int]
+) -> list[dict[str, Any]]:
+    """Each limit: allowed, in use now, and for the per-minute ones the busiest 15 minutes
+    of the month as an average per minute."""
+    busiest = {"rpm": peak[0] / 15, "tpm": peak[1] / 15}
     labels = {
         "rpm": "Requests per minute",
         "tpm": "Tokens per minute",
@@ -803,8 +809,21 @@ def _limit_rows(tenant: Tenant, remaining: dict[str, int | None] | None) -> list
         left = remaining.get(name) if remaining else None
         used = limit - left if limit is not None and left is not None else None
         percent = 100.0 * used / limit if used is not None and limit else None
+        peak_per_minute = busiest.get(name)
         rows.append(
-            {"name": name, "label": label, "limit": limit, "used": used, "percent": percent}
+            {
+                "name": name,
+                "label": label,
+                "limit": limit,
+                "used": used,
+                "percent": percent,
+                "busiest": peak_per_minute,
+                "busiest_percent": (
+                    100.0 * peak_per_minute / limit
+                    if peak_per_minute is not None and limit
+                    else None
+                ),
+            }
         )
     return rows
 
