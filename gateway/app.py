@@ -332,6 +332,7 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litesta
     from gateway.admin import admin_routes
     from gateway.messages import messages_routes
     from gateway.responses import responses_routes
+    from gateway.console import console_routes
 
     return Litestar(
         route_handlers=[
@@ -346,6 +347,7 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litesta
             *admin_routes(gw),
             *responses_routes(gw),
             *messages_routes(gw),
+            *console_routes(gw),
         ],
         lifespan=[lifespan],
         exception_handlers={Exception: _exception_handler},

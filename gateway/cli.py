@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the gateway",
         description="Run the gateway. With no --config it runs the embedded default: "
         "simulated models, SQLite ledger, in-process quotas and a demo tenant whose API key "
-        "is printed at start-up. Several workers share one socket; they need "
+        "is printed at start-up, with the web console at /console/ and its demo users' "
+        "password printed too. Several workers share one socket; they need "
         "quotas.backend: redis, and their metrics are summed in PROMETHEUS_MULTIPROC_DIR "
         "(a fresh temporary directory unless set).",
     )
@@ -145,9 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--month", required=True, help="month, e.g. 2026-11")
     rec.set_defaults(run=_reconcile)
 
+    from gateway.console.cli import add_commands as add_console_commands
     from gateway.economics.cli import add_commands
 
     add_commands(commands)
+    add_console_commands(commands)
     return parser
 
 
@@ -197,6 +200,9 @@ def _print_banner(settings: Settings, host: str, port: int, demo_key: str | None
             print(f"  export {settings.demo_key_env}={demo_key}", flush=True)
     print(f"OpenAI base_url: http://{host}:{port}/v1", flush=True)
     print(f"Anthropic base_url: http://{host}:{port}", flush=True)
+    from gateway.console.cli import announce_demo_users
+
+    announce_demo_users(settings, host, port)
 
 
 def _serve_workers(

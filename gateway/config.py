@@ -22,6 +22,7 @@ from billing.compute_cost import ComputeCostConfig
 from billing.ledger import LedgerConfig
 from billing.pricing import PricingConfig
 from billing.quota import Limits, QuotaConfig
+from gateway.console.config import ConsoleConfig
 from gateway.metrics import MetricsConfig
 from gateway.response_store import ResponsesConfig
 from gateway.routing import ModelConfig, RoutingConfig
@@ -110,6 +111,7 @@ class Settings(Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     tenants: list[TenantConfig] = Field(default_factory=list)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     demo_key_env: str | None = Field(
         None,
         description="Give the first tenant a key from this environment variable "

@@ -92,6 +92,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         }
     ],
     "demo_key_env": "MAAS_DEMO_KEY",
+    "console": {"demo_password_env": "MAAS_DEMO_CONSOLE_PASSWORD"},
 }
 
 
