@@ -330,9 +330,9 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litesta
         return Response(body, media_type=content_type)
 
     from gateway.admin import admin_routes
+    from gateway.console import console_routes
     from gateway.messages import messages_routes
     from gateway.responses import responses_routes
-    from gateway.console import console_routes
 
     return Litestar(
         route_handlers=[
