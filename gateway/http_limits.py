@@ -1,0 +1,213 @@
+"""Bounds on what a client may send before the application sees a request.
+
+uvicorn's httptools protocol accepts a request head of any size and any number of header
+fields, and waits forever for a head that never ends: a client can hold memory and a
+connection without ever authenticating. `BoundedHttpToolsProtocol` is that protocol with
+limits, checked on the bytes as they arrive (before the parser buffers them):
+
+- the request head (request line and header fields) is at most `max_header_bytes`, and at
+  most `max_headers` fields: beyond either the answer is `431`;
+- the request target is at most `max_request_line_bytes`: beyond it the answer is `414`;
+- the head must be complete within `header_timeout_s` of its first byte (or of the
+  connection opening): otherwise `408` and the connection closes. A connection idle between
+  requests closes after `keep_alive_timeout_s` (uvicorn's own keep-alive timer).
+
+So a connection holds at most one bounded head (plus one read of the socket) before a request
+starts, and the request body is bounded by `server.max_body_bytes`. Rejections are answered
+in the OpenAI error shape with `connection: close`; the connection then reads and discards
+for at most two seconds before closing (a lingering close, so the client reads the answer).
+
+This subclasses uvicorn's `HttpToolsProtocol` and overrides its parser callbacks
+(`on_url`, `on_header`, `on_headers_complete`, `on_message_complete`) and `data_received`,
+`send_400_response`: uvicorn's version range is pinned in pyproject.toml and
+tests/test_http_limits.py fails if those parts change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, ClassVar, Final
+
+from pydantic import BaseModel, ConfigDict, Field
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.errors import ApiError
+
+log = logging.getLogger("maas.http")
+
+#: The import path uvicorn is given (`http=`), also in worker processes.
+PROTOCOL_PATH: Final = "gateway.http_limits:BoundedHttpToolsProtocol"
+_HEAD_END: Final = b"\r\n\r\n"
+#: How long a rejected connection is kept reading (and discarding) before it closes.
+LINGER_S: Final = 2.0
+_REASONS: Final = {
+    408: (b"Request Timeout", "request_timeout"),
+    414: (b"URI Too Long", "request_line_too_long"),
+    431: (b"Request Header Fields Too Large", "request_header_fields_too_large"),
+}
+
+
+class HttpLimits(BaseModel):
+    """The `server.http:` section: what a request may send before the application runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_header_bytes: int = Field(32 * 1024, ge=1024, le=16 * 1024 * 1024)
+    """The whole request head, request line and header fields together (431 beyond)."""
+    max_headers: int = Field(100, ge=8, le=10_000)
+    """Header fields in one request (431 beyond)."""
+    max_request_line_bytes: int = Field(8 * 1024, ge=256, le=1024 * 1024)
+    """The request target, path and query (414 beyond)."""
+    header_timeout_s: float = Field(15.0, gt=0, le=3600)
+    """Time for a request head to arrive in full, from its first byte or the connection's
+    opening (408 and close beyond)."""
+    keep_alive_timeout_s: float = Field(5.0, gt=0, le=3600)
+    """An idle keep-alive connection closes after this long."""
+
+
+class _LimitExceeded(Exception):
+    """Raised from a parser callback to stop parsing a request that broke a limit."""
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the bounds of `HttpLimits` (see the module)."""
+
+    #: Set once per process by `configure` (every connection of the process shares them).
+    limits: ClassVar[HttpLimits] = HttpLimits()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True
+        self._head_bytes = 0
+        self._tail = b""
+        self._header_count = 0
+        self._rejection: tuple[int, str] | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._discarding = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
+        if self._in_head:
+            if self._head_timer is None:
+                self._arm_head_timer()
+            allowed = self.limits.max_header_bytes - self._head_bytes
+            if len(data) > allowed:
+                # Only acceptable if the head ends within what is allowed.
+                if _HEAD_END not in self._tail + data[: max(allowed, 0)]:
+                    self._reject(
+                        431,
+                        "Request header fields too large: the request head may have at most "
+                        f"{self.limits.max_header_bytes} bytes.",
+                    )
+                    return
+            else:
+                self._head_bytes += len(data)
+                self._tail = (self._tail + data)[-3:]
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._header_count = 0
+
+    def on_url(self, url: bytes) -> None:
+        if len(self.url) + len(url) > self.limits.max_request_line_bytes:
+            self._rejection = (
+                414,
+                "The request target is too long: at most "
+                f"{self.limits.max_request_line_bytes} bytes.",
+            )
+            raise _LimitExceeded
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.limits.max_headers:
+            self._rejection = (
+                431,
+                f"Too many header fields: a request may have at most {self.limits.max_headers}.",
+            )
+            raise _LimitExceeded
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._disarm_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True
+        self._head_bytes = 0
+        self._tail = b""
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn answers a parser error (ours included) with a 400: a limit gets its own."""
+        if self._rejection is not None:
+            self._reject(*self._rejection)
+        else:
+            super().send_400_response(msg)
+
+    def _arm_head_timer(self) -> None:
+        self._disarm_head_timer()
+        self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timeout)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if not self._in_head or self.transport.is_closing():
+            return
+        if self._head_bytes or self._tail:
+            self._reject(
+                408,
+                f"The request head did not arrive within {self.limits.header_timeout_s:g} seconds.",
+            )
+        else:
+            self.transport.close()  # opened and never used
+
+    def _reject(self, status: int, message: str) -> None:
+        """Answer in the OpenAI error shape and close the connection."""
+        self._in_head = False
+        self._disarm_head_timer()
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # a pipelined request broke a limit mid-response
+            return
+        reason, code = _REASONS[status]
+        body = ApiError(status, message, code=code).encode()
+        head = [
+            b"HTTP/1.1 %d %s\r\n" % (status, reason),
+            *(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers),
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join(head) + body)
+        # A lingering close, as nginx does: the client may still be sending what broke the
+        # limit, and closing with its bytes unread would reset the connection and lose the
+        # answer. So: end our side, discard whatever arrives, close within LINGER_S.
+        self._discarding = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+
+def configure(limits: HttpLimits) -> dict[str, Any]:
+    """Apply `limits` to every connection of this process; returns the uvicorn options
+    that go with them (`http` and `timeout_keep_alive`)."""
+    BoundedHttpToolsProtocol.limits = limits
+    return {"http": PROTOCOL_PATH, "timeout_keep_alive": limits.keep_alive_timeout_s}
