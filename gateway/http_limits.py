@@ -20,7 +20,7 @@ for at most two seconds before closing (a lingering close, so the client reads t
 This subclasses uvicorn's `HttpToolsProtocol` and overrides its parser callbacks
 (`on_url`, `on_header`, `on_headers_complete`, `on_message_complete`) and `data_received`,
 `send_400_response`: uvicorn's version range is pinned in pyproject.toml and
-tests/test_http_limits.py fails if those parts change.
+tests/test_pinned_internals.py fails if those parts change.
 """
 
 from __future__ import annotations
