@@ -18,9 +18,10 @@ in the OpenAI error shape with `connection: close`; the connection then reads an
 for at most two seconds before closing (a lingering close, so the client reads the answer).
 
 This subclasses uvicorn's `HttpToolsProtocol` and overrides its parser callbacks
-(`on_url`, `on_header`, `on_headers_complete`, `on_message_complete`) and `data_received`,
-`send_400_response`: uvicorn's version range is pinned in pyproject.toml and
-tests/test_pinned_internals.py fails if those parts change.
+`on_headers_complete` and `on_message_complete`, and `data_received` and `send_400_response`
+(it reads `url` and `headers`, which `on_url` and `on_header` collect): uvicorn's version
+range is pinned in pyproject.toml and tests/test_pinned_internals.py fails if those parts
+change.
 """
 
 from __future__ import annotations
@@ -81,7 +82,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
         self._tail = b""
-        self._header_count = 0
         self._rejection: tuple[int, str] | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._discarding = False
@@ -115,31 +115,22 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 self._tail = (self._tail + data)[-3:]
         super().data_received(data)
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._header_count = 0
-
-    def on_url(self, url: bytes) -> None:
-        if len(self.url) + len(url) > self.limits.max_request_line_bytes:
+    def on_headers_complete(self) -> None:
+        # The target and the fields are checked once the head is complete (its size is
+        # bounded already), not per field: that keeps the common path as fast as before.
+        limits = self.limits
+        if len(self.url) > limits.max_request_line_bytes:
             self._rejection = (
                 414,
-                "The request target is too long: at most "
-                f"{self.limits.max_request_line_bytes} bytes.",
+                f"The request target is too long: at most {limits.max_request_line_bytes} bytes.",
             )
             raise _LimitExceeded
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        if self._header_count > self.limits.max_headers:
+        if len(self.headers) > limits.max_headers:
             self._rejection = (
                 431,
-                f"Too many header fields: a request may have at most {self.limits.max_headers}.",
+                f"Too many header fields: a request may have at most {limits.max_headers}.",
             )
             raise _LimitExceeded
-        super().on_header(name, value)
-
-    def on_headers_complete(self) -> None:
         self._in_head = False
         self._disarm_head_timer()
         super().on_headers_complete()

@@ -61,6 +61,7 @@ def test_the_httptools_protocol_has_the_parts_the_limits_override() -> None:
     for attribute in ("self.url", "self.cycle", "self.loop", "self.transport", "default_headers"):
         assert attribute in source, attribute
     assert "self.url += url" in inspect.getsource(HttpToolsProtocol.on_url)
+    assert "self.headers.append(" in inspect.getsource(HttpToolsProtocol.on_header)
     assert issubclass(BoundedHttpToolsProtocol, HttpToolsProtocol)
 
 
