@@ -181,6 +181,90 @@ async def load(port: int, connections: int, seconds: float) -> int:
     return counts[0]
 
 
+# --- the focused micro-benchmark (in this process, no sockets) ----------------------------------
+
+
+class _Transport:
+    """Just enough of an asyncio transport for uvicorn's protocol: it keeps nothing."""
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8080), "peername": ("127.0.0.1", 50000)}.get(
+            name, default
+        )
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def set_protocol(self, protocol: Any) -> None:
+        pass
+
+
+async def _protocol_rounds(protocol_class: type, requests: int) -> float:
+    """CPU seconds for `requests` keep-alive requests through one protocol instance."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    config = uvicorn.Config(bare_app, lifespan="off", access_log=False, log_level="warning")
+    config.load()
+    state = ServerState()
+    protocol = protocol_class(config=config, server_state=state, app_state={})
+    protocol.connection_made(_Transport())
+    request = request_bytes(8080)
+    start = time.process_time()
+    for _ in range(requests):
+        protocol.data_received(request)
+        await asyncio.gather(*state.tasks)  # the request's ASGI task, to its response
+    elapsed = time.process_time() - start
+    protocol.connection_lost(None)
+    return elapsed
+
+
+def micro(repeat: int, requests: int) -> dict[str, Any]:
+    """Per-request CPU time of uvicorn's protocol with and without the limits, on the same
+    request, alternating; the minimum over `repeat` rounds is the least disturbed figure."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from gateway.http_limits import BoundedHttpToolsProtocol
+
+    classes = {"plain": HttpToolsProtocol, "bounded": BoundedHttpToolsProtocol}
+    times: dict[str, list[float]] = {"plain": [], "bounded": []}
+    try:
+        import uvloop
+
+        loop = uvloop.new_event_loop()  # as the gateway runs
+    except ImportError:
+        loop = asyncio.new_event_loop()
+    try:
+        for n in range(repeat):
+            for name in ("plain", "bounded") if n % 2 == 0 else ("bounded", "plain"):
+                seconds = loop.run_until_complete(_protocol_rounds(classes[name], requests))
+                times[name].append(seconds / requests * 1e6)
+    finally:
+        loop.close()
+    return {
+        name: {"min": min(v), "median": statistics.median(v), "max": max(v)}
+        for name, v in times.items()
+    }
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -259,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-core", type=int, default=1)
     parser.add_argument("--tokenizer-dir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write every run here")
+    parser.add_argument(
+        "--micro", action="store_true", help="only the in-process micro-benchmark (no sockets)"
+    )
+    parser.add_argument("--micro-requests", type=int, default=20_000)
     parser.add_argument("--serve", choices=["app", "gateway"], help=argparse.SUPPRESS)
     parser.add_argument("--protocol", choices=list(PROTOCOLS), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -273,6 +361,18 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
+    if args.micro:
+        figures = micro(args.repeat, args.micro_requests)
+        for name, figure in figures.items():
+            print(
+                f"micro {name:8} µs CPU/request: min {figure['min']:.2f}"
+                f"  median {figure['median']:.2f}  max {figure['max']:.2f}"
+            )
+        added = figures["bounded"]["min"] - figures["plain"]["min"]
+        print(f"micro added by the limits: {added:.2f} µs CPU/request (min vs min)")
+        if args.json:
+            args.json.write_text(json.dumps({"micro": figures}, indent=2))
+        return 0
     os.sched_setaffinity(0, {args.load_core})
     runs: list[dict[str, Any]] = []
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]

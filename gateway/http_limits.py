@@ -9,7 +9,8 @@ limits, checked on the bytes as they arrive (before the parser buffers them):
   most `max_headers` fields: beyond either the answer is `431`;
 - the request target is at most `max_request_line_bytes`: beyond it the answer is `414`;
 - the head must be complete within `header_timeout_s` of its first byte (or of the
-  connection opening): otherwise `408` and the connection closes. A connection idle between
+  connection opening; checked at least every quarter of the timeout): otherwise `408` and
+  the connection closes. A connection idle between
   requests closes after `keep_alive_timeout_s` (uvicorn's own keep-alive timer).
 
 So a connection holds at most one bounded head (plus one read of the socket) before a request
@@ -83,23 +84,27 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._tail = b""
         self._rejection: tuple[int, str] | None = None
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_since: float | None = None  # when the head being received began
+        self._watch: asyncio.TimerHandle | None = None
         self._discarding = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_head_timer()
+        self._head_since = self.loop.time()
+        self._watch_heads(self.limits.header_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_timer()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
             return
         if self._in_head:
-            if self._head_timer is None:
-                self._arm_head_timer()
+            if self._head_since is None:
+                self._head_since = self.loop.time()
             allowed = self.limits.max_header_bytes - self._head_bytes
             if len(data) > allowed:
                 # Only acceptable if the head ends within what is allowed.
@@ -112,7 +117,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                     return
             else:
                 self._head_bytes += len(data)
-                self._tail = (self._tail + data)[-3:]
+                self._tail = data[-3:] if len(data) >= 3 else (self._tail + data)[-3:]
         super().data_received(data)
 
     def on_headers_complete(self) -> None:
@@ -132,7 +137,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             )
             raise _LimitExceeded
         self._in_head = False
-        self._disarm_head_timer()
+        self._head_since = None
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -148,18 +153,25 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         else:
             super().send_400_response(msg)
 
-    def _arm_head_timer(self) -> None:
-        self._disarm_head_timer()
-        self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timeout)
+    def _watch_heads(self, delay: float) -> None:
+        # One timer per connection, re-armed as it fires, rather than one per request: a
+        # timer per request costs more than everything else the limits do.
+        self._watch = self.loop.call_later(delay, self._check_head)
 
-    def _disarm_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_timeout(self) -> None:
-        self._head_timer = None
-        if not self._in_head or self.transport.is_closing():
+    def _check_head(self) -> None:
+        """Cut a head that has taken longer than `header_timeout_s` (checked at least every
+        quarter of it, so it is cut within 1.25 times the timeout)."""
+        self._watch = None
+        if self._discarding or self.transport.is_closing():
+            return
+        timeout = self.limits.header_timeout_s
+        since = self._head_since
+        if not self._in_head or since is None:
+            self._watch_heads(timeout / 4)
+            return
+        waited = self.loop.time() - since
+        if waited < timeout:
+            self._watch_heads(min(timeout - waited, timeout / 4) + 0.001)
             return
         if self._head_bytes or self._tail:
             self._reject(
@@ -172,7 +184,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _reject(self, status: int, message: str) -> None:
         """Answer in the OpenAI error shape and close the connection."""
         self._in_head = False
-        self._disarm_head_timer()
+        self._head_since = None
         if self.transport.is_closing():
             return
         if self.cycle is not None and not self.cycle.response_complete:
