@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         "simulated models, SQLite ledger, in-process quotas and a demo tenant whose API key "
         "is printed at start-up. Several workers share one socket; they need "
         "quotas.backend: redis, and their metrics are summed in PROMETHEUS_MULTIPROC_DIR "
-        "(a fresh temporary directory unless set).",
+        "(a fresh temporary directory unless set). The metrics are served only on their own "
+        "listener, metrics.host:metrics.port (127.0.0.1:9464 by default), never on --port.",
     )
     _config_arg(serve)
     serve.add_argument("--host", help="address to listen on (default: from config, 127.0.0.1)")
