@@ -229,6 +229,7 @@ def _every_scrape_equals(url: str, ledger: dict[str, Any], scrapes: int = 12) ->
 def test_any_worker_scrape_equals_the_ledger_exactly(served: Served) -> None:
     statuses = asyncio.run(_send(served.url, 60))
     assert statuses == {200: 60}
+    assert httpx.get(served.url + "/metrics").status_code == 404  # never on the public port
     # within the flush interval every worker's observations are in its own file
     _wait(lambda: sum(served.requests_by_worker().values()) == 60, "60 requests in the files")
     by_worker = served.requests_by_worker()
