@@ -118,6 +118,9 @@ class RunningGateway:
     """A gateway served by uvicorn on a real loopback socket inside the test's event loop."""
 
     def __init__(self, settings: Settings) -> None:
+        if settings.metrics.port:  # any free port: gateways in parallel never collide
+            metrics = settings.metrics.model_copy(update={"port": 0})
+            settings = settings.model_copy(update={"metrics": metrics})
         self.settings = settings
         self.gateway = Gateway(settings, metrics_listener=True)
         self.gateway.admin_key = ADMIN_KEY
