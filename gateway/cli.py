@@ -282,7 +282,9 @@ def _reserve_metrics_port(settings: Settings) -> socket.socket | None:
 def _supervisor(config: Any, sock: Any, directory: Path) -> Any:
     """uvicorn's worker supervisor (it restarts a worker that dies), marking every worker
     that has exited dead in the multiprocess directory: its live gauges (requests in
-    flight, ledger backlog, backend load) leave the sums; its counters stay in them."""
+    flight, ledger backlog, backend load) leave the sums; its counters stay in them.
+    It overrides the supervisor's hooks (not a public API): uvicorn is pinned in
+    pyproject.toml and tests/test_pinned_internals.py checks them."""
     from uvicorn.supervisors import Multiprocess
 
     from gateway.metrics import mark_process_dead
