@@ -377,7 +377,7 @@ class Bench:
             "pricing": {"currency": "USD", "models": {name: price for name in models}},
             "quotas": {"backend": "redis", "redis_url": redis_url, "redis_url_env": None},
             "ledger": {"url": f"sqlite+aiosqlite:///{self.tmp / 'ledger.db'}", "url_env": None},
-            "metrics": {"enabled": True},
+            "metrics": {"enabled": True, "port": 0},  # the listener on any free port
             "tenants": [
                 {
                     "id": "bench",

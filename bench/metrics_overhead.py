@@ -12,8 +12,9 @@ What runs, all on 127.0.0.1 (a 2-core machine is assumed; see --proxy-core, --lo
   token counting, pricing, in-memory quotas and the SQLite ledger, as in production.
 - wrk (one thread, on the load core) drives one gateway at a time with the same load; the
   runs alternate on/off (ABBA order) `--repeat` times per kind, after a warm-up of each.
-- during every "on" run a scraper on the load core GETs /metrics once a second, as
-  Prometheus would; its requests are not part of the figures.
+- during every "on" run a scraper on the load core GETs /metrics from the metrics listener
+  (`metrics.port`) once a second, as Prometheus would; its requests are not part of the
+  figures.
 
 It prints, per kind, the median requests/s, p50/p99 latency and gateway CPU time per
 request of each side and the differences in percent; the target is "on" within 5% of "off".
@@ -150,6 +151,8 @@ def start_gateway(
     """`maas-gateway serve` with one worker, pinned; returns its URL and pid."""
     folder.mkdir()
     config["ledger"]["url"] = f"sqlite+aiosqlite:///{folder / 'ledger.db'}"
+    metrics_port = free_port()
+    config["metrics"]["port"] = metrics_port
     path = folder / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     port = free_port()
@@ -157,8 +160,13 @@ def start_gateway(
     command += ["--port", str(port), "--workers", "1"]
     process = procs.start(folder.name, pinned(core, command), {"MAAS_LOG_LEVEL": "WARNING"})
     url = f"http://127.0.0.1:{port}"
+    METRICS_URLS[url] = f"http://127.0.0.1:{metrics_port}/metrics"
     wait_http(url + "/healthz", process)
     return url, process.pid
+
+
+#: Each gateway's metrics listener (`metrics.port`), by its public URL.
+METRICS_URLS: dict[str, str] = {}
 
 
 def check(url: str, metrics: bool) -> None:
@@ -173,13 +181,13 @@ def check(url: str, metrics: bool) -> None:
                 kind == "json" and "x-maas-cost" not in answer.headers
             ):
                 raise RuntimeError(f"{kind}: {answer.status_code} {answer.text[:300]}")
-        exposed = "maas_requests_total{" in client.get("/metrics").text
+        exposed = "maas_requests_total{" in client.get(METRICS_URLS[url]).text
         if exposed != metrics:
             raise RuntimeError(f"metrics {'on' if metrics else 'off'} but exposed={exposed}")
 
 
 class Scraper:
-    """GETs /metrics once a second on a thread, the way Prometheus does, until stopped."""
+    """GETs the metrics listener's URL once a second on a thread, the way Prometheus does."""
 
     def __init__(self, url: str, interval_s: float = 1.0) -> None:
         self.url = url
@@ -202,7 +210,7 @@ class Scraper:
             next_at = time.monotonic()
             while not self._stop.is_set():
                 try:
-                    ok = client.get(self.url + "/metrics").status_code == 200
+                    ok = client.get(self.url).status_code == 200
                 except httpx.HTTPError:
                     ok = False
                 self.scrapes += ok
@@ -225,7 +233,7 @@ def measure(
         for repetition in range(args.repeat):
             order = (True, False) if repetition % 2 == 0 else (False, True)
             for metrics in order:
-                scraper = Scraper(urls[metrics]) if metrics else None
+                scraper = Scraper(METRICS_URLS[urls[metrics]]) if metrics else None
                 cpu0 = cpu_seconds(pids[metrics])
                 if scraper is not None:
                     with scraper:

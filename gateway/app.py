@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -38,6 +39,7 @@ from gateway.errors import (
 )
 from gateway.keystore import DirectorySync, KeyStore
 from gateway.metrics import Metrics
+from gateway.metrics_server import METRICS_PORT_ENV, MetricsListener
 from gateway.relay import Relay, Services, error_response, new_request_id
 from gateway.routing import Router
 from gateway.tokens import TokenCounter
@@ -58,12 +60,16 @@ class Gateway:
         *,
         clock: Callable[[], datetime] | None = None,
         freeze_heap: bool = False,
+        metrics_listener: bool = False,
     ) -> None:
         """`freeze_heap`: once started, move every object alive then (the app, tokenizers,
         configuration) out of the garbage collector's sight with `gc.freeze()`, so that a
         full collection no longer walks them: it otherwise stalls the event loop for tens of
         milliseconds now and then, a pause every request in flight feels. For a serving
-        process (`maas-gateway serve`), not for tests that start many gateways in one."""
+        process (`maas-gateway serve`), not for tests that start many gateways in one.
+
+        `metrics_listener`: serve `GET /metrics` on `metrics.host`/`metrics.port` while
+        running (`gateway.metrics_server`); the public port never serves it."""
         self.settings = settings
         self.clock = clock or _now
         self.freeze_heap = freeze_heap
@@ -81,6 +87,9 @@ class Gateway:
         self.relay: Relay | None = None
         self.services: Services | None = None
         self.started_at = time.time()
+        self.metrics_listener: MetricsListener | None = None
+        if metrics_listener and settings.metrics.port is not None:
+            self.metrics_listener = build_metrics_listener(self)
 
     async def start(self) -> None:
         s = self.settings
@@ -109,6 +118,7 @@ class Gateway:
             ledger=self.ledger,
             metrics=self.metrics,
             default_max_output_tokens=s.server.default_max_output_tokens,
+            max_json_depth=s.server.max_json_depth,
             clock=self.clock,
             compute_costs=self.compute_costs,
         )
@@ -116,11 +126,16 @@ class Gateway:
         if self.metrics.multiprocess and self.metrics.enabled:
             self._gauge_ticker = asyncio.create_task(self._tick_local_gauges())
         self.router.start_health_checks()  # when routing.health_check_interval_s is set
+        if self.metrics_listener is not None:
+            await self.metrics_listener.start()
+            log.info("metrics served at %s", self.metrics_listener.url)
         if self.freeze_heap:
             gc.collect()
             gc.freeze()
 
     async def stop(self) -> None:
+        if self.metrics_listener is not None:
+            await self.metrics_listener.aclose()
         if self._gauge_ticker is not None:
             self._gauge_ticker.cancel()
             self._publish_backends()
@@ -186,6 +201,11 @@ class Gateway:
                 currency=tenant.currency,
             )
 
+    async def scrape(self) -> tuple[bytes, str]:
+        """The metrics exposition, gauges brought up to date: (body, content type)."""
+        await self.refresh_gauges()
+        return await asyncio.to_thread(self.metrics.render)
+
     def ensure_demo_key(self) -> str | None:
         """Give the first tenant a key when the configuration asks for a demo key."""
         env = self.settings.demo_key_env
@@ -203,6 +223,19 @@ class Gateway:
             _, secret = self.directory.create_key(tenant_id, id="demo", name="demo")
         self.demo_key = secret
         return secret
+
+
+def build_metrics_listener(gw: Gateway) -> MetricsListener:
+    """The metrics listener of `gw`'s settings. In a worker of `serve --workers N` the
+    supervisor has chosen the port (`METRICS_PORT_ENV`) and every worker shares it."""
+    config = gw.settings.metrics
+    shared = os.environ.get(METRICS_PORT_ENV)
+    token = os.environ.get(config.bearer_token_env) if config.bearer_token_env else None
+    if config.bearer_token_env and not token:
+        log.warning("metrics: %s is unset: every scrape is refused", config.bearer_token_env)
+        token = secrets.token_urlsafe(32)  # known to nobody
+    port = int(shared) if shared else config.port or 0
+    return MetricsListener(gw.scrape, config.host, port, token=token, reuse_port=bool(shared))
 
 
 def build_directory(settings: Settings) -> Directory:
@@ -323,12 +356,6 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litesta
         body = {"status": "ready" if ready else "starting", "warnings": gw.counter.warnings}
         return _json(body, status=200 if ready else 503)
 
-    @get("/metrics")
-    async def metrics() -> Response[Any]:
-        await gw.refresh_gauges()
-        body, content_type = await asyncio.to_thread(gw.metrics.render)
-        return Response(body, media_type=content_type)
-
     from gateway.admin import admin_routes
     from gateway.console import console_routes
     from gateway.messages import messages_routes
@@ -343,7 +370,6 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litesta
             retrieve_model,
             healthz,
             readyz,
-            metrics,
             *admin_routes(gw),
             *responses_routes(gw),
             *messages_routes(gw),

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import secrets
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         "is printed at start-up, with the web console at /console/ and its demo users' "
         "password printed too. Several workers share one socket; they need "
         "quotas.backend: redis, and their metrics are summed in PROMETHEUS_MULTIPROC_DIR "
-        "(a fresh temporary directory unless set).",
+        "(a fresh temporary directory unless set). The metrics are served only on their own "
+        "listener, metrics.host:metrics.port (127.0.0.1:9464 by default), never on --port.",
     )
     _config_arg(serve)
     serve.add_argument("--host", help="address to listen on (default: from config, 127.0.0.1)")
@@ -183,11 +185,18 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--workers must be at least 1, not {args.workers}")
     if args.workers > 1:
         return _serve_workers(args.config, settings, host, port, args.workers)
-    gateway = Gateway(settings, freeze_heap=True)
+    gateway = Gateway(settings, freeze_heap=True, metrics_listener=True)
     _print_banner(settings, host, port, gateway.ensure_demo_key())
     app = create_app(settings, gateway=gateway)
-    uvicorn.run(app, host=host, port=port, **UVICORN_OPTIONS)
+    uvicorn.run(app, host=host, port=port, **_uvicorn_options(settings))
     return 0
+
+
+def _uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """How this process runs uvicorn, with the request limits of `server.http`."""
+    from gateway.http_limits import configure
+
+    return {**UVICORN_OPTIONS, **configure(settings.server.http)}
 
 
 def _print_banner(settings: Settings, host: str, port: int, demo_key: str | None) -> None:
@@ -203,6 +212,9 @@ def _print_banner(settings: Settings, host: str, port: int, demo_key: str | None
     from gateway.console.cli import announce_demo_users
 
     announce_demo_users(settings, host, port)
+    metrics = settings.metrics
+    if metrics.port:
+        print(f"metrics (scrape only): http://{metrics.host}:{metrics.port}/metrics", flush=True)
 
 
 def _serve_workers(
@@ -243,28 +255,49 @@ def _serve_workers(
         os.environ[settings.demo_key_env] = demo_key
     _print_banner(settings, host, port, demo_key)
     print(f"{workers} workers; metrics summed in {MULTIPROC_ENV}={directory}", flush=True)
+    metrics_port = _reserve_metrics_port(settings)
     server_config = uvicorn.Config(
         "gateway.cli:worker_app",
         factory=True,
         host=host,
         port=port,
         workers=workers,
-        **UVICORN_OPTIONS,
+        **_uvicorn_options(settings),
     )
     sock = server_config.bind_socket()
     try:
         _supervisor(server_config, sock, directory).run()
     finally:
         sock.close()
+        if metrics_port is not None:
+            metrics_port.close()
         if not given:
             shutil.rmtree(directory, ignore_errors=True)
     return 0
 
 
+def _reserve_metrics_port(settings: Settings) -> socket.socket | None:
+    """With several workers, each serves the metrics on one shared port (`SO_REUSEPORT`):
+    bind it here first (choosing it when configured as 0) and tell the workers which."""
+    from gateway.metrics_server import METRICS_PORT_ENV
+
+    config = settings.metrics
+    if config.port is None:
+        return None
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    reserved = socket.socket(family, socket.SOCK_STREAM)
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reserved.bind((config.host, config.port))
+    os.environ[METRICS_PORT_ENV] = str(reserved.getsockname()[1])
+    return reserved
+
+
 def _supervisor(config: Any, sock: Any, directory: Path) -> Any:
     """uvicorn's worker supervisor (it restarts a worker that dies), marking every worker
     that has exited dead in the multiprocess directory: its live gauges (requests in
-    flight, ledger backlog, backend load) leave the sums; its counters stay in them."""
+    flight, ledger backlog, backend load) leave the sums; its counters stay in them.
+    It overrides the supervisor's hooks (not a public API): uvicorn is pinned in
+    pyproject.toml and tests/test_pinned_internals.py checks them."""
     from uvicorn.supervisors import Multiprocess
 
     from gateway.metrics import mark_process_dead
@@ -308,8 +341,9 @@ def worker_app() -> Litestar:
     _configure_logging()
     path = os.environ.get(CONFIG_ENV)
     settings = settings_from(Path(path) if path else None)
-    gateway = Gateway(settings, freeze_heap=True)
+    gateway = Gateway(settings, freeze_heap=True, metrics_listener=True)
     gateway.ensure_demo_key()
+    _uvicorn_options(settings)  # the request limits, for this worker's connections
     return create_app(settings, gateway=gateway)
 
 

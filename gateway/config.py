@@ -23,9 +23,11 @@ from billing.ledger import LedgerConfig
 from billing.pricing import PricingConfig
 from billing.quota import Limits, QuotaConfig
 from gateway.console.config import ConsoleConfig
+from gateway.http_limits import HttpLimits
 from gateway.metrics import MetricsConfig
 from gateway.response_store import ResponsesConfig
 from gateway.routing import ModelConfig, RoutingConfig
+from gateway.schemas import MAX_JSON_DEPTH
 from gateway.tokens import TokenizerConfig
 from providers.openai_compat import OpenAICompatConfig
 from providers.simulated import SimulatedConfig
@@ -45,6 +47,13 @@ class ServerConfig(Strict):
     default_max_output_tokens: int = Field(
         4096, ge=1, description="Reserved for a request that sets no max_tokens"
     )
+    max_json_depth: int = Field(
+        MAX_JSON_DEPTH,
+        ge=2,
+        le=512,
+        description="Deepest nesting of arrays and objects a JSON body may have (400 beyond)",
+    )
+    http: HttpLimits = Field(default_factory=HttpLimits)
 
 
 class SimulatedProviderConfig(SimulatedConfig):

@@ -146,7 +146,9 @@ class MessagesDialect:
         return anthropic_error_response(error, request_id, limits)
 
     async def decode(self, raw: bytes, meter: Metering) -> tuple[dict[str, Any], Any]:
-        req = self.request = validate(decode_object(raw), MessagesRequest)
+        req = self.request = validate(
+            decode_object(raw, meter.services.max_json_depth), MessagesRequest
+        )
         chat = chat_body(req)
         chat["max_tokens"] = req.max_tokens
         chat["stream"] = req.stream
@@ -557,7 +559,7 @@ def messages_routes(gw: Gateway) -> list[HTTPRouteHandler]:
                     if too_big
                     else invalid_request(str(exc.detail))
                 ) from None
-            req = validate(decode_object(raw), CountTokensRequest)
+            req = validate(decode_object(raw, services.max_json_depth), CountTokensRequest)
             try:
                 model = services.router.resolve(req.model)
             except UnknownModel:

@@ -76,6 +76,7 @@ they must not depend on which worker that is.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import threading
@@ -103,6 +104,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from billing.compute_cost import ComputeCosts
 from billing.record import UsageRecord
+
+log = logging.getLogger("maas.metrics")
 
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 #: In a multiprocess directory: when its counters started (Unix seconds), for every worker.
@@ -165,6 +168,12 @@ class MetricsConfig(BaseModel):
     """Distinct model names labelled per process; later ones become model="other"."""
     flush_interval_s: float = Field(default=0.5, gt=0)
     """Longest time request observations wait before reaching the exposed metrics."""
+    host: str = "127.0.0.1"
+    """Address of the metrics listener (`GET /metrics`), apart from the public port."""
+    port: int | None = Field(default=9464, ge=0, le=65535)
+    """Port of the metrics listener (0: any free port; null: no listener)."""
+    bearer_token_env: str | None = None
+    """Environment variable holding a token every scrape must present as a bearer token."""
 
 
 class LabelCap:
@@ -519,6 +528,9 @@ class Metrics:
         self.enabled = self.config.enabled
         self.multiprocess = multiprocess_enabled()
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.errors = 0
+        """Observations that raised in this process (see `observation_failed`)."""
+        self._errors_counter: Counter | None = None
         self._metrics_target: CollectorRegistry | None = None
         self._backend: VllmStyleMetrics | None = None
         self._provisioned: ProvisionedCost | None = None
@@ -550,6 +562,11 @@ class Metrics:
         self._budget_keys: set[tuple[str, str]] = set()
         self._deployment_states: dict[tuple[str, str], set[str]] = {}
 
+        self._errors_counter = Counter(
+            "maas_metrics_errors",
+            "Observations that failed (the request they describe was served and recorded).",
+            registry=target,
+        )
         tenant_model_provider = ["tenant", "model", "provider"]
         self.requests = Counter(
             "maas_requests",
@@ -788,6 +805,18 @@ class Metrics:
         if flush_now:
             self.flush()
 
+    def observation_failed(self, exc: BaseException) -> None:
+        """Count an observation that raised (`maas_metrics_errors_total`); the first one of
+        the process is logged with its traceback, later ones only counted."""
+        self.errors += 1
+        if self.errors == 1:
+            log.error("observing a request in the metrics failed (logged once)", exc_info=exc)
+        try:
+            if self._errors_counter is not None:
+                self._errors_counter.inc()
+        except Exception:  # the metrics themselves are broken: `errors` still counts
+            pass
+
     def _schedule_flush(self) -> bool:
         """Arrange a flush on the running event loop; False when there is none."""
         try:
@@ -813,12 +842,15 @@ class Metrics:
                 series.pending = [0] * _SLOTS
                 series.dirty = False
             self._dirty = []
-        for targets, pending in batches:
-            for slot, amount in enumerate(pending):
-                if amount:
-                    inc = targets[slot]
-                    if inc is not None:
-                        inc(amount)
+        try:
+            for targets, pending in batches:
+                for slot, amount in enumerate(pending):
+                    if amount:
+                        inc = targets[slot]
+                        if inc is not None:
+                            inc(amount)
+        except Exception as exc:  # on a timer or a scrape: never in a request's way
+            self.observation_failed(exc)
 
     def observe_refusal(self, tenant: str, model: str, reason: str) -> None:
         """Count one request refused by quota (`reason` e.g. "rpm", "budget", "balance")."""

@@ -51,7 +51,7 @@ from gateway.errors import (
 )
 from gateway.metrics import Metrics
 from gateway.routing import Deployment, Forwarded, ModelConfig, Router, UnknownModel
-from gateway.schemas import decode_body
+from gateway.schemas import MAX_JSON_DEPTH, decode_body
 from gateway.tokens import TokenCounter
 from providers.base import Chunk, Endpoint, ProviderRequest, UpstreamError
 
@@ -82,6 +82,8 @@ class Services:
     ledger: Ledger
     metrics: Metrics
     default_max_output_tokens: int = 4096
+    max_json_depth: int = MAX_JSON_DEPTH
+    """Deepest nesting of arrays and objects a request body may have (`server.max_json_depth`)."""
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     """Wall-clock time of a request's start; the economics simulator runs a compressed one."""
     compute_costs: ComputeCosts | None = None
@@ -200,7 +202,11 @@ class Metering:
         total_s = rec.duration_ms / 1000
         upstream = self.upstream_s
         overhead = total_s - upstream if upstream is not None else total_s
-        self.services.metrics.observe_request(rec, overhead_s=overhead, upstream_s=upstream)
+        metrics = self.services.metrics
+        try:  # the request is recorded: observing it must never fail it
+            metrics.observe_request(rec, overhead_s=overhead, upstream_s=upstream)
+        except Exception as exc:
+            metrics.observation_failed(exc)
         return rec
 
     def _build(
@@ -329,7 +335,11 @@ class Relay:
         s = self.services
         endpoint = meter.endpoint
         dialect = meter.dialect
-        body, typed = await dialect.decode(raw, meter) if dialect else decode_body(endpoint, raw)
+        body, typed = (
+            await dialect.decode(raw, meter)
+            if dialect
+            else decode_body(endpoint, raw, s.max_json_depth)
+        )
         model = self._route(meter, typed.model)
         meter.model = model.name
         meter.stream = bool(body.get("stream"))
@@ -444,7 +454,11 @@ class Relay:
             return await self.services.quotas.admit(request)
         except QuotaExceeded as exc:
             # Counted here, by the limit that refused: an upstream's 429 is no quota refusal.
-            self.services.metrics.observe_refusal(tenant.id, meter.model, exc.reason)
+            metrics = self.services.metrics
+            try:
+                metrics.observe_refusal(tenant.id, meter.model, exc.reason)
+            except Exception as error:
+                metrics.observation_failed(error)
             raise quota_error(exc) from None
         except QuotaUnavailable:
             raise service_unavailable(

@@ -107,7 +107,7 @@ class ResponsesDialect:
         return error_response(error, request_id, limits)
 
     async def decode(self, raw: bytes, meter: Metering) -> tuple[dict[str, Any], Any]:
-        body = decode_object(raw)
+        body = decode_object(raw, meter.services.max_json_depth)
         req = self.request = validate(body, ResponsesRequest)
         history: list[dict[str, Any]] = []
         if req.previous_response_id is not None:

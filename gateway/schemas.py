@@ -97,16 +97,55 @@ _MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
 _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 
 
-def decode_body(endpoint: Endpoint, raw: bytes) -> tuple[dict[str, Any], Any]:
+#: Default of `server.max_json_depth`: arrays and objects nested deeper are refused.
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+_OPENING = frozenset(b"[{")
+
+
+def json_depth_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether arrays and objects in `raw` nest deeper than `limit` (unterminated ones count).
+
+    Cheap where it matters: a body with no more than `limit` brackets in all cannot nest
+    deeper, so only a body with many is scanned: strings removed, then the brackets walked
+    in one pass that stops as soon as the limit is passed.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    brackets = _NOT_BRACKET.sub(b"", _JSON_STRING.sub(b"", raw))
+    depth = 0
+    for byte in brackets:
+        if byte in _OPENING:
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def decode_body(
+    endpoint: Endpoint, raw: bytes, max_depth: int = MAX_JSON_DEPTH
+) -> tuple[dict[str, Any], Any]:
     """Decode and validate a request body: returns the forwardable dict and its typed view."""
-    body = decode_object(raw)
+    body = decode_object(raw, max_depth)
     typed = validate(body, _SCHEMAS[endpoint])
     _check_inputs(endpoint, typed)
     return body, typed
 
 
-def decode_object(raw: bytes) -> dict[str, Any]:
-    """A request body as a JSON object, or a 400 saying what is wrong with it."""
+def decode_object(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
+    """A request body as a JSON object, or a 400 saying what is wrong with it.
+
+    Arrays and objects nested deeper than `max_depth` are refused before decoding (a decoder
+    recursing a thousand levels would fail with RecursionError)."""
+    if json_depth_exceeds(raw, max_depth):
+        raise invalid_request(
+            f"The JSON body of your request nests arrays and objects too deeply: at most "
+            f"{max_depth} levels are allowed.",
+            code="json_too_deep",
+        )
     try:
         body = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:

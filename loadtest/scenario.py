@@ -143,6 +143,8 @@ def gateway_config(
     """The scenario's gateway configuration, completed for one run."""
     config = copy.deepcopy(scenario.gateway)
     config["server"] = {**config.get("server", {}), "admin_key_env": admin_key_env}
+    # the metrics listener on any free port, so that runs side by side do not collide
+    config["metrics"] = {"port": 0, **config.get("metrics", {})}
     config["ledger"] = {
         **config.get("ledger", {}),
         "url": f"sqlite+aiosqlite:///{ledger_path}",

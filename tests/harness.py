@@ -40,6 +40,7 @@ def base_config(tmp: Path, tokenizer_dir: Path, **overrides: Any) -> dict[str, A
     """A test configuration: fast simulated models, SQLite in `tmp`, two tenants."""
     config: dict[str, Any] = {
         "server": {"admin_key_env": "MAAS_TEST_ADMIN_KEY"},
+        "metrics": {"port": 0},  # the metrics listener on any free loopback port
         "tokenizers": {"dir": str(tokenizer_dir)},
         "providers": [
             {
@@ -117,8 +118,11 @@ class RunningGateway:
     """A gateway served by uvicorn on a real loopback socket inside the test's event loop."""
 
     def __init__(self, settings: Settings) -> None:
+        if settings.metrics.port:  # any free port: gateways in parallel never collide
+            metrics = settings.metrics.model_copy(update={"port": 0})
+            settings = settings.model_copy(update={"metrics": metrics})
         self.settings = settings
-        self.gateway = Gateway(settings)
+        self.gateway = Gateway(settings, metrics_listener=True)
         self.gateway.admin_key = ADMIN_KEY
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -145,6 +149,13 @@ class RunningGateway:
         self.server.should_exit = True
         if self._task is not None:
             await self._task
+
+    @property
+    def metrics_url(self) -> str:
+        """Where the metrics listener serves `GET /metrics` (not the public port)."""
+        listener = self.gateway.metrics_listener
+        assert listener is not None, "the metrics listener is off (metrics.port: null)"
+        return listener.url
 
     def admin(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(

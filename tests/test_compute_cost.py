@@ -119,7 +119,7 @@ async def test_every_request_records_its_compute_cost_in_ledger_and_rollups(
                     json={"model": model, "messages": [{"role": "user", "content": "Hi there"}]},
                 )
                 assert answer.status_code == 200
-            metrics = (await client.get("/metrics")).text
+            metrics = (await client.get(gw.metrics_url)).text
     database = sqlite3.connect(tmp_path / "ledger.db")
     rows = database.execute(
         "SELECT deployment, uncached_input, output, compute_cost_nanos FROM ledger_entries"

@@ -158,6 +158,19 @@ def test_promtool_check_config_passes() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_scrape_config_targets_the_metrics_listener() -> None:
+    """Not the public port: the gateway serves its metrics only on `metrics.port`."""
+    import yaml
+
+    from gateway.metrics import MetricsConfig
+
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "maas-gateway"]
+    defaults = MetricsConfig()
+    assert job["static_configs"][0]["targets"] == [f"{defaults.host}:{defaults.port}"]
+    assert job["metrics_path"] == "/metrics"
+
+
 def test_promtool_rejects_a_broken_rule(tmp_path: Path) -> None:
     broken = tmp_path / "broken.yml"
     broken.write_text("groups: [{name: g, rules: [{alert: A, expr: 'sum(rate(x[5m]) > 1'}]}]\n")

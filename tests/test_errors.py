@@ -18,6 +18,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from billing.models import LedgerEntry
 from gateway.auth import hash_key
 from gateway.config import parse_settings
+from gateway.schemas import MAX_JSON_DEPTH, json_depth_exceeds
 from tests.harness import ACME_KEY, ACME_LIMITED_KEY, RunningGateway, base_config
 
 REVOKED_KEY = "sk-test-revoked-0000000000000000000000000000000000"
@@ -350,3 +351,70 @@ async def test_messages_routes_answer_in_anthropic_shape(gateway: RunningGateway
         assert assert_anthropic_error(wrong, 401)["type"] == "authentication_error"
         refused = await plain.get("/v1/messages", headers={"x-api-key": ACME_KEY})
         assert assert_anthropic_error(refused, 405)["type"] == "invalid_request_error"
+
+
+def _depth(value: Any) -> int:
+    """How deeply arrays and objects nest in a decoded JSON value."""
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    return 0
+
+
+bracket_text = st.text(alphabet='[]{}"\\ ab', max_size=12)
+deep_values = st.recursive(
+    st.none() | st.integers() | bracket_text,
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(bracket_text, children, max_size=3)
+    ),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=deep_values, limit=st.integers(1, 8))
+def test_the_depth_check_agrees_with_decoding(value: Any, limit: int) -> None:
+    """Brackets inside strings (escaped quotes too) never count; nesting is measured exactly."""
+    raw = json.dumps(value).encode()
+    assert json_depth_exceeds(raw, limit) == (_depth(value) > limit)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]),
+    field=st.sampled_from(["x", "messages", "tools", "input", "prompt", "stream_options"]),
+    depth=st.integers(1, 3000),
+    opener=st.sampled_from(["[", '{"a":', '[{"a":']),
+    terminated=st.booleans(),
+    noise=st.integers(0, 200),
+)
+async def test_fuzzed_nesting_gets_a_400_naming_the_limit(
+    gateway: RunningGateway,
+    path: str,
+    field: str,
+    depth: int,
+    opener: str,
+    terminated: bool,
+    noise: int,
+) -> None:
+    """Nested (or never closed) arrays and objects at any depth: too deep is a 400 naming the
+    limit, never a 500; brackets inside strings do not count."""
+    closer = {"[": "]", '{"a":': "}", '[{"a":': "}]"}[opener]
+    levels = 2 if opener == '[{"a":' else 1
+    content = "[{" * noise  # in a string: no nesting at all
+    value = opener * depth + "1" + (closer * depth if terminated else "")
+    body = f'{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{content}"}}],'
+    body += f'"{field}":{value}' + ("}" if terminated else "")
+    async with httpx.AsyncClient(
+        base_url=gateway.url, headers={"authorization": f"Bearer {ACME_KEY}"}, timeout=30
+    ) as http:
+        response = await http.post(path, content=body)
+    assert response.status_code < 500, (body[:200], response.text)
+    if 1 + depth * levels > MAX_JSON_DEPTH:
+        assert response.status_code == 400, response.text
+        error = assert_openai_error(response, 400)
+        assert error["code"] == "json_too_deep"
+        assert f"at most {MAX_JSON_DEPTH} levels" in error["message"]
+    elif response.status_code >= 400:
+        assert_openai_error(response, response.status_code)

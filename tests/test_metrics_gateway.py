@@ -259,7 +259,7 @@ async def live(
         stop = asyncio.Event()
         traffic = Traffic()
         sending = asyncio.create_task(send_traffic(gateway.url, stop, traffic))
-        target = f"127.0.0.1:{gateway.port}"
+        target = gateway.metrics_url.removeprefix("http://").removesuffix("/metrics")
         try:
             prometheus = await prometheus_launcher.astart([target], rule_files=[ALERTS])
             await prometheus.wait_for_scrapes(target, 5)
@@ -338,8 +338,8 @@ def _last(selector: str) -> str:
 
 
 async def _scrape(url: str) -> dict[str, list[Any]]:
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-        response = await client.get("/metrics")
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.get(url)
     assert response.status_code == 200
     return {family.name: family.samples for family in text_string_to_metric_families(response.text)}
 
@@ -457,7 +457,7 @@ async def test_scraped_token_and_cost_totals_equal_the_ledger(live: Live) -> Non
     assert await _billed_failures(live) > 0  # cut streams bill what was delivered
 
     # Directly from /metrics.
-    families = await _scrape(live.gateway.url)
+    families = await _scrape(live.gateway.metrics_url)
     tokens = _sum_by(families["maas_tokens"], "maas_tokens_total", "tenant", "model", "token_type")
     cost = _sum_by(families["maas_cost_nanos"], "maas_cost_nanos_total", "tenant", "model")
     requests = _sum_by(families["maas_requests"], "maas_requests_total", "tenant", "model")

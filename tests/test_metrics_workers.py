@@ -53,6 +53,7 @@ class Served:
     journal: Path
     multiproc_dir: Path
     log: Path
+    metrics_url: str
 
     def worker_pids(self) -> set[int]:
         """Workers that have opened the ledger (each holds its own journal segment)."""
@@ -71,13 +72,13 @@ class Served:
         return counts
 
 
-def _config(tmp: Path, tokenizer_dir: Path, redis_url: str) -> dict[str, Any]:
+def _config(tmp: Path, tokenizer_dir: Path, redis_url: str, metrics_port: int) -> dict[str, Any]:
     hardware = {"price_per_hour": "2", "count": 2}
     return base_config(
         tmp,
         tokenizer_dir,
         quotas={"backend": "redis", "redis_url": redis_url, "redis_url_env": None},
-        metrics={"flush_interval_s": 0.1},
+        metrics={"flush_interval_s": 0.1, "port": metrics_port},
         compute_costs={
             "deployments": {
                 "sim/sim-mini": [{"effective_from": "2026-01-01", "hardware": hardware}],
@@ -97,7 +98,8 @@ def served(
     redis_server.start()
     redis_server.flush()
     config = tmp / "gateway.yaml"
-    config.write_text(yaml.safe_dump(_config(tmp, tokenizer_dir, redis_server.url)))
+    metrics_port = free_port()
+    config.write_text(yaml.safe_dump(_config(tmp, tokenizer_dir, redis_server.url, metrics_port)))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k.upper() != "PROMETHEUS_MULTIPROC_DIR"}
     log = tmp / "serve.log"
@@ -114,7 +116,11 @@ def served(
         wait_for_http(url + "/healthz", timeout=60, process=process)
         found = re.search(r"PROMETHEUS_MULTIPROC_DIR=(\S+)", log.read_text())
         assert found, log.read_text()
-        gw = Served(url, process, tmp / "ledger.db", tmp / "ledger.journal", Path(found[1]), log)
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        multiproc_dir = Path(found[1])
+        gw = Served(
+            url, process, tmp / "ledger.db", tmp / "ledger.journal", multiproc_dir, log, metrics_url
+        )
         _wait(
             lambda: len(gw.worker_pids()) == WORKERS,
             "both workers to open the ledger",
@@ -196,7 +202,7 @@ def _ledger(path: Path, expected_rows: int) -> dict[str, dict[tuple[str, ...], i
 
 def _scrape(url: str) -> dict[str, dict[tuple[str, ...], int]]:
     """One scrape on a new connection, summed like `_ledger`."""
-    text = httpx.get(url + "/metrics", headers={"connection": "close"}, timeout=10).text
+    text = httpx.get(url, headers={"connection": "close"}, timeout=10).text
     shapes = {
         "maas_requests_total": ("requests", ("tenant", "model")),
         "maas_tokens_total": ("tokens", ("tenant", "model", "token_type")),
@@ -223,6 +229,7 @@ def _every_scrape_equals(url: str, ledger: dict[str, Any], scrapes: int = 12) ->
 def test_any_worker_scrape_equals_the_ledger_exactly(served: Served) -> None:
     statuses = asyncio.run(_send(served.url, 60))
     assert statuses == {200: 60}
+    assert httpx.get(served.url + "/metrics").status_code == 404  # never on the public port
     # within the flush interval every worker's observations are in its own file
     _wait(lambda: sum(served.requests_by_worker().values()) == 60, "60 requests in the files")
     by_worker = served.requests_by_worker()
@@ -230,9 +237,9 @@ def test_any_worker_scrape_equals_the_ledger_exactly(served: Served) -> None:
     ledger = _ledger(served.ledger, 60)
     assert set(ledger["compute"]) >= {("acme", "sim/sim-mini"), ("globex", "sim/sim-4")}
     time.sleep(0.5)  # and the simulated backends' totals, published as often
-    _every_scrape_equals(served.url, ledger)
+    _every_scrape_equals(served.metrics_url, ledger)
     # only the hardware deployment provisions accelerators; counted once, not per worker
-    text = httpx.get(served.url + "/metrics", headers={"connection": "close"}).text
+    text = httpx.get(served.metrics_url, headers={"connection": "close"}).text
     provisioned = [line for line in text.splitlines() if line.startswith("maas_provisioned")]
     assert len(provisioned) == 1 and 'deployment="sim/sim-mini"' in provisioned[0]
 
@@ -251,7 +258,7 @@ def test_a_killed_worker_is_replaced_and_still_counted_once(served: Served) -> N
     assert statuses == {200: 24}
     ledger = _ledger(served.ledger, 84)
     time.sleep(0.5)
-    _every_scrape_equals(served.url, ledger)
+    _every_scrape_equals(served.metrics_url, ledger)
 
 
 def test_stopping_removes_the_temporary_metrics_directory(served: Served) -> None:

@@ -144,6 +144,7 @@ class GatewayProcess:
     url: str
     process: subprocess.Popen[bytes]
     ledger: Path
+    metrics_url: str
 
 
 SERVE = [sys.executable, "-m", "gateway.cli", "serve"]
@@ -156,7 +157,14 @@ def gateway_processes(configs: dict[str, dict[str, Any]], tmp: Path) -> Iterator
     try:
         for name, config in configs.items():
             ledger = tmp / f"{name}.db"
-            config = deep_merge(config, {"ledger": {"url": f"sqlite+aiosqlite:///{ledger}"}})
+            metrics_port = free_port()
+            config = deep_merge(
+                config,
+                {
+                    "ledger": {"url": f"sqlite+aiosqlite:///{ledger}"},
+                    "metrics": {"host": "127.0.0.1", "port": metrics_port},
+                },
+            )
             path = tmp / f"{name}.yaml"
             path.write_text(yaml.safe_dump(config))
             port = free_port()
@@ -168,7 +176,9 @@ def gateway_processes(configs: dict[str, dict[str, Any]], tmp: Path) -> Iterator
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )
-            started.append(GatewayProcess(name, f"http://127.0.0.1:{port}", process, ledger))
+            metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+            url = f"http://127.0.0.1:{port}"
+            started.append(GatewayProcess(name, url, process, ledger, metrics_url))
         for gw in started:
             wait_for_http(gw.url + "/healthz", timeout=60, process=gw.process)
         yield started
@@ -337,7 +347,7 @@ async def balance_nanos(gw: GatewayProcess, tenant_id: str) -> int:
 async def month_budget_left(gw: GatewayProcess, tenant_id: str) -> int:
     """The `maas_tenant_budget_remaining_tokens` gauge (the store's `remaining`) for a month."""
     async with httpx.AsyncClient() as client:
-        text = (await client.get(gw.url + "/metrics", timeout=30)).text
+        text = (await client.get(gw.metrics_url, timeout=30)).text
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if (

@@ -1,0 +1,76 @@
+"""The private parts of pinned packages the gateway relies on, checked so that an upgrade
+which changes them fails here (see the version ranges in pyproject.toml).
+
+- prometheus_client: `gateway.metrics` adds batched observations straight to a histogram
+  child's `_buckets` (non-cumulative, +Inf last) and `_sum`.
+- uvicorn: `gateway.http_limits` subclasses the httptools protocol and overrides its parser
+  callbacks; `gateway.cli` subclasses the worker supervisor `Multiprocess`.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.supervisors import Multiprocess
+
+from gateway.http_limits import BoundedHttpToolsProtocol
+
+
+def test_histogram_children_keep_buckets_and_sum_as_value_objects() -> None:
+    bounds = (0.1, 1.0, 10.0)
+    exposed = []
+    for direct in (False, True):
+        registry = CollectorRegistry()
+        histogram = Histogram("h", "h", ["x"], registry=registry, buckets=bounds)
+        child = histogram.labels("a")
+        if direct:  # what gateway.metrics does with a batch: bucket 1.0 twice, +Inf once
+            buckets = child._buckets
+            assert len(buckets) == len(bounds) + 1
+            buckets[1].inc(2)
+            buckets[3].inc(1)
+            child._sum.inc(0.5 + 0.7 + 20)
+        else:
+            for value in (0.5, 0.7, 20):
+                child.observe(value)
+        lines = generate_latest(registry).decode().splitlines()
+        exposed.append([line for line in lines if "_created" not in line])
+    assert exposed[0] == exposed[1]
+
+
+def test_the_httptools_protocol_has_the_parts_the_limits_override() -> None:
+    for name in (
+        "data_received",
+        "send_400_response",
+        "on_message_begin",
+        "on_url",
+        "on_header",
+        "on_headers_complete",
+        "on_message_complete",
+        "connection_made",
+        "connection_lost",
+    ):
+        assert callable(getattr(HttpToolsProtocol, name)), name
+    source = inspect.getsource(HttpToolsProtocol)
+    # a parser error (a callback's exception included) is answered by send_400_response
+    data_received = inspect.getsource(HttpToolsProtocol.data_received)
+    assert "except httptools.HttpParserError" in data_received
+    assert "self.send_400_response(" in data_received
+    # the state the limits read
+    for attribute in ("self.url", "self.cycle", "self.loop", "self.transport", "default_headers"):
+        assert attribute in source, attribute
+    assert "self.url += url" in inspect.getsource(HttpToolsProtocol.on_url)
+    assert "self.headers.append(" in inspect.getsource(HttpToolsProtocol.on_header)
+    assert issubclass(BoundedHttpToolsProtocol, HttpToolsProtocol)
+
+
+def test_the_supervisor_has_the_hooks_the_cli_overrides() -> None:
+    for name in ("init_processes", "keep_subprocess_alive", "handle_signals", "join_all", "run"):
+        assert callable(getattr(Multiprocess, name)), name
+    assert "self.processes" in inspect.getsource(Multiprocess.__init__)
+    assert list(inspect.signature(Multiprocess.__init__).parameters) == [
+        "self",
+        "config",
+        "sockets",
+    ]
