@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -378,7 +378,7 @@ class Relay:
         headers = {"x-request-id": meter.request_id, **meter.admission.headers}
         response = forwarded.response
         if response.stream is not None:
-            sse = self._relay_stream(meter, forwarded, include_usage)
+            sse = await _started(self._relay_stream(meter, forwarded, include_usage))
             return Stream(
                 dialect.stream(sse, meter) if dialect else sse,
                 media_type="text/event-stream",
@@ -482,7 +482,7 @@ class Relay:
 
     async def _relay_stream(
         self, meter: Metering, forwarded: Forwarded, include_usage: bool
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Relay chunks as they arrive; settle and record before the last bytes go out."""
         stream = forwarded.response.stream
         assert stream is not None
@@ -539,6 +539,42 @@ class Relay:
                 meter.finish()
             await _close_quietly(stream)
             await _settle_later(meter)
+
+
+async def _started(stream: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
+    """The relay's stream, run to its first bytes before the response is handed over.
+
+    The first chunk is already at hand (the router waited for it), so this costs no wait.
+    A stream that has started ends in its own bookkeeping whatever happens next: a client
+    that leaves before the server reads it once still gets its row (cut by the client) at
+    once, when the abandoned stream is closed; a never-started generator would run nothing.
+    """
+    first = await anext(stream)
+    return _Primed(first, stream)
+
+
+class _Primed:
+    """A started stream: its first bytes, then the rest."""
+
+    __slots__ = ("_first", "_rest")
+
+    def __init__(self, first: bytes, rest: AsyncGenerator[bytes, None]) -> None:
+        self._first: bytes | None = first
+        self._rest = rest
+
+    def __aiter__(self) -> _Primed:
+        return self
+
+    async def __anext__(self) -> bytes:
+        first = self._first
+        if first is not None:
+            self._first = None
+            return first
+        return await anext(self._rest)
+
+    async def aclose(self) -> None:
+        self._first = None
+        await self._rest.aclose()
 
 
 async def _close_quietly(stream: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -19,15 +20,20 @@ import textwrap
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
+from litestar import Litestar
+from litestar.exceptions import LitestarException
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from billing.ledger import ENTRIES, Ledger, LedgerConfig, merge_replayed
+from billing.models import LedgerEntry
 from billing.record import GATEWAY_DIED, UsageRecord
 from billing.usage import Usage
-from tests.harness import ACME_KEY, base_config, gateway_process
+from gateway.app import create_app
+from tests.harness import ACME_KEY, base_config, gateway_process, running_gateway
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -235,3 +241,78 @@ async def test_sigkill_mid_stream_bills_the_output_delivered_by_the_last_checkpo
     assert (status, error, prompt, cut_by) == (500, GATEWAY_DIED, 0, "gateway")
     assert 0 < output <= chunks  # one token a chunk here: never more than was delivered
     assert cost == output * output_price
+
+
+async def test_a_client_gone_before_its_stream_is_read_is_recorded_at_once(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    """The connection is gone by the time the answer starts (the server's `send` raises, as
+    some ASGI servers' does on a closed connection), so the stream is never read once: the
+    request still ends in its own row, cut by the client, at once, not at shutdown."""
+
+    body = json.dumps(
+        {
+            "model": "gpt-4o-mini",
+            "stream": True,
+            "messages": [{"role": "user", "content": "Hello there"}],
+        }
+    ).encode()
+    slow = {
+        "name": "sim",
+        "type": "simulated",
+        "time_scale": 1,
+        "ttft_overhead_ms": 5,
+        "itl_ms": 20,
+        "output": {"distribution": "uniform", "min": 300, "max": 400},
+    }
+    async with running_gateway(tmp_path, tokenizer_dir, providers=[slow]) as gw:
+        app: Litestar = create_app(gw.settings, gateway=gw.gateway)
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [
+                (b"authorization", f"Bearer {ACME_KEY}".encode()),
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+            "client": ("127.0.0.1", 40000),
+            "server": ("127.0.0.1", gw.port),
+            "state": {},
+        }
+        requests = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            return requests.pop() if requests else {"type": "http.disconnect"}
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            raise ConnectionResetError("the client has gone")
+
+        with contextlib.suppress(ConnectionResetError, LitestarException):
+            await app(scope, receive, send)  # type: ignore[arg-type]
+        start = sent[0]
+        assert (start["type"], start["status"]) == ("http.response.start", 200)
+        request_id = dict(start["headers"])[b"x-request-id"].decode()
+        row = None
+        for _ in range(50):
+            await gw.gateway.ledger.flush()
+            async with AsyncSession(gw.gateway.ledger.engine) as session:
+                row = await session.get(LedgerEntry, request_id)
+            if row is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert row is not None, "the request has no row while the gateway runs"
+        assert (row.status_code, row.error_type, row.stream_cut_by) == (
+            499,
+            "client_disconnected",
+            "client",
+        )
