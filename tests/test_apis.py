@@ -621,8 +621,8 @@ async def test_stored_responses_expire_after_the_retention_period(
             await api.responses.retrieve(made.id)
         with pytest.raises(openai.BadRequestError):
             await api.responses.create(model=MODEL, input="Go on.", previous_response_id=made.id)
-        async with httpx.AsyncClient(base_url=gw.url) as http:
-            scraped = (await http.get("/metrics")).text
+        async with httpx.AsyncClient() as http:
+            scraped = (await http.get(gw.metrics_url)).text
         assert 'maas_gateway_overhead_seconds_count{endpoint="responses",stream="false"} 3.0' in (
             scraped
         )
