@@ -533,6 +533,7 @@ class Ledger:
         self._queue: deque[tuple[float, UsageRecord]] = deque()
         self._inflight: list[tuple[float, UsageRecord]] = []
         self._open: dict[str, Callable[[], UsageRecord]] = {}
+        self._admitted: list[str] = []  # admitted this turn of the event loop, not yet journaled
         self._flush_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
@@ -573,8 +574,32 @@ class Ledger:
         """
         if self._closed:
             raise RuntimeError("the ledger is closed")
-        self._journal.append(provisional())
         self._open[request_id] = provisional
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop: journal at once
+            self._journal.append(provisional())
+            return
+        if not self._admitted:
+            loop.call_soon(self.journal_admitted)
+        self._admitted.append(request_id)
+
+    def journal_admitted(self) -> None:
+        """Journal the provisional records of this turn's admissions in one write.
+
+        Runs by itself at the end of the event-loop turn that admitted them: one system
+        call for all of them, not one per request, and before an upstream's answer to any
+        of them can have arrived (that takes another turn). Call it to journal them at once,
+        as the relay does before a stream's first bytes go out.
+        """
+        if not self._admitted:
+            return
+        admitted, self._admitted = self._admitted, []
+        still_open = [self._open[i]() for i in admitted if i in self._open]
+        try:
+            self._journal.append_many(still_open)
+        except OSError:  # a full disk: the final records will fail loudly on their own
+            log.exception("journaling %d admitted requests failed", len(still_open))
 
     @property
     def open_requests(self) -> int:
@@ -632,6 +657,7 @@ class Ledger:
 
     def _rejournal_open(self) -> None:
         """Write the provisional records of requests in flight into the new segment."""
+        self._admitted.clear()  # every open request is written here, these included
         if self._open:
             self._journal.append_many([provisional() for provisional in self._open.values()])
 

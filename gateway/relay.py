@@ -379,6 +379,7 @@ class Relay:
         response = forwarded.response
         if response.stream is not None:
             sse = await _started(self._relay_stream(meter, forwarded, include_usage))
+            s.ledger.journal_admitted()  # before the caller can see this request's id
             return Stream(
                 dialect.stream(sse, meter) if dialect else sse,
                 media_type="text/event-stream",
