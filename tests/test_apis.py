@@ -626,3 +626,57 @@ async def test_stored_responses_expire_after_the_retention_period(
         assert 'maas_gateway_overhead_seconds_count{endpoint="responses",stream="false"} 3.0' in (
             scraped
         )
+
+
+async def test_the_sdks_wait_out_a_concurrency_429_and_retry(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    """A tenant at its concurrency limit gets a 429 with `retry-after: 1`; each SDK waits
+    that long, retries once the slot is free, and succeeds. The refused attempt and the
+    answered one are one row each."""
+    slow = {
+        "name": "sim",
+        "type": "simulated",
+        "time_scale": 1,
+        "ttft_overhead_ms": 5,
+        "itl_ms": 20,
+        "output": {"distribution": "uniform", "min": 300, "max": 400},
+    }
+    config = base_config(tmp_path, tokenizer_dir, providers=[slow])
+    config["tenants"][0]["limits"]["max_concurrent"] = 1
+    from gateway.config import parse_settings
+    from tests.harness import RunningGateway
+
+    async with RunningGateway(parse_settings(config)) as gw, httpx.AsyncClient(timeout=30) as http:
+        oa = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=ACME_KEY, max_retries=2)
+        an = anthropic.AsyncAnthropic(base_url=gw.url, api_key=ACME_KEY, max_retries=2)
+        calls = {
+            "responses": lambda: oa.responses.create(model=MODEL, input="Hi", max_output_tokens=16),
+            "messages": lambda: an.messages.create(
+                model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "Hi"}]
+            ),
+        }
+        for endpoint, call in calls.items():
+            async with http.stream(
+                "POST",
+                gw.url + "/v1/chat/completions",
+                json={
+                    "model": MODEL,
+                    "stream": True,
+                    "messages": [{"role": "user", "content": "x"}],
+                },
+                headers={"authorization": f"Bearer {ACME_KEY}"},
+            ) as holding:  # takes the tenant's one slot
+                assert holding.status_code == 200
+                begun = time.monotonic()
+                answer = asyncio.ensure_future(call())
+                await asyncio.sleep(0.4)
+            await answer
+            waited = time.monotonic() - begun
+            assert waited >= 0.9, f"{endpoint}: retried after {waited:.2f}s, not retry-after"
+            await gw.gateway.ledger.flush()
+            async with AsyncSession(gw.gateway.ledger.engine) as session:
+                rows = (
+                    await session.exec(select(LedgerEntry).where(LedgerEntry.endpoint == endpoint))
+                ).all()
+            assert sorted(r.status_code for r in rows) == [200, 429], endpoint
