@@ -278,6 +278,13 @@ async def test_usage_export_is_the_ledger(tmp_path: Path, tokenizer_dir: Path) -
         assert bad.status_code == 400
 
 
+def _topup_key(page: str) -> str:
+    """The top-up form's own idempotency key."""
+    found = re.search(r'name="idempotency_key" value="([^"]+)"', page)
+    assert found is not None, "the top-up form has no idempotency key"
+    return found.group(1)
+
+
 async def test_finance_tops_up_and_invoices_carry_tax(tmp_path: Path, tokenizer_dir: Path) -> None:
     config = base_config(tmp_path, tokenizer_dir)
     config["tenants"][1].update(balance="10", tax_rate="0.2")
@@ -300,17 +307,33 @@ async def test_finance_tops_up_and_invoices_carry_tax(tmp_path: Path, tokenizer_
         )
         assert refused.status_code == 403
         assert await gw.gateway.quotas.balance("globex") == before
+        form = {"csrf_token": _token(page.text), "idempotency_key": _topup_key(page.text)}
         done = await client.post(
-            "/console/finance/topup",
-            data={"csrf_token": _token(page.text), "tenant": "globex", "amount": "5.5"},
+            "/console/finance/topup", data={**form, "tenant": "globex", "amount": "5.5"}
         )
         assert done.status_code == 303
         assert await gw.gateway.quotas.balance("globex") == before + 5_500_000_000
         shown = await client.get(done.headers["location"])
         assert f"balance is now {format_amount(before + 5_500_000_000)}" in shown.text
+        again = await client.post(  # the same form sent twice (a double click, a reload)
+            "/console/finance/topup", data={**form, "tenant": "globex", "amount": "5.5"}
+        )
+        assert "already applied" in (await client.get(again.headers["location"])).text
+        assert await gw.gateway.quotas.balance("globex") == before + 5_500_000_000
+        reused = await client.post(
+            "/console/finance/topup", data={**form, "tenant": "globex", "amount": "7"}
+        )
+        assert "No top-up" in (await client.get(reused.headers["location"])).text
+        assert await gw.gateway.quotas.balance("globex") == before + 5_500_000_000
+        page = await client.get("/console/finance/")
         bad = await client.post(
             "/console/finance/topup",
-            data={"csrf_token": _token(page.text), "tenant": "acme", "amount": "5"},
+            data={
+                "csrf_token": _token(page.text),
+                "idempotency_key": _topup_key(page.text),
+                "tenant": "acme",
+                "amount": "5",
+            },
         )  # acme is billed in arrears
         assert "No top-up" in (await client.get(bad.headers["location"])).text
 

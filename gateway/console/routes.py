@@ -29,6 +29,7 @@ from litestar.response import Redirect, Stream
 from litestar.static_files import create_static_files_router
 from sqlalchemy import func, select
 
+from billing.idempotency import Claim, IdempotencyConflict, check_key, fingerprint
 from billing.invoice import (
     INVOICES,
     build_invoice,
@@ -560,6 +561,7 @@ def console_router(console: Console) -> Router:
             balances=balances,
             directory=gw.directory.tenants,
             message=request.query_params.get("message"),
+            topup_key=secrets.token_urlsafe(18),  # one per form: a resubmission applies once
         )
 
     @post("/finance/close", status_code=303)
@@ -653,10 +655,22 @@ def console_router(console: Console) -> Router:
             nanos = to_nanos(Decimal(form.get("amount", "")))
             if nanos <= 0:
                 raise ValueError("a top-up must be positive")
-            balance = await gw.quotas.topup(tenant.id, nanos)
-            message = f"Topped up {tenant.id}: the balance is now {format_amount(balance)}."
+            key = form.get("idempotency_key", "")
+            if check_key(key) is not None:
+                raise ValueError("the form is stale: reload the page")
+            what = f"{tenant.id} {nanos}".encode()
+            claim = Claim(f"console-topup:{key}", fingerprint("POST", "/console/topup", what))
+            balance, replayed = await gw.quotas.topup_once(tenant.id, nanos, claim)
+            message = (
+                f"That top-up was already applied: the balance of {tenant.id} is"
+                f" {format_amount(balance)}."
+                if replayed
+                else f"Topped up {tenant.id}: the balance is now {format_amount(balance)}."
+            )
         except (ValueError, InvalidOperation, ArithmeticError) as exc:
             message = f"No top-up: {exc}."
+        except IdempotencyConflict:
+            message = "No top-up: this form was already used for another top-up; reload the page."
         except QuotaUnavailable:
             message = "The quota service is unavailable: check the balance before repeating."
         from urllib.parse import urlencode
