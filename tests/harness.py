@@ -36,6 +36,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+SLOW_SIMULATOR: dict[str, Any] = {
+    "name": "sim",
+    "type": "simulated",
+    "time_scale": 1,
+    "ttft_overhead_ms": 5,
+    "itl_ms": 20,
+    "output": {"distribution": "uniform", "min": 300, "max": 400},
+}
+"""A simulated provider in real time: 300 to 400 tokens, 20 ms apart (streams of 6 to 8 s)."""
+
+
 def base_config(tmp: Path, tokenizer_dir: Path, **overrides: Any) -> dict[str, Any]:
     """A test configuration: fast simulated models, SQLite in `tmp`, two tenants."""
     config: dict[str, Any] = {

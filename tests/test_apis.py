@@ -24,8 +24,17 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from billing.models import LedgerEntry
 from gateway.auth import hash_key
+from gateway.config import parse_settings
 from gateway.tokens import TokenCounter, TokenizerConfig
-from tests.harness import ACME_KEY, ADMIN_KEY, base_config, gateway_process, running_gateway
+from tests.harness import (
+    ACME_KEY,
+    ADMIN_KEY,
+    SLOW_SIMULATOR,
+    RunningGateway,
+    base_config,
+    gateway_process,
+    running_gateway,
+)
 from tests.test_openai_api import simulator_process  # noqa: F401 - a fixture used here
 
 INITECH_KEY = "sk-test-initech-00000000000000000000000000000000000"
@@ -524,16 +533,8 @@ async def test_a_client_leaving_a_translated_stream_is_recorded_at_once(
 ) -> None:
     """Cut by the client: the relay's own bookkeeping runs (row 499, the delivered output
     billed, the upstream closed), not left to the garbage collector."""
-    slow = {
-        "name": "sim",
-        "type": "simulated",
-        "time_scale": 1,
-        "ttft_overhead_ms": 5,
-        "itl_ms": 20,
-        "output": {"distribution": "uniform", "min": 300, "max": 400},
-    }
     async with (
-        running_gateway(tmp_path, tokenizer_dir, providers=[slow]) as gw,
+        running_gateway(tmp_path, tokenizer_dir, providers=[SLOW_SIMULATOR]) as gw,
         httpx.AsyncClient(base_url=gw.url, timeout=30) as http,
     ):
         headers = (
@@ -634,19 +635,8 @@ async def test_the_sdks_wait_out_a_concurrency_429_and_retry(
     """A tenant at its concurrency limit gets a 429 with `retry-after: 1`; each SDK waits
     that long, retries once the slot is free, and succeeds. The refused attempt and the
     answered one are one row each."""
-    slow = {
-        "name": "sim",
-        "type": "simulated",
-        "time_scale": 1,
-        "ttft_overhead_ms": 5,
-        "itl_ms": 20,
-        "output": {"distribution": "uniform", "min": 300, "max": 400},
-    }
-    config = base_config(tmp_path, tokenizer_dir, providers=[slow])
+    config = base_config(tmp_path, tokenizer_dir, providers=[SLOW_SIMULATOR])
     config["tenants"][0]["limits"]["max_concurrent"] = 1
-    from gateway.config import parse_settings
-    from tests.harness import RunningGateway
-
     async with RunningGateway(parse_settings(config)) as gw, httpx.AsyncClient(timeout=30) as http:
         oa = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=ACME_KEY, max_retries=2)
         an = anthropic.AsyncAnthropic(base_url=gw.url, api_key=ACME_KEY, max_retries=2)

@@ -33,7 +33,7 @@ from billing.models import LedgerEntry
 from billing.record import GATEWAY_DIED, UsageRecord
 from billing.usage import Usage
 from gateway.app import create_app
-from tests.harness import ACME_KEY, base_config, gateway_process, running_gateway
+from tests.harness import ACME_KEY, SLOW_SIMULATOR, base_config, gateway_process, running_gateway
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -257,15 +257,7 @@ async def test_a_client_gone_before_its_stream_is_read_is_recorded_at_once(
             "messages": [{"role": "user", "content": "Hello there"}],
         }
     ).encode()
-    slow = {
-        "name": "sim",
-        "type": "simulated",
-        "time_scale": 1,
-        "ttft_overhead_ms": 5,
-        "itl_ms": 20,
-        "output": {"distribution": "uniform", "min": 300, "max": 400},
-    }
-    async with running_gateway(tmp_path, tokenizer_dir, providers=[slow]) as gw:
+    async with running_gateway(tmp_path, tokenizer_dir, providers=[SLOW_SIMULATOR]) as gw:
         app: Litestar = create_app(gw.settings, gateway=gw.gateway)
         scope = {
             "type": "http",

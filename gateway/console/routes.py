@@ -32,6 +32,8 @@ from sqlalchemy import func, select
 from billing.idempotency import Claim, IdempotencyConflict, check_key, fingerprint
 from billing.invoice import (
     INVOICES,
+    Invoice,
+    TenantBilling,
     build_invoice,
     finalize_invoice,
     month_of,
@@ -593,8 +595,10 @@ def console_router(console: Console) -> Router:
             )
         return Redirect(f"/console/finance/months/{month}", status_code=303)
 
-    @get("/finance/months/{month:str}")
-    async def month_page(request: AnyRequest) -> Response[Any]:
+    async def month_invoices(
+        request: AnyRequest,
+    ) -> tuple[Session, str, list[TenantBilling], list[Invoice]]:
+        """A finance user's month: the session, the month, every tenant's billing and invoice."""
         month = request.path_params["month"]
         session = await console.session(request)
         console.operator(session, _FINANCE_ROLES)
@@ -605,27 +609,19 @@ def console_router(console: Console) -> Router:
         except ValueError:
             raise console.not_found(session) from None
         await gw.ledger.flush()
-        tenants = list(gw.directory.tenants.values())
-        invoices = [await build_invoice(gw.ledger, tenant_billing(t), month) for t in tenants]
-        report = await reconcile(gw.ledger, [tenant_billing(t) for t in tenants], month)
+        billings = [tenant_billing(t) for t in gw.directory.tenants.values()]
+        invoices = [await build_invoice(gw.ledger, billing, month) for billing in billings]
+        return session, month, billings, invoices
+
+    @get("/finance/months/{month:str}")
+    async def month_page(request: AnyRequest) -> Response[Any]:
+        session, month, billings, invoices = await month_invoices(request)
+        report = await reconcile(gw.ledger, billings, month)
         return console.page("month.html", session, month=month, invoices=invoices, report=report)
 
     @get("/finance/months/{month:str}/archive")
     async def month_archive(request: AnyRequest) -> Response[Any]:
-        month = request.path_params["month"]
-        session = await console.session(request)
-        console.operator(session, _FINANCE_ROLES)
-        from gateway.admin import tenant_billing
-
-        try:
-            parse_month(month)
-        except ValueError:
-            raise console.not_found(session) from None
-        await gw.ledger.flush()
-        invoices = [
-            await build_invoice(gw.ledger, tenant_billing(t), month)
-            for t in gw.directory.tenants.values()
-        ]
+        _, month, _, invoices = await month_invoices(request)
         views = [invoice_view(invoice, console.config) for invoice in invoices]
 
         def pack() -> bytes:
