@@ -440,13 +440,16 @@ def console_router(console: Console) -> Router:
             final = {row.month: row.number for row in rows}
         return console.page("invoices.html", session, tenant=tenant, months=months, final=final)
 
-    @get("/tenants/{tenant_id:str}/invoices/{month:str}")
-    async def invoice_page(request: AnyRequest) -> Response[Any]:
-        tenant_id = request.path_params["tenant_id"]
+    async def tenant_invoice(request: AnyRequest) -> tuple[Session, Tenant, str, Invoice]:
+        """The invoice a page asks for, once the session may read that tenant's invoices."""
         month = request.path_params["month"]
         session = await console.session(request)
-        tenant = console.tenant_for(session, tenant_id, _INVOICE_ROLES)
-        invoice = await _invoice(console, session, tenant, month)
+        tenant = console.tenant_for(session, request.path_params["tenant_id"], _INVOICE_ROLES)
+        return session, tenant, month, await _invoice(console, session, tenant, month)
+
+    @get("/tenants/{tenant_id:str}/invoices/{month:str}")
+    async def invoice_page(request: AnyRequest) -> Response[Any]:
+        session, tenant, month, invoice = await tenant_invoice(request)
         return console.page(
             "invoice.html",
             session,
@@ -457,21 +460,13 @@ def console_router(console: Console) -> Router:
 
     @get("/tenants/{tenant_id:str}/invoices/{month:str}/pdf")
     async def invoice_pdf_file(request: AnyRequest) -> Response[Any]:
-        tenant_id = request.path_params["tenant_id"]
-        month = request.path_params["month"]
-        session = await console.session(request)
-        tenant = console.tenant_for(session, tenant_id, _INVOICE_ROLES)
-        invoice = await _invoice(console, session, tenant, month)
+        _, _, _, invoice = await tenant_invoice(request)
         pdf = await asyncio.to_thread(invoice_pdf, invoice_view(invoice, console.config))
         return _download(pdf, "application/pdf", f"{invoice.number}.pdf")
 
     @get("/tenants/{tenant_id:str}/invoices/{month:str}/csv")
     async def invoice_csv_file(request: AnyRequest) -> Response[Any]:
-        tenant_id = request.path_params["tenant_id"]
-        month = request.path_params["month"]
-        session = await console.session(request)
-        tenant = console.tenant_for(session, tenant_id, _INVOICE_ROLES)
-        invoice = await _invoice(console, session, tenant, month)
+        _, _, _, invoice = await tenant_invoice(request)
         return _download(
             render_invoice(invoice, "csv").encode(), "text/csv", f"{invoice.number}.csv"
         )
