@@ -1,8 +1,9 @@
 """The app factory: the one place where the gateway's state is built and wired.
 
-`create_app(settings)` returns a Litestar app. Nothing is opened until the app starts:
-its lifespan builds the providers, opens the ledger and the quota store, and closes them
-all (flushing the ledger) on shutdown.
+`create_app(settings)` returns a Litestar app around a `Gateway`. Nothing is opened until
+the app starts: its lifespan opens every service in one step (`gateway.state.open_state`)
+and closes them all (flushing the ledger) on shutdown. The admin API is its own module
+(`gateway.admin`), handed the serving state.
 """
 
 from __future__ import annotations
@@ -18,41 +19,49 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from billing.compute_cost import ComputeCosts, LatencyModel
+from billing.compute_cost import build_compute_costs
 from billing.ledger import Ledger
-from billing.money import to_nanos
 from billing.pricing import PriceCatalog
-from billing.quota import QuotaUnavailable, Scope, build_quota_store
-from gateway.auth import ApiKey, Directory, Tenant
+from billing.quota import QuotaStore
+from gateway.admin import admin_routes
+from gateway.auth import ApiKey, display_prefix, hash_key
 from gateway.config import Settings
 from gateway.errors import (
     ApiError,
     body_too_large,
     invalid_request,
     method_not_allowed,
+    model_not_found,
     not_found,
     server_error,
 )
-from gateway.keystore import DirectorySync, KeyStore
+from gateway.gauges import publish_backends, scrape, tick_local_gauges
+from gateway.keystore import DirectorySync
 from gateway.metrics import Metrics
 from gateway.metrics_server import METRICS_PORT_ENV, MetricsListener
 from gateway.relay import Relay, Services, error_response, new_request_id
 from gateway.routing import Router
+from gateway.state import AppState, build_directory, open_state
 from gateway.tokens import TokenCounter
-from providers.base import Provider
-from providers.openai_compat import OpenAICompatProvider
-from providers.simulate_server import SimulatorCollector
 from providers.simulated import SimulatedProvider
 
 log = logging.getLogger("maas.app")
+_encode = msgspec.json.Encoder().encode
 
 
 class Gateway:
-    """The running gateway's state: settings, services and the relay."""
+    """One gateway: what it is built from, and its `AppState` while it serves.
+
+    Construction opens nothing; `serving()` (the app's lifespan) opens every service in one
+    step (`gateway.state.open_state`) and closes them when the app stops. The properties
+    below `state` are views of the serving state, for the route builders and tests that hold
+    the gateway rather than the state.
+    """
 
     def __init__(
         self,
@@ -76,135 +85,93 @@ class Gateway:
         self.counter = TokenCounter(settings.tokenizers)  # logs its own warnings
         self.directory = build_directory(settings)
         self.metrics = Metrics(settings.metrics)
-        served = [m.name for m in settings.models]
-        self.pricing = PriceCatalog(settings.pricing, served)
+        self.pricing = PriceCatalog(settings.pricing, [m.name for m in settings.models])
         self.compute_costs = build_compute_costs(settings)
         self.admin_key: str | None = os.environ.get(settings.server.admin_key_env) or None
         self.demo_key: str | None = None
-        self.providers: dict[str, Provider] = {}
-        self.simulated: dict[str, SimulatedProvider] = {}
-        self._gauge_ticker: asyncio.Task[None] | None = None
-        self.relay: Relay | None = None
-        self.services: Services | None = None
         self.started_at = time.time()
         self.metrics_listener: MetricsListener | None = None
         if metrics_listener and settings.metrics.port is not None:
             self.metrics_listener = build_metrics_listener(self)
+        self._state: AppState | None = None
 
-    async def start(self) -> None:
-        s = self.settings
-        self.providers = build_providers(s, self.counter)
-        simulated = {n: p for n, p in self.providers.items() if isinstance(p, SimulatedProvider)}
-        self.simulated = simulated
-        if simulated and not self.metrics.multiprocess:
-            self.metrics.registry.register(SimulatorCollector(simulated))
-        self.metrics.track_provisioned(self.compute_costs, s.pricing.currency, self.clock)
-        self.router = Router(s.models, self.providers, s.routing)
-        self.quotas = build_quota_store(s.quotas)
-        for tenant in self.directory.tenants.values():
-            if tenant.prepaid and tenant.initial_balance is not None:
-                await self.quotas.set_balance(tenant.id, to_nanos(tenant.initial_balance))
-        self.ledger = await Ledger.open(s.ledger)
-        self.directory_sync = DirectorySync(
-            self.directory, KeyStore(self.ledger.engine), on_new_tenant=self._open_balance
-        )
-        await self.directory_sync.start()  # tenants and keys created through the admin API
-        self.services = Services(
-            directory=self.directory,
-            router=self.router,
-            counter=self.counter,
-            pricing=self.pricing,
-            quotas=self.quotas,
-            ledger=self.ledger,
-            metrics=self.metrics,
-            default_max_output_tokens=s.server.default_max_output_tokens,
-            max_json_depth=s.server.max_json_depth,
+    @asynccontextmanager
+    async def serving(self) -> AsyncIterator[AppState]:
+        """Open every service, serve metrics and gauges while the caller runs, close all."""
+        if self._state is not None:
+            raise RuntimeError("the gateway is already serving")
+        async with open_state(
+            self.settings,
             clock=self.clock,
+            counter=self.counter,
+            directory=self.directory,
+            metrics=self.metrics,
+            pricing=self.pricing,
             compute_costs=self.compute_costs,
-        )
-        self.relay = Relay(self.services)
-        if self.metrics.multiprocess and self.metrics.enabled:
-            self._gauge_ticker = asyncio.create_task(self._tick_local_gauges())
-        self.router.start_health_checks()  # when routing.health_check_interval_s is set
-        if self.metrics_listener is not None:
-            await self.metrics_listener.start()
-            log.info("metrics served at %s", self.metrics_listener.url)
-        if self.freeze_heap:
-            gc.collect()
-            gc.freeze()
-
-    async def stop(self) -> None:
-        if self.metrics_listener is not None:
-            await self.metrics_listener.aclose()
-        if self._gauge_ticker is not None:
-            self._gauge_ticker.cancel()
-            self._publish_backends()
-        await self.router.aclose()  # health checks first: they use the providers
-        for provider in self.providers.values():
-            await provider.aclose()
-        await self.quotas.aclose()
-        await self.directory_sync.aclose()
-        await self.ledger.aclose()
-        self.metrics.flush()
-
-    async def _open_balance(self, tenant: Tenant) -> None:
-        if tenant.prepaid and tenant.initial_balance is not None:
-            await self.quotas.set_balance(tenant.id, to_nanos(tenant.initial_balance))
-
-    def refresh_local_gauges(self) -> None:
-        """This process's own state: ledger backlog, deployment health and load, and (with
-        several workers) the simulated backends' statistics."""
-        m = self.metrics
-        m.set_ledger(queue_depth=self.ledger.queue_depth, lag_s=self.ledger.lag_seconds)
-        for state in self.router.health():
-            m.set_deployment_health(
-                state["name"], state["model"], state["state"], state["in_flight"]
-            )
-        self._publish_backends()
-
-    def _publish_backends(self) -> None:
-        """With several workers each has its own simulated backends: their totals go to the
-        shared files and are summed over workers (one process reads them with a collector)."""
-        if self.metrics.multiprocess and self.metrics.enabled:
-            for name, provider in self.simulated.items():
-                self.metrics.backend.publish(name, provider.stats())
-
-    async def _tick_local_gauges(self) -> None:
-        """With several workers any one answers a scrape: keep every worker's share of the
-        summed gauges and backend counters fresh, not only the scraped one's."""
-        while True:
-            await asyncio.sleep(self.metrics.config.flush_interval_s)
+            admin_key=self.admin_key,
+        ) as state:
+            ticker: asyncio.Task[None] | None = None
+            if self.metrics.multiprocess and self.metrics.enabled:
+                ticker = asyncio.create_task(tick_local_gauges(state))
+            self._state = state
             try:
-                self.refresh_local_gauges()
-            except Exception:
-                log.exception("refreshing this worker's gauges failed")
+                if self.metrics_listener is not None:
+                    await self.metrics_listener.start()
+                    log.info("metrics served at %s", self.metrics_listener.url)
+                if self.freeze_heap:
+                    gc.collect()
+                    gc.freeze()
+                yield state
+            finally:
+                if self.metrics_listener is not None:
+                    await self.metrics_listener.aclose()
+                if ticker is not None:
+                    ticker.cancel()
+                    publish_backends(state)
+                self._state = None
 
-    async def refresh_gauges(self) -> None:
-        """Bring the gauges that describe state (not events) up to date, for a scrape."""
-        m = self.metrics
-        self.refresh_local_gauges()
-        now = self.clock()
-        for tenant in self.directory.tenants.values():
-            scope = Scope(f"tenant:{tenant.id}", tenant.limits, tenant.timezone)
-            try:
-                left = await self.quotas.remaining(scope, now)
-                balance = await self.quotas.balance(tenant.id) if tenant.prepaid else None
-            except QuotaUnavailable:
-                continue
-            windows = {"day": left.get("tokens_per_day"), "month": left.get("tokens_per_month")}
-            limits = {"day": tenant.limits.tokens_per_day, "month": tenant.limits.tokens_per_month}
-            m.set_tenant_budget(
-                tenant.id,
-                remaining_tokens=windows,
-                limit_tokens=limits,
-                balance_nanos=balance,
-                currency=tenant.currency,
-            )
+    @property
+    def is_serving(self) -> bool:
+        return self._state is not None
+
+    @property
+    def state(self) -> AppState:
+        """The serving state; RuntimeError outside `serving()`."""
+        if self._state is None:
+            raise RuntimeError("the gateway is not serving")
+        return self._state
+
+    @property
+    def relay(self) -> Relay:
+        return self.state.relay
+
+    @property
+    def services(self) -> Services:
+        return self.state.services
+
+    @property
+    def router(self) -> Router:
+        return self.state.router
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.state.ledger
+
+    @property
+    def quotas(self) -> QuotaStore:
+        return self.state.quotas
+
+    @property
+    def directory_sync(self) -> DirectorySync:
+        return self.state.directory_sync
+
+    @property
+    def simulated(self) -> dict[str, SimulatedProvider]:
+        return self.state.simulated
 
     async def scrape(self) -> tuple[bytes, str]:
         """The metrics exposition, gauges brought up to date: (body, content type)."""
-        await self.refresh_gauges()
-        return await asyncio.to_thread(self.metrics.render)
+        return await scrape(self.state)
 
     def ensure_demo_key(self) -> str | None:
         """Give the first tenant a key when the configuration asks for a demo key."""
@@ -214,8 +181,6 @@ class Gateway:
         tenant_id = next(iter(self.directory.tenants))
         secret = os.environ.get(env)
         if secret:
-            from gateway.auth import display_prefix, hash_key
-
             self.directory.add_key(
                 ApiKey("demo", tenant_id, hash_key(secret), display_prefix(secret), "demo")
             )
@@ -238,97 +203,26 @@ def build_metrics_listener(gw: Gateway) -> MetricsListener:
     return MetricsListener(gw.scrape, config.host, port, token=token, reuse_port=bool(shared))
 
 
-def build_directory(settings: Settings) -> Directory:
-    tenants = []
-    keys = []
-    for t in settings.tenants:
-        tenants.append(
-            Tenant(
-                id=t.id,
-                name=t.name or t.id,
-                timezone=t.timezone,
-                currency=t.currency,
-                plan=t.plan,
-                limits=t.limits,
-                model_limits=dict(t.model_limits),
-                prepaid=t.balance is not None,
-                initial_balance=t.balance,
-                tax_rate=t.tax_rate,
-            )
-        )
-        for k in t.keys:
-            keys.append(
-                ApiKey(
-                    id=k.id,
-                    tenant_id=t.id,
-                    hash=k.hash,
-                    name=k.name,
-                    models=frozenset(k.models) if k.models is not None else None,
-                    expires_at=k.expires_at,
-                    revoked=k.revoked,
-                    limits=k.limits,
-                )
-            )
-    return Directory(tenants, keys)
-
-
-def build_providers(settings: Settings, counter: TokenCounter) -> dict[str, Provider]:
-    providers: dict[str, Provider] = {}
-    for config in settings.providers:
-        if config.type == "simulated":
-            sim_config = config.model_copy()
-            encoding = counter.encoding(_first_model_on(settings, config.name))
-            providers[config.name] = SimulatedProvider(config.name, sim_config, encoding)
-        else:
-            providers[config.name] = OpenAICompatProvider(config.name, config)
-    return providers
-
-
-def build_compute_costs(settings: Settings) -> ComputeCosts:
-    """Compute cost rates for every deployment; simulated ones bring their latency model."""
-    simulated = {p.name: p for p in settings.providers if p.type == "simulated"}
-    deployments: dict[str, LatencyModel | None] = {}
-    for model in settings.models:
-        for d in model.deployments:
-            sim = simulated.get(d.provider)
-            deployments[d.resolved_name] = LatencyModel.of(sim) if sim is not None else None
-    return ComputeCosts(settings.compute_costs, deployments)
-
-
-def _first_model_on(settings: Settings, provider: str) -> str:
-    for model in settings.models:
-        if any(d.provider == provider for d in model.deployments):
-            return model.name
-    return provider
-
-
 def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litestar:
     """Build the gateway's ASGI app from validated settings."""
     gw = gateway or Gateway(settings)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
-        await gw.start()
-        try:
+        async with gw.serving():
             yield
-        finally:
-            await gw.stop()
-
-    def relay() -> Relay:
-        assert gw.relay is not None, "the gateway has not started"
-        return gw.relay
 
     @post("/v1/chat/completions", status_code=200)
     async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
-        return await relay().handle("chat.completions", request)
+        return await gw.state.relay.handle("chat.completions", request)
 
     @post("/v1/completions", status_code=200)
     async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
-        return await relay().handle("completions", request)
+        return await gw.state.relay.handle("completions", request)
 
     @post("/v1/embeddings", status_code=200)
     async def embeddings(request: Request[Any, Any, Any]) -> Response[Any]:
-        return await relay().handle("embeddings", request)
+        return await gw.state.relay.handle("embeddings", request)
 
     @get("/v1/models")
     async def list_models(request: Request[Any, Any, Any]) -> Response[Any]:
@@ -341,8 +235,6 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litesta
         model = request.path_params["model"]
         key, _ = gw.directory.authenticate(request.headers.get("authorization"), _now())
         if model not in _visible_models(gw, key):
-            from gateway.errors import model_not_found
-
             raise model_not_found(model)
         return _json(_model_card(model, gw))
 
@@ -352,14 +244,16 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litesta
 
     @get("/readyz")
     async def readyz() -> Response[Any]:
-        ready = gw.relay is not None
+        ready = gw.is_serving
         body = {"status": "ready" if ready else "starting", "warnings": gw.counter.warnings}
         return _json(body, status=200 if ready else 503)
 
-    from gateway.admin import admin_routes
     from gateway.console import console_routes
     from gateway.messages import messages_routes
     from gateway.responses import responses_routes
+
+    def state() -> AppState:
+        return gw.state
 
     return Litestar(
         route_handlers=[
@@ -370,7 +264,7 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litesta
             retrieve_model,
             healthz,
             readyz,
-            *admin_routes(gw),
+            *admin_routes(state),
             *responses_routes(gw),
             *messages_routes(gw),
             *console_routes(gw),
@@ -407,8 +301,6 @@ def _model_card(name: str, gw: Gateway) -> dict[str, Any]:
 
 
 def _json(body: Any, status: int = 200) -> Response[Any]:
-    from gateway.relay import _encode
-
     return Response(
         _encode(body),
         status_code=status,

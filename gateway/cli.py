@@ -410,7 +410,7 @@ async def _invoice_async(args: argparse.Namespace) -> int:
     from billing.invoice import build_invoice, finalize_invoice, render_invoice
     from billing.ledger import Ledger
     from gateway.admin import tenant_billing
-    from gateway.app import build_directory
+    from gateway.state import build_directory
 
     settings = settings_from(args.config)
     tenant = build_directory(settings).tenants.get(args.tenant)
@@ -435,7 +435,7 @@ async def _reconcile_async(args: argparse.Namespace) -> int:
     from billing.ledger import Ledger
     from billing.reconcile import reconcile
     from gateway.admin import tenant_billing
-    from gateway.app import build_directory
+    from gateway.state import build_directory
 
     settings = settings_from(args.config)
     tenants = [tenant_billing(t) for t in build_directory(settings).tenants.values()]

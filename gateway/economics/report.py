@@ -34,10 +34,9 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from billing.compute_cost import ComputeCosts
+from billing.compute_cost import ComputeCosts, build_compute_costs
 from billing.invoice import month_buckets
 from billing.ledger import ENTRIES, ROLLUPS, Ledger
-from gateway.app import build_compute_costs
 from gateway.config import Settings
 from gateway.economics.capacity import BUCKET_SECONDS as QUEUE_SECONDS
 from gateway.economics.capacity import fleet_queues, offered_work
