@@ -52,7 +52,7 @@ from gateway.console.security import LoginLimiter, csrf_ok
 from gateway.console.users import Session, User, UserError, UserStore
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.lifespan import Gateway
 
 log = logging.getLogger("maas.console")
 
