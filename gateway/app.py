@@ -22,6 +22,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from gateway.admin import admin_routes
 from gateway.auth import ApiKey
 from gateway.config import Settings
+from gateway.console import console_routes
 from gateway.errors import (
     ApiError,
     body_too_large,
@@ -32,7 +33,9 @@ from gateway.errors import (
     server_error,
 )
 from gateway.lifespan import Gateway
+from gateway.messages import anthropic_error_response, messages_routes
 from gateway.relay import error_response, new_request_id
+from gateway.responses import responses_routes
 from gateway.state import AppState
 
 __all__ = ["Gateway", "create_app"]
@@ -85,10 +88,6 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litesta
         ready = gw.is_serving
         body = {"status": "ready" if ready else "starting", "warnings": gw.counter.warnings}
         return _json(body, status=200 if ready else 503)
-
-    from gateway.console import console_routes
-    from gateway.messages import messages_routes
-    from gateway.responses import responses_routes
 
     def state() -> AppState:
         return gw.state
@@ -178,7 +177,5 @@ def _error_answer(
 ) -> Response[Any]:
     """An error in the shape of the API the path belongs to (Anthropic's under /v1/messages)."""
     if request.url.path.startswith("/v1/messages"):
-        from gateway.messages import anthropic_error_response
-
         return anthropic_error_response(error, request_id)
     return error_response(error, request_id)
