@@ -115,6 +115,7 @@ class Gateway:
 
     @property
     def is_serving(self) -> bool:
+        """Whether `serving()` has opened the services and not yet closed them."""
         return self._state is not None
 
     @property
