@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--month", required=True, help="month, e.g. 2026-11")
     rec.set_defaults(run=_reconcile)
 
+    from economics.cli import add_commands
     from gateway.console.cli import add_commands as add_console_commands
-    from gateway.economics.cli import add_commands
 
     add_commands(commands)
     add_console_commands(commands)

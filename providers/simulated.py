@@ -11,7 +11,7 @@ It is the gateway's embedded default and the upstream for load tests (served ove
   FIFO queue; beyond `max_queue` waiting requests it is refused with a 429. Closing a stream
   (`aclose()`) or cancelling the task frees the slot at once and stops generation. An
   `admission` hook, when set (the economics simulator sets one to apply capacity on its
-  simulated clock, `gateway.economics.capacity`), is asked first with the provider's name,
+  simulated clock, `economics.capacity`), is asked first with the provider's name,
   the model and the request's prompt and output tokens; if it says no the request is
   refused with the same 429, not retryable.
 - **Latency.** Time to first token, counted from when the slot is granted, is

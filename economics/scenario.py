@@ -7,8 +7,8 @@ scenario file. `tenants` gives each tenant of that configuration a traffic profi
 `variants` are named changes for what-if comparisons: each deep-merges its `gateway` into
 the configuration (mappings merge, lists are replaced) and may replace top-level settings
 such as `requests`. `months`, `trends` and `events` make it a projection over several
-months (`gateway.economics.projection`); `capacity` says what a saturated deployment does
-(`gateway.economics.capacity`).
+months (`economics.projection`); `capacity` says what a saturated deployment does
+(`economics.capacity`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from economics.capacity import CapacityConfig
 from gateway.config import (
     ConfigError,
     Settings,
@@ -27,7 +28,6 @@ from gateway.config import (
     parse_settings,
     read_yaml_mapping,
 )
-from gateway.economics.capacity import CapacityConfig
 
 __all__ = [
     "DIURNAL_SHAPES",

@@ -10,7 +10,7 @@ compute cost minus idle capacity (by tenant and model, revenue minus compute cos
 capacity is a row of its own).
 
 Idle capacity is never negative: a deployment offered more work than it can serve is 100%
-utilised, and the excess waits in its queue (`gateway.economics.capacity`).
+utilised, and the excess waits in its queue (`economics.capacity`).
 
 Latency is *modelled*: the simulated backends run with `time_scale: 0`, so each successful
 request's time to first token and total time are computed from its deployment's latency
@@ -37,11 +37,11 @@ from sqlalchemy import func, select
 from billing.compute_cost import ComputeCosts
 from billing.invoice import month_buckets
 from billing.ledger import ENTRIES, ROLLUPS, Ledger
+from economics.capacity import BUCKET_SECONDS as QUEUE_SECONDS
+from economics.capacity import fleet_queues, offered_work
+from economics.unit import UnitEconomics, unit_economics, unit_table
 from gateway.app import build_compute_costs
 from gateway.config import Settings
-from gateway.economics.capacity import BUCKET_SECONDS as QUEUE_SECONDS
-from gateway.economics.capacity import fleet_queues, offered_work
-from gateway.economics.unit import UnitEconomics, unit_economics, unit_table
 
 __all__ = [
     "IDLE",
@@ -576,7 +576,7 @@ def _modelled_latency(
 ) -> tuple[LatencySummary, dict[str, Saturation]]:
     """Each request's latency from its deployment's latency model and queue.
 
-    The queue (`gateway.economics.capacity`) gives each request's wait before its first
+    The queue (`economics.capacity`) gives each request's wait before its first
     token; the decode slowdown grows from 1 to `slowdown_at_capacity` with its bucket's
     utilisation (at most 1). A request in a bucket that ends with work waiting is counted
     as saturated.

@@ -24,12 +24,12 @@ from sqlalchemy import func, select
 from billing.invoice import Invoice, TenantBilling, finalize_invoice, month_buckets, render_invoice
 from billing.ledger import ROLLUPS, Ledger
 from billing.reconcile import ReconciliationReport, reconcile
+from economics.charts import margin_chart
+from economics.report import MarginReport, MarginRow, build_margin_report
+from economics.runner import RunResult, run_month
+from economics.scenario import Scenario
+from economics.unit import prometheus_text
 from gateway.config import Settings
-from gateway.economics.charts import margin_chart
-from gateway.economics.report import MarginReport, MarginRow, build_margin_report
-from gateway.economics.runner import RunResult, run_month
-from gateway.economics.scenario import Scenario
-from gateway.economics.unit import prometheus_text
 
 __all__ = ["MonthOutcome", "internal_view", "simulate_month", "tenant_billing"]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from billing.invoice import month_period
-from gateway.economics.scenario import LengthDistribution, Scenario, TenantProfile
+from economics.scenario import LengthDistribution, Scenario, TenantProfile
 
 __all__ = ["PlannedRequest", "plan_month", "prompt_text"]
 
