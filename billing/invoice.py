@@ -491,10 +491,3 @@ def period_label(invoice: Invoice) -> str:
     return (
         f"{invoice.period_start.date().isoformat()} to {last_day.isoformat()} ({invoice.timezone})"
     )
-
-
-def render_invoice(invoice: Invoice, fmt: Literal["json", "csv", "html"]) -> str:
-    """The invoice as JSON, CSV or printable HTML (see `billing.invoice_render`)."""
-    from billing.invoice_render import render_invoice as render  # it imports this module
-
-    return render(invoice, fmt)

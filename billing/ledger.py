@@ -243,11 +243,6 @@ def entry_values(rec: UsageRecord) -> tuple[Any, ...]:
     )
 
 
-def entry_row(rec: UsageRecord) -> dict[str, Any]:
-    """A usage record as a `ledger_entries` row keyed by column name."""
-    return dict(zip(ENTRY_COLUMNS, entry_values(rec), strict=True))
-
-
 def _list_price(rec: UsageRecord, kind: str) -> int:
     value = getattr(rec, f"list_unit_price_{kind}_nanos", None)
     return int(value) if value is not None else int(getattr(rec, f"unit_price_{kind}_nanos"))

@@ -21,7 +21,8 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from billing.invoice import Invoice, TenantBilling, finalize_invoice, month_buckets, render_invoice
+from billing.invoice import Invoice, TenantBilling, finalize_invoice, month_buckets
+from billing.invoice_render import render_invoice
 from billing.ledger import ROLLUPS, Ledger
 from billing.reconcile import ReconciliationReport, reconcile
 from economics.charts import margin_chart

@@ -24,7 +24,8 @@ from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 
 from billing.idempotency import IdempotencyConflict
-from billing.invoice import TenantBilling, build_invoice, finalize_invoice, render_invoice
+from billing.invoice import TenantBilling, build_invoice, finalize_invoice
+from billing.invoice_render import render_invoice
 from billing.money import format_amount, to_nanos
 from billing.quota import MAX_BALANCE_NANOS, Limits, QuotaUnavailable
 from billing.reconcile import reconcile

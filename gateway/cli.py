@@ -407,7 +407,8 @@ def _invoice(args: argparse.Namespace) -> int:
 
 
 async def _invoice_async(args: argparse.Namespace) -> int:
-    from billing.invoice import build_invoice, finalize_invoice, render_invoice
+    from billing.invoice import build_invoice, finalize_invoice
+    from billing.invoice_render import render_invoice
     from billing.ledger import Ledger
     from gateway.admin import tenant_billing
     from gateway.app import build_directory

@@ -39,8 +39,8 @@ from billing.invoice import (
     month_of,
     next_month,
     parse_month,
-    render_invoice,
 )
+from billing.invoice_render import render_invoice
 from billing.ledger import ROLLUPS
 from billing.money import format_amount, to_nanos
 from billing.quota import QuotaUnavailable, Scope
