@@ -1,9 +1,9 @@
 """Tenants and API keys created through the admin API, kept in the ledger's database.
 
-`KeyStore` reads and writes the `tenants` and `api_keys` tables (Alembic revision
-`0003_tenants_and_keys`) over the ledger's async engine, SQLite or PostgreSQL; every change
-also bumps one version counter in the same transaction. A key is stored as its `sha256:`
-hash and display prefix, never the secret.
+`KeyStore` reads and writes the `tenants` and `api_keys` tables (`billing.store.schema`,
+Alembic revision `0003_tenants_and_keys`) over the ledger's async engine, SQLite or
+PostgreSQL; every change also bumps one version counter in the same transaction. A key is
+stored as its `sha256:` hash and display prefix, never the secret.
 
 `DirectorySync` keeps a `Directory` in step with the store: it loads the stored tenants and
 keys at start, then polls the version every `interval` seconds and reloads when it moved,
@@ -23,27 +23,16 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Boolean,
-    Column,
-    DateTime,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    insert,
-    select,
-    update,
-)
+from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
 
-from billing.ledger import naive_utc
 from billing.quota import Limits
+from billing.store.engine import aware_utc, naive_utc
+from billing.store.schema import API_KEYS, TENANTS
+from billing.store.schema import KEYSTORE_VERSION as VERSION
 from gateway.auth import ApiKey, Directory, Tenant, mint_key
 from gateway.errors import ApiError
 
@@ -51,43 +40,6 @@ log = logging.getLogger(__name__)
 
 #: How often each gateway process looks for tenants and keys changed elsewhere, in seconds.
 REFRESH_SECONDS = 2.0
-
-_metadata = MetaData()
-TENANTS = Table(
-    "tenants",
-    _metadata,
-    Column("id", String(64), primary_key=True),
-    Column("name", String(200), nullable=False),
-    Column("timezone", String(64), nullable=False),
-    Column("currency", String(3), nullable=False),
-    Column("plan", String(128), nullable=True),
-    Column("limits", JSON(), nullable=False),
-    Column("model_limits", JSON(), nullable=False),
-    Column("prepaid", Boolean(), nullable=False),
-    Column("initial_balance", String(64), nullable=True),
-    Column("tax_rate", String(32), nullable=False),
-    Column("created_at", DateTime(timezone=False), nullable=False),
-)
-API_KEYS = Table(
-    "api_keys",
-    _metadata,
-    Column("id", String(128), primary_key=True),
-    Column("tenant_id", String(64), nullable=False),
-    Column("hash", String(80), nullable=False, unique=True),
-    Column("prefix", String(16), nullable=False),
-    Column("name", String(200), nullable=False),
-    Column("models", JSON(), nullable=True),
-    Column("expires_at", DateTime(timezone=False), nullable=True),
-    Column("revoked", Boolean(), nullable=False),
-    Column("limits", JSON(), nullable=True),
-    Column("created_at", DateTime(timezone=False), nullable=False),
-)
-VERSION = Table(
-    "keystore_version",
-    _metadata,
-    Column("id", Integer(), primary_key=True, autoincrement=False),
-    Column("version", BigInteger(), nullable=False),
-)
 
 
 class Conflict(ApiError):
@@ -209,7 +161,7 @@ class DirectorySync:
                 if tenant_id not in self.directory.tenants:
                     return None
             if isinstance(fields.get("expires_at"), datetime):
-                fields["expires_at"] = _aware(fields["expires_at"])  # naive input is UTC
+                fields["expires_at"] = aware_utc(fields["expires_at"])  # naive input is UTC
             key, secret = mint_key(tenant_id, **fields)
             await self.store.save_key(key)
             self.directory.add_key(key, stored=True)
@@ -336,15 +288,8 @@ def _key_of(row: Row[Any]) -> ApiKey:
         prefix=m["prefix"],
         name=m["name"],
         models=frozenset(m["models"]) if m["models"] is not None else None,
-        expires_at=_aware(m["expires_at"]),
+        expires_at=aware_utc(m["expires_at"]),
         revoked=bool(m["revoked"]),
         limits=Limits(**m["limits"]) if m["limits"] is not None else None,
-        created_at=_aware(m["created_at"]),
+        created_at=aware_utc(m["created_at"]),
     )
-
-
-def _aware(moment: datetime | None) -> datetime | None:
-    """A stored (naive UTC) time as an aware UTC datetime."""
-    if moment is None:
-        return None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

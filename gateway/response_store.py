@@ -4,7 +4,8 @@ A response made with `store: true` (the API's default) is saved with the convers
 closes, as Chat Completions messages, so that a later request naming it in
 `previous_response_id` continues that conversation. Every read and delete is by id *and*
 tenant: another tenant's response is absent, exactly like one that never existed. Rows past
-their `expires_at` are never returned and are pruned now and then.
+their `expires_at` are never returned and are pruned now and then. The table is
+`stored_responses` (`billing.store.schema`, Alembic revision `0004_apis_stored_responses`).
 """
 
 from __future__ import annotations
@@ -16,22 +17,12 @@ from typing import Any
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, delete, insert, select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing.ledger import naive_utc
+from billing.store.engine import naive_utc
+from billing.store.schema import STORED_RESPONSES
 
-_metadata = MetaData()
-STORED_RESPONSES = Table(
-    "stored_responses",
-    _metadata,
-    Column("id", String(80), primary_key=True),
-    Column("tenant_id", String(64), nullable=False),
-    Column("created_at", DateTime(timezone=False), nullable=False),
-    Column("expires_at", DateTime(timezone=False), nullable=False),
-    Column("response", Text(), nullable=False),
-    Column("messages", Text(), nullable=False),
-)
 _PRUNE_EVERY_S = 300.0
 
 

@@ -1,15 +1,15 @@
 """Console users and server-side sessions, stored in the ledger's database.
 
 Passwords are hashed with argon2id (`argon2-cffi`); a session is a random cookie value
-stored only as its sha256, with its own CSRF token. Tables: Alembic revision
-`0005_console_users`.
+stored only as its sha256 (as API keys are), with its own CSRF token. Tables:
+`console_users` and `console_sessions` (`billing.store.schema`, Alembic revision
+`0005_console_users`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import re
 import secrets
 from dataclasses import dataclass
@@ -17,33 +17,19 @@ from datetime import UTC, datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Column, DateTime, MetaData, String, Table, delete, insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from billing.store.engine import naive_utc
+from billing.store.schema import CONSOLE_SESSIONS as SESSIONS
+from billing.store.schema import CONSOLE_USERS as USERS
+from gateway.auth import secret_digest
 
 TENANT_ROLES = ("owner", "member", "finance")
 OPERATOR_ROLES = ("admin", "finance")
 USERNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 MIN_PASSWORD = 8
-
-_metadata = MetaData()
-USERS = Table(
-    "console_users",
-    _metadata,
-    Column("username", String(64), primary_key=True),
-    Column("password_hash", String(200), nullable=False),
-    Column("tenant_id", String(64), nullable=True),
-    Column("role", String(16), nullable=False),
-    Column("created_at", DateTime(timezone=False), nullable=False),
-)
-SESSIONS = Table(
-    "console_sessions",
-    _metadata,
-    Column("id_hash", String(64), primary_key=True),
-    Column("username", String(64), nullable=False),
-    Column("csrf", String(64), nullable=False),
-    Column("expires_at", DateTime(timezone=False), nullable=False),
-)
 
 _hasher = PasswordHasher()
 
@@ -95,14 +81,6 @@ def generate_password() -> str:
     return secrets.token_urlsafe(12)
 
 
-def _session_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _naive(moment: datetime) -> datetime:
-    return moment.astimezone(UTC).replace(tzinfo=None)
-
-
 class UserStore:
     """Users and sessions over an async SQLAlchemy engine (the ledger's)."""
 
@@ -120,7 +98,7 @@ class UserStore:
             "password_hash": hashed,
             "tenant_id": tenant_id,
             "role": role,
-            "created_at": _naive(datetime.now(UTC)),
+            "created_at": naive_utc(datetime.now(UTC)),
         }
         async with self.engine.begin() as connection:
             if replace:
@@ -163,14 +141,14 @@ class UserStore:
         token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         now = datetime.now(UTC)
         async with self.engine.begin() as connection:
-            await connection.execute(delete(SESSIONS).where(SESSIONS.c.expires_at < _naive(now)))
+            await connection.execute(delete(SESSIONS).where(SESSIONS.c.expires_at < naive_utc(now)))
             await connection.execute(
                 insert(SESSIONS),
                 {
-                    "id_hash": _session_hash(token),
+                    "id_hash": secret_digest(token),
                     "username": user.username,
                     "csrf": csrf,
-                    "expires_at": _naive(now + ttl),
+                    "expires_at": naive_utc(now + ttl),
                 },
             )
         return token, csrf
@@ -183,8 +161,8 @@ class UserStore:
             select(USERS.c.username, USERS.c.tenant_id, USERS.c.role, SESSIONS.c.csrf)
             .select_from(SESSIONS.join(USERS, USERS.c.username == SESSIONS.c.username))
             .where(
-                SESSIONS.c.id_hash == _session_hash(token),
-                SESSIONS.c.expires_at > _naive(datetime.now(UTC)),
+                SESSIONS.c.id_hash == secret_digest(token),
+                SESSIONS.c.expires_at > naive_utc(datetime.now(UTC)),
             )
         )
         async with self.engine.connect() as connection:
@@ -196,7 +174,7 @@ class UserStore:
     async def close_session(self, token: str) -> None:
         async with self.engine.begin() as connection:
             await connection.execute(
-                delete(SESSIONS).where(SESSIONS.c.id_hash == _session_hash(token))
+                delete(SESSIONS).where(SESSIONS.c.id_hash == secret_digest(token))
             )
 
     async def set_password(self, username: str, password: str) -> None:
