@@ -1,9 +1,9 @@
 """Tenants and API keys created through the admin API, kept in the ledger's database.
 
-`KeyStore` reads and writes the `tenants` and `api_keys` tables (`billing.store.schema`,
-Alembic revision `0003_tenants_and_keys`) over the ledger's async engine, SQLite or
-PostgreSQL; every change also bumps one version counter in the same transaction. A key is
-stored as its `sha256:` hash and display prefix, never the secret.
+`KeyStore` keeps tenants and keys in the `tenants` and `api_keys` tables through
+`billing.store.keys`, over the ledger's async engine, SQLite or PostgreSQL; every change
+also bumps one version counter in the same transaction. A key is stored as its `sha256:`
+hash and display prefix, never the secret.
 
 `DirectorySync` keeps a `Directory` in step with the store: it loads the stored tenants and
 keys at start, then polls the version every `interval` seconds and reloads when it moved,
@@ -18,21 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import insert, select, update
-from sqlalchemy.engine import Row
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.sql import Executable
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing.quota import Limits
+from billing.store import keys
 from billing.store.engine import aware_utc, naive_utc
-from billing.store.schema import API_KEYS, TENANTS
-from billing.store.schema import KEYSTORE_VERSION as VERSION
 from gateway.auth import ApiKey, Directory, Tenant, mint_key
 from gateway.errors import ApiError
 
@@ -57,48 +52,26 @@ class KeyStore:
 
     async def version(self) -> int:
         """A number that grows with every stored change (one indexed row read)."""
-        async with self.engine.connect() as connection:
-            result = await connection.execute(select(VERSION.c.version).where(VERSION.c.id == 1))
-            return int(result.scalar_one())
+        return await keys.version(self.engine)
 
     async def load(self) -> tuple[list[Tenant], list[ApiKey]]:
         """Every stored tenant and key, oldest first; unreadable rows are skipped."""
-        async with self.engine.connect() as connection:
-            tenant_rows = await connection.execute(
-                select(TENANTS).order_by(TENANTS.c.created_at, TENANTS.c.id)
-            )
-            key_rows = await connection.execute(
-                select(API_KEYS).order_by(API_KEYS.c.created_at, API_KEYS.c.id)
-            )
-            return _converted(tenant_rows, _tenant_of), _converted(key_rows, _key_of)
+        tenant_rows, key_rows = await keys.load(self.engine)
+        return _converted(tenant_rows, _tenant_of), _converted(key_rows, _key_of)
 
     async def save_tenant(self, tenant: Tenant) -> None:
         """Store a new tenant; `Conflict` when its id is taken."""
-        statement = insert(TENANTS).values(**_tenant_row(tenant))
-        await self._change(statement, Conflict(f"Tenant {tenant.id!r} exists.", "tenant_exists"))
+        if not await keys.insert_tenant(self.engine, _tenant_row(tenant)):
+            raise Conflict(f"Tenant {tenant.id!r} exists.", "tenant_exists")
 
     async def save_key(self, key: ApiKey) -> None:
         """Store a new key (its hash, never the secret); `Conflict` when id or hash is taken."""
-        statement = insert(API_KEYS).values(**_key_row(key))
-        await self._change(statement, Conflict(f"Key {key.id!r} exists.", "key_exists"))
+        if not await keys.insert_key(self.engine, _key_row(key)):
+            raise Conflict(f"Key {key.id!r} exists.", "key_exists")
 
     async def revoke(self, key_id: str) -> bool:
         """Mark a stored key revoked; False when no key has this id."""
-        async with self.engine.begin() as connection:
-            statement = update(API_KEYS).where(API_KEYS.c.id == key_id).values(revoked=True)
-            result = await connection.execute(statement)
-            if result.rowcount == 0:
-                return False
-            await _bump(connection)
-        return True
-
-    async def _change(self, statement: Executable, conflict: Conflict) -> None:
-        async with self.engine.begin() as connection:
-            try:
-                await connection.execute(statement)
-            except IntegrityError:
-                raise conflict from None
-            await _bump(connection)
+        return await keys.revoke_key(self.engine, key_id)
 
 
 class DirectorySync:
@@ -212,19 +185,15 @@ class DirectorySync:
                 failing = False
 
 
-async def _bump(connection: AsyncConnection) -> None:
-    await connection.execute(
-        update(VERSION).where(VERSION.c.id == 1).values(version=VERSION.c.version + 1)
-    )
-
-
-def _converted(rows: Iterable[Row[Any]], convert: Callable[[Row[Any]], Any]) -> list[Any]:
+def _converted(
+    rows: Iterable[Mapping[str, Any]], convert: Callable[[Mapping[str, Any]], Any]
+) -> list[Any]:
     found = []
     for row in rows:
         try:
             found.append(convert(row))
         except (ValueError, TypeError, ArithmeticError) as exc:
-            log.warning("skipping unreadable stored row %r: %s", row[0], exc)
+            log.warning("skipping unreadable stored row %r: %s", row.get("id"), exc)
     return found
 
 
@@ -246,8 +215,7 @@ def _tenant_row(tenant: Tenant) -> dict[str, Any]:
     }
 
 
-def _tenant_of(row: Row[Any]) -> Tenant:
-    m = row._mapping
+def _tenant_of(m: Mapping[str, Any]) -> Tenant:
     return Tenant(
         id=m["id"],
         name=m["name"],
@@ -279,8 +247,7 @@ def _key_row(key: ApiKey) -> dict[str, Any]:
     }
 
 
-def _key_of(row: Row[Any]) -> ApiKey:
-    m = row._mapping
+def _key_of(m: Mapping[str, Any]) -> ApiKey:
     return ApiKey(
         id=m["id"],
         tenant_id=m["tenant_id"],
