@@ -14,7 +14,7 @@ months (`economics.projection`); `capacity` says what a saturated deployment doe
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +28,7 @@ from gateway.config import (
     parse_settings,
     read_yaml_mapping,
 )
+from providers.lengths import Distribution
 
 __all__ = [
     "DIURNAL_SHAPES",
@@ -72,7 +73,7 @@ class LengthDistribution(_Strict):
     """A token count per request: lognormal or normal (`mean`, `sd`), fixed (`mean`), or
     uniform: over [`min`, `max`], or over `mean` +- sqrt(3) x `sd` when `mean` is given."""
 
-    distribution: Literal["lognormal", "normal", "uniform", "fixed"] = "lognormal"
+    distribution: Distribution = "lognormal"
     mean: float | None = Field(default=None, gt=0)
     sd: float = Field(default=0, ge=0)
     min: int = Field(default=1, ge=1)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from providers.lengths import draw_length
+from providers.lengths import Distribution, draw_length
 
 Endpoint = Literal["chat", "completions", "embeddings"]
 
@@ -50,7 +50,7 @@ class Strict(BaseModel):
 class Length(Strict):
     """A length distribution in tokens: lognormal, normal, uniform or fixed, clamped."""
 
-    distribution: Literal["lognormal", "normal", "uniform", "fixed"] = "lognormal"
+    distribution: Distribution = "lognormal"
     mean: float = Field(default=100, gt=0)
     sd: float = Field(default=50, ge=0)
     min: int = Field(default=1, ge=1)
