@@ -22,7 +22,8 @@ from billing.store.schema import ENTRIES, ROLLUP_SUMS, ROLLUPS
 
 @dataclass(frozen=True, slots=True)
 class Sums:
-    """Sums of some requests: counts, tokens by kind, what they cost (nano-units)."""
+    """Sums of some requests: counts, tokens by kind, what they cost and what they cost to
+    serve (nano-units). Sums add up with `+`."""
 
     requests: int = 0
     error_requests: int = 0
@@ -42,6 +43,21 @@ class Sums:
     def tokens(self) -> int:
         """Input (cached or not) and output tokens."""
         return self.uncached_input + self.cached_input + self.output
+
+    @property
+    def margin_nanos(self) -> int:
+        """What the requests cost their tenants minus what they cost to serve."""
+        return self.cost_nanos - self.compute_cost_nanos
+
+    @property
+    def margin_percent(self) -> float | None:
+        """The margin as a share of what they cost; None when they cost nothing."""
+        if not self.cost_nanos:
+            return None
+        return 100.0 * self.margin_nanos / self.cost_nanos
+
+    def __add__(self, other: Sums) -> Sums:
+        return Sums(*(getattr(self, name) + getattr(other, name) for name in ROLLUP_SUMS))
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from billing.invoice import month_buckets, month_of
@@ -19,40 +20,8 @@ from billing.store.usage import Sums, busiest_bucket, entries, recent, rollup_su
 NO_MODEL = "(no model)"
 
 
-@dataclass(slots=True)
-class Totals:
-    """Sums of some usage: requests, tokens by kind, what it cost and what it cost to serve."""
-
-    requests: int = 0
-    errors: int = 0
-    uncached_input: int = 0
-    cached_input: int = 0
-    output: int = 0
-    cost_nanos: int = 0
-    compute_cost_nanos: int = 0
-
-    @property
-    def tokens(self) -> int:
-        return self.uncached_input + self.cached_input + self.output
-
-    @property
-    def margin_nanos(self) -> int:
-        return self.cost_nanos - self.compute_cost_nanos
-
-    @property
-    def margin_percent(self) -> float | None:
-        if not self.cost_nanos:
-            return None
-        return 100.0 * self.margin_nanos / self.cost_nanos
-
-    def add(self, sums: Sums) -> None:
-        self.requests += sums.requests
-        self.errors += sums.error_requests
-        self.uncached_input += sums.uncached_input
-        self.cached_input += sums.cached_input
-        self.output += sums.output
-        self.cost_nanos += sums.cost_nanos
-        self.compute_cost_nanos += sums.compute_cost_nanos
+def _add(totals: dict[Any, Sums], key: Any, sums: Sums) -> None:
+    totals[key] = totals[key] + sums if key in totals else sums
 
 
 @dataclass(slots=True)
@@ -60,9 +29,9 @@ class MonthUsage:
     """One tenant's month: totals, by local day and by model."""
 
     month: str
-    total: Totals = field(default_factory=Totals)
-    by_day: dict[date, Totals] = field(default_factory=dict)
-    by_model: dict[str, Totals] = field(default_factory=dict)
+    total: Sums = field(default_factory=Sums)
+    by_day: dict[date, Sums] = field(default_factory=dict)
+    by_model: dict[str, Sums] = field(default_factory=dict)
 
 
 def current_month(timezone: str, now: datetime | None = None) -> str:
@@ -90,9 +59,9 @@ async def tenant_month(ledger: Ledger, tenant_id: str, timezone: str, month: str
     usage = MonthUsage(month)
     for group in groups:
         day, model = group.key
-        usage.total.add(group.sums)
-        usage.by_day.setdefault(days[day], Totals()).add(group.sums)
-        usage.by_model.setdefault(model or NO_MODEL, Totals()).add(group.sums)
+        usage.total += group.sums
+        _add(usage.by_day, days[day], group.sums)
+        _add(usage.by_model, model or NO_MODEL, group.sums)
     return usage
 
 
@@ -108,10 +77,10 @@ async def busiest_quarter(
 class MonthBreakdown:
     """Every tenant's month: by tenant, by model, and by (tenant, model)."""
 
-    by_tenant: dict[str, Totals] = field(default_factory=dict)
-    by_model: dict[str, Totals] = field(default_factory=dict)
-    by_pair: dict[tuple[str, str], Totals] = field(default_factory=dict)
-    total: Totals = field(default_factory=Totals)
+    by_tenant: dict[str, Sums] = field(default_factory=dict)
+    by_model: dict[str, Sums] = field(default_factory=dict)
+    by_pair: dict[tuple[str, str], Sums] = field(default_factory=dict)
+    total: Sums = field(default_factory=Sums)
 
 
 async def month_breakdown(ledger: Ledger, tenants: dict[str, str], month: str) -> MonthBreakdown:
@@ -123,13 +92,13 @@ async def month_breakdown(ledger: Ledger, tenants: dict[str, str], month: str) -
         groups = await rollup_sums(
             ledger.engine, by=("model",), first=first, end=end, tenant_id=tenant_id
         )
-        breakdown.by_tenant[tenant_id] = Totals()
+        breakdown.by_tenant[tenant_id] = Sums()
         for group in groups:
             model = group.key[0] or NO_MODEL
-            breakdown.by_tenant[tenant_id].add(group.sums)
-            breakdown.by_model.setdefault(model, Totals()).add(group.sums)
-            breakdown.by_pair.setdefault((tenant_id, model), Totals()).add(group.sums)
-            breakdown.total.add(group.sums)
+            _add(breakdown.by_tenant, tenant_id, group.sums)
+            _add(breakdown.by_model, model, group.sums)
+            _add(breakdown.by_pair, (tenant_id, model), group.sums)
+            breakdown.total += group.sums
     return breakdown
 
 

@@ -43,7 +43,7 @@ from billing.money import format_amount, to_nanos
 from billing.quota import QuotaUnavailable, Scope
 from billing.reconcile import reconcile
 from billing.store.invoices import invoice_numbers
-from billing.store.usage import first_bucket, rollup_sums
+from billing.store.usage import Sums, first_bucket, rollup_sums
 from gateway.auth import Tenant
 from gateway.console import charts, data
 from gateway.console.render import invoice_html, invoice_pdf, invoice_view, render
@@ -335,10 +335,8 @@ def console_router(console: Console) -> Router:
         days = data.month_days(month)
         limits = _limit_rows(tenant, remaining, peak)
         models = sorted(usage.by_model.items(), key=lambda kv: -kv[1].cost_nanos)
-        day_tokens = [(d.strftime("%d"), usage.by_day.get(d, data.Totals()).tokens) for d in days]
-        day_cost = [
-            (d.strftime("%d"), usage.by_day.get(d, data.Totals()).cost_nanos / 1e9) for d in days
-        ]
+        day_tokens = [(d.strftime("%d"), usage.by_day.get(d, Sums()).tokens) for d in days]
+        day_cost = [(d.strftime("%d"), usage.by_day.get(d, Sums()).cost_nanos / 1e9) for d in days]
         return console.page(
             "overview.html",
             session,
