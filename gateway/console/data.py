@@ -154,21 +154,8 @@ USAGE_CSV_COLUMNS = (
     "cost_nanos",
     "cost",
 )
-_CSV_ENTRY_COLUMNS = (
-    "request_id",
-    "started_at",
-    "key_id",
-    "model",
-    "endpoint",
-    "status_code",
-    "uncached_input",
-    "cached_input",
-    "output",
-    "reasoning",
-    "currency",
-    "price_version",
-    "cost_nanos",
-)
+#: The ledger columns behind them (all but `cost`, which is `cost_nanos` as a decimal).
+_CSV_ENTRY_COLUMNS = tuple(name.removesuffix("_tokens") for name in USAGE_CSV_COLUMNS[:-1])
 
 
 async def usage_csv(
