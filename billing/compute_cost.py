@@ -173,14 +173,6 @@ class LatencyModel:
     def input_slot_ms(self) -> Decimal:
         return Decimal(str(self.prefill_ms_per_token))
 
-    def tokens_per_hour_at_capacity(self) -> tuple[Decimal, Decimal]:
-        """(input, output) tokens per hour with every slot busy on that kind of token."""
-
-        def rate(slot_ms: Decimal) -> Decimal:
-            return _MS_PER_HOUR * self.capacity / slot_ms if slot_ms else Decimal(0)
-
-        return rate(self.input_slot_ms), rate(self.output_slot_ms)
-
 
 @dataclass(frozen=True, slots=True)
 class CostRate:

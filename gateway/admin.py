@@ -30,7 +30,8 @@ from litestar.handlers import BaseRouteHandler
 from litestar.params import FromPath
 
 from billing.idempotency import IdempotencyConflict
-from billing.invoice import TenantBilling, build_invoice, finalize_invoice, render_invoice
+from billing.invoice import TenantBilling, build_invoice, finalize_invoice
+from billing.invoice_render import render_invoice
 from billing.ledger import Ledger
 from billing.money import format_amount, to_nanos
 from billing.quota import MAX_BALANCE_NANOS, Limits, QuotaStore, QuotaUnavailable
