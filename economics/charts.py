@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from economics.report import MarginReport
 
 if TYPE_CHECKING:
-    from economics.projection import Trajectory
+    from economics.trajectory import Trajectory
 
 __all__ = ["comparison_chart", "margin_chart", "trajectory_chart"]
 
