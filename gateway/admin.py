@@ -154,7 +154,7 @@ class TenantsController(Controller):
 
     @get("/")
     async def list_tenants(self, directory: NamedDependency[Directory]) -> Response[Any]:
-        return _json({"data": [_tenant_json(t) for t in directory.tenants.values()]})
+        return json_response({"data": [t.public() for t in directory.tenants.values()]})
 
     @post("/", status_code=201)
     async def create_tenant(
@@ -166,7 +166,7 @@ class TenantsController(Controller):
         quotas: NamedDependency[QuotaStore],
     ) -> Response[Any]:
         async def create() -> Response[Any]:
-            new = await _body_of(request, NewTenant)
+            new = await decode_body(request, NewTenant)
             tenant, balance_nanos = _new_tenant(new, settings, directory)
             if balance_nanos is not None:
                 with _quota_errors():  # a 503 now stores nothing, so the call can be repeated
@@ -174,7 +174,7 @@ class TenantsController(Controller):
             await directory_sync.create_tenant(tenant)  # stored first; 409 when taken
             if balance_nanos is not None:  # kept by the store if it has just become unreachable
                 await quotas.set_balance(tenant.id, balance_nanos)
-            return _json(_tenant_json(tenant), 201)
+            return json_response(tenant.public(), 201)
 
         return await once(request, quotas, create)
 
@@ -194,7 +194,7 @@ class KeysController(Controller):
         quotas: NamedDependency[QuotaStore],
     ) -> Response[Any]:
         async def create() -> Response[Any]:
-            new = await _body_of(request, NewKey)
+            new = await decode_body(request, NewKey)
             served = {m.name for m in settings.models}
             for model in new.models or ():
                 if model not in served:
@@ -214,7 +214,7 @@ class KeysController(Controller):
             if created is None:
                 raise ApiError(404, f"No tenant {tenant_id!r}.", code="tenant_not_found")
             key, secret = created
-            return _json({**key.public(), "key": secret}, 201)
+            return json_response({**key.public(), "key": secret}, 201)
 
         # a replay never shows the secret again
         return await once(request, quotas, create, secret_fields=("key",))
@@ -224,7 +224,7 @@ class KeysController(Controller):
         self, tenant_id: FromPath[str], directory: NamedDependency[Directory]
     ) -> Response[Any]:
         _tenant_or_404(directory, tenant_id)
-        return _json({"data": [k.public() for k in directory.keys_of(tenant_id)]})
+        return json_response({"data": [k.public() for k in directory.keys_of(tenant_id)]})
 
     @post("/keys/{key_id:str}/revoke", status_code=200)
     async def revoke_key(
@@ -238,7 +238,7 @@ class KeysController(Controller):
             revoked = await directory_sync.revoke(key_id)  # stored first; 409 for a file key
             if revoked is None:
                 raise ApiError(404, f"No key {key_id!r}.", code="key_not_found")
-            return _json(revoked.public())
+            return json_response(revoked.public())
 
         return await once(request, quotas, revoke)
 
@@ -259,7 +259,7 @@ class BalancesController(Controller):
         tenant = _tenant_or_404(directory, tenant_id)
         if not tenant.prepaid:
             raise invalid_request(f"Tenant {tenant_id!r} is not prepaid.")
-        amount = (await _body_of(request, TopUp)).amount
+        amount = (await decode_body(request, TopUp)).amount
         try:
             nanos = to_nanos(Decimal(amount))
         except (ValueError, ArithmeticError):  # not a number, finer than 1e-9, infinite
@@ -281,7 +281,7 @@ class BalancesController(Controller):
                 raise invalid_request(f"Invalid top-up: {exc}.", param="amount") from None
             except IdempotencyConflict as exc:
                 raise conflict(exc) from None
-        response = _json({"tenant": tenant_id, "balance": format_amount(balance)})
+        response = json_response({"tenant": tenant_id, "balance": format_amount(balance)})
         if again:
             response.headers[REPLAYED] = "true"
         return response
@@ -297,7 +297,7 @@ class BalancesController(Controller):
         with _quota_errors():
             nanos = await quotas.balance(tenant_id)
         value = format_amount(nanos) if nanos is not None else None
-        return _json({"tenant": tenant_id, "balance": value})
+        return json_response({"tenant": tenant_id, "balance": value})
 
 
 class UsageController(Controller):
@@ -315,7 +315,7 @@ class UsageController(Controller):
         tenant = request.query_params.get("tenant")
         zone = _tenant_or_404(directory, tenant).timezone if tenant else "UTC"
         start, end = _dates(request)
-        return _json(await _usage(ledger, tenant, start, end, zone))
+        return json_response(await _usage(ledger, tenant, start, end, zone))
 
 
 class TenantUsageController(Controller):
@@ -332,7 +332,7 @@ class TenantUsageController(Controller):
     ) -> Response[Any]:
         _, tenant = directory.authenticate(request.headers.get("authorization"), datetime.now(UTC))
         start, end = _dates(request)
-        return _json(await _usage(ledger, tenant.id, start, end, tenant.timezone))
+        return json_response(await _usage(ledger, tenant.id, start, end, tenant.timezone))
 
 
 class InvoicesController(Controller):
@@ -390,7 +390,7 @@ class InvoicesController(Controller):
         await ledger.flush()
         tenants = [tenant_billing(t) for t in directory.tenants.values()]
         report = await reconcile(ledger, tenants, month)
-        return _json(report.to_dict())
+        return json_response(report.to_dict())
 
 
 class DeploymentsController(Controller):
@@ -400,7 +400,7 @@ class DeploymentsController(Controller):
 
     @get("/")
     async def deployments(self, deployments: NamedDependency[DeploymentRouter]) -> Response[Any]:
-        return _json({"data": deployments.health()})
+        return json_response({"data": deployments.health()})
 
 
 def _new_tenant(
@@ -445,7 +445,8 @@ def _tenant_or_404(directory: Directory, tenant_id: str) -> Tenant:
     return tenant
 
 
-async def _body_of(request: Request[Any, Any, Any], kind: type[Any]) -> Any:
+async def decode_body(request: Request[Any, Any, Any], kind: type[Any]) -> Any:
+    """The JSON body as `kind`; an OpenAI-shaped 400 when it is not JSON or not `kind`."""
     try:
         return msgspec.json.decode(await request.body(), type=kind)
     except msgspec.ValidationError as exc:
@@ -501,17 +502,6 @@ def _quota_errors(
         raise service_unavailable(message) from None
 
 
-def _tenant_json(tenant: Tenant) -> dict[str, Any]:
-    return {
-        "id": tenant.id,
-        "name": tenant.name,
-        "timezone": tenant.timezone,
-        "currency": tenant.currency,
-        "plan": tenant.plan,
-        "prepaid": tenant.prepaid,
-        "limits": tenant.limits.model_dump(),
-    }
-
-
-def _json(body: Any, status: int = 200) -> Response[Any]:
+def json_response(body: Any, status: int = 200) -> Response[Any]:
+    """`body` encoded as a JSON response."""
     return Response(_encode(body), status_code=status, media_type="application/json")

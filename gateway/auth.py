@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from billing.quota import Limits
 from gateway.errors import ApiError, invalid_api_key, missing_api_key
@@ -70,6 +71,19 @@ class Tenant:
     prepaid: bool = False
     initial_balance: Decimal | None = None
     tax_rate: Decimal = Decimal(0)
+
+    def public(self) -> dict[str, Any]:
+        """The tenant as the admin API shows it (JSON-ready); the key store's row adds the
+        rest (per-model limits, initial balance, tax rate)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "timezone": self.timezone,
+            "currency": self.currency,
+            "plan": self.plan,
+            "prepaid": self.prepaid,
+            "limits": self.limits.model_dump(),
+        }
 
 
 @dataclass(slots=True)

@@ -199,14 +199,8 @@ def _converted(
 
 def _tenant_row(tenant: Tenant) -> dict[str, Any]:
     return {
-        "id": tenant.id,
-        "name": tenant.name,
-        "timezone": tenant.timezone,
-        "currency": tenant.currency,
-        "plan": tenant.plan,
-        "limits": tenant.limits.model_dump(),
+        **tenant.public(),
         "model_limits": {m: limits.model_dump() for m, limits in tenant.model_limits.items()},
-        "prepaid": tenant.prepaid,
         "initial_balance": (
             str(tenant.initial_balance) if tenant.initial_balance is not None else None
         ),

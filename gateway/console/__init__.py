@@ -18,7 +18,7 @@ def console_routes(gw: Gateway) -> list[Any]:
     from gateway.console.routes import Console, console_router
 
     console = Console(gw)
-    routes: list[Any] = user_admin_routes(console)
+    routes: list[Any] = user_admin_routes(console, lambda: gw.state)
     if gw.settings.console.enabled:
         routes.append(console_router(console))
     return routes

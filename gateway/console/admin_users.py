@@ -1,17 +1,21 @@
-"""Admin API routes for console users: `/admin/console-users` (list, create, delete)."""
+"""Admin API routes for console users: `/admin/console-users` (list, create, delete),
+behind the admin API's guard (`gateway.admin.AdminGuard`)."""
 
 from __future__ import annotations
 
-import hmac
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, delete, get, post
-from litestar.handlers import HTTPRouteHandler
+from litestar import Controller, Request, Response, Router, delete, get, post
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath
 
+from gateway.admin import AdminGuard, decode_body, json_response
 from gateway.console.routes import Console
 from gateway.console.users import UserError, generate_password
-from gateway.errors import ApiError, invalid_request
+from gateway.errors import ApiError
+from gateway.state import AppState
 
 
 class NewUser(msgspec.Struct, forbid_unknown_fields=True):
@@ -21,43 +25,39 @@ class NewUser(msgspec.Struct, forbid_unknown_fields=True):
     password: str | None = None
 
 
-def _json(body: Any, status: int = 200) -> Response[Any]:
-    return Response(msgspec.json.encode(body), status_code=status, media_type="application/json")
-
-
-def user_admin_routes(console: Console) -> list[HTTPRouteHandler]:
+def user_admin_routes(console: Console, state: Callable[[], AppState]) -> list[Router]:
     """Create, list and delete console users with the admin key (like API keys)."""
-    gw = console.gw
 
-    def require_admin(request: Request[Any, Any, Any]) -> None:
-        if not gw.admin_key:
-            raise ApiError(
-                403,
-                "The admin API is disabled: set the admin key environment variable.",
-                type="permission_error",
-            )
-        scheme, _, secret = (request.headers.get("authorization") or "").partition(" ")
-        presented = secret.strip().encode() if scheme.lower() == "bearer" else b""
-        if not hmac.compare_digest(presented, gw.admin_key.encode()):
-            raise ApiError(401, "Invalid admin key.", code="invalid_api_key")
+    def the_console() -> Console:
+        return console
 
-    @get("/admin/console-users")
-    async def list_users(request: Request[Any, Any, Any]) -> Response[Any]:
-        require_admin(request)
+    return [
+        Router(
+            path="/",
+            route_handlers=[ConsoleUsersController],
+            guards=[AdminGuard(state)],
+            dependencies={"console": Provide(the_console, sync_to_thread=False)},
+        )
+    ]
+
+
+class ConsoleUsersController(Controller):
+    """`/admin/console-users`: list, create and delete console users."""
+
+    path = "/admin/console-users"
+
+    @get("/")
+    async def list_users(self, console: NamedDependency[Console]) -> Response[Any]:
         store = await console.store()
-        return _json({"data": [user.public() for user in await store.list()]})
+        return json_response({"data": [user.public() for user in await store.list()]})
 
-    @post("/admin/console-users", status_code=201)
-    async def create_user(request: Request[Any, Any, Any]) -> Response[Any]:
+    @post("/", status_code=201)
+    async def create_user(
+        self, request: Request[Any, Any, Any], console: NamedDependency[Console]
+    ) -> Response[Any]:
         """The password is generated when not given, and shown once in the answer."""
-        require_admin(request)
-        try:
-            new = msgspec.json.decode(await request.body(), type=NewUser)
-        except msgspec.ValidationError as exc:
-            raise invalid_request(str(exc)) from None
-        except msgspec.DecodeError:
-            raise invalid_request("The request body is not valid JSON.") from None
-        if new.tenant_id is not None and new.tenant_id not in gw.directory.tenants:
+        new = await decode_body(request, NewUser)
+        if new.tenant_id is not None and new.tenant_id not in console.gw.directory.tenants:
             raise ApiError(404, f"No tenant {new.tenant_id!r}.", code="tenant_not_found")
         password = new.password or generate_password()
         store = await console.store()
@@ -72,15 +72,13 @@ def user_admin_routes(console: Console) -> list[HTTPRouteHandler]:
         answer = user.public()
         if new.password is None:
             answer["password"] = password
-        return _json(answer, 201)
+        return json_response(answer, 201)
 
-    @delete("/admin/console-users/{username:str}", status_code=200)
-    async def delete_user(request: Request[Any, Any, Any]) -> Response[Any]:
-        require_admin(request)
-        username = request.path_params["username"]
+    @delete("/{username:str}", status_code=200)
+    async def delete_user(
+        self, username: FromPath[str], console: NamedDependency[Console]
+    ) -> Response[Any]:
         store = await console.store()
         if not await store.delete(username):
             raise ApiError(404, f"No console user {username!r}.", code="user_not_found")
-        return _json({"username": username, "deleted": True})
-
-    return [list_users, create_user, delete_user]
+        return json_response({"username": username, "deleted": True})
