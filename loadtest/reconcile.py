@@ -168,7 +168,7 @@ async def read_ledger(config: LedgerConfig) -> tuple[list[dict[str, Any]], list[
     ledger = await Ledger.open(config)
     try:
         entries = [
-            dict(row._mapping)
+            dict(zip(ENTRY_COLUMNS, row, strict=True))
             async for chunk in usage.entries(ledger.engine, ENTRY_COLUMNS)
             for row in chunk
         ]

@@ -2,20 +2,33 @@
 which changes them fails here (see the version ranges in pyproject.toml).
 
 - prometheus_client: `gateway.metrics` adds batched observations straight to a histogram
-  child's `_buckets` (non-cumulative, +Inf last) and `_sum`.
+  child's `_buckets` (non-cumulative, +Inf last) and `_sum`, and reads
+  `values.ValueClass._multiprocess` to tell whether the multiprocess mode was switched on
+  before prometheus_client was imported.
 - uvicorn: `gateway.http_limits` subclasses the httptools protocol and overrides its parser
   callbacks; `gateway.cli` subclasses the worker supervisor `Multiprocess`.
+
+`test_every_private_read_of_a_library_is_listed_here` keeps this list whole: a new
+underscored attribute read on a library's object fails it until it is pinned and checked here.
 """
 
 from __future__ import annotations
 
+import ast
 import inspect
+import os
+import subprocess
+import sys
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
 from gateway.http_limits import BoundedHttpToolsProtocol
+from tests.test_layering import DEFINED, MODULES, ROOT
+
+# The private names of libraries the packages read, each checked by a test in this module.
+CHECKED_PRIVATE_READS = {"_buckets", "_sum", "_multiprocess"}
 
 
 def test_histogram_children_keep_buckets_and_sum_as_value_objects() -> None:
@@ -74,3 +87,43 @@ def test_the_supervisor_has_the_hooks_the_cli_overrides() -> None:
         "config",
         "sockets",
     ]
+
+
+def test_the_value_class_says_whether_multiprocess_mode_is_on() -> None:
+    from prometheus_client import values
+
+    assert values.ValueClass._multiprocess is False  # this process: no multiprocess dir
+    probe = "from prometheus_client import values; print(values.ValueClass._multiprocess)"
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    assert run.stdout.strip() == "True"
+
+
+def _library_private_reads() -> set[str]:
+    """Underscored attributes the packages read that no project module defines (so a
+    library's), including `getattr(x, "_name", ...)`."""
+    ours = set().union(*DEFINED.values())
+    found = set()
+    for module in MODULES.values():
+        for node in ast.walk(module.tree):
+            name = None
+            if isinstance(node, ast.Attribute):
+                name = node.attr
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "hasattr", "setattr")
+                and len(node.args) > 1
+                and isinstance(node.args[1], ast.Constant)
+                and isinstance(node.args[1].value, str)
+            ):
+                name = node.args[1].value
+            if name and name.startswith("_") and not name.startswith("__") and name not in ours:
+                found.add(name)
+    return found
+
+
+def test_every_private_read_of_a_library_is_listed_here() -> None:
+    assert _library_private_reads() == CHECKED_PRIVATE_READS

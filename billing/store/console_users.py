@@ -58,14 +58,18 @@ async def users(engine: AsyncEngine) -> list[Mapping[str, Any]]:
     """Every user (username, tenant_id, role, ...), by username."""
     async with engine.connect() as connection:
         rows = await connection.execute(select(USERS).order_by(USERS.c.username))
-        return [dict(row._mapping) for row in rows]
+        return [dict(row) for row in rows.mappings()]
 
 
 async def find_user(engine: AsyncEngine, username: str) -> Mapping[str, Any] | None:
     """The user row of that name (with its password hash), or None."""
     async with engine.connect() as connection:
-        row = (await connection.execute(select(USERS).where(USERS.c.username == username))).first()
-    return None if row is None else dict(row._mapping)
+        row = (
+            (await connection.execute(select(USERS).where(USERS.c.username == username)))
+            .mappings()
+            .first()
+        )
+    return None if row is None else dict(row)
 
 
 async def delete_user(engine: AsyncEngine, username: str) -> bool:
@@ -116,8 +120,8 @@ async def find_session(
         .where(SESSIONS.c.id_hash == id_hash, SESSIONS.c.expires_at > naive_utc(now))
     )
     async with engine.connect() as connection:
-        row = (await connection.execute(query)).first()
-    return None if row is None else dict(row._mapping)
+        row = (await connection.execute(query)).mappings().first()
+    return None if row is None else dict(row)
 
 
 async def delete_session(engine: AsyncEngine, id_hash: str) -> None:

@@ -38,7 +38,7 @@ async def load(engine: AsyncEngine) -> tuple[Rows, Rows]:
         keys = await connection.execute(
             select(API_KEYS).order_by(API_KEYS.c.created_at, API_KEYS.c.id)
         )
-        return [dict(row._mapping) for row in tenants], [dict(row._mapping) for row in keys]
+        return [dict(row) for row in tenants.mappings()], [dict(row) for row in keys.mappings()]
 
 
 async def insert_tenant(engine: AsyncEngine, row: Mapping[str, Any]) -> bool:
