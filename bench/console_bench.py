@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="console-bench-") as tmp:
         db = Path(tmp) / "ledger.db"
         settings = settings_for(db)
-        asyncio.run(_migrate(settings))
+        asyncio.run(migrate(settings))
         now = datetime.now(UTC)
         seconds = fill(db, args.rows, now)
         with sqlite3.connect(db) as connection:
@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _migrate(settings: Settings) -> None:
+async def migrate(settings: Settings) -> None:
+    """Bring the ledger database of `settings` to the newest schema."""
     from billing.ledger import Ledger
 
     ledger = await Ledger.open(settings.ledger)

@@ -65,6 +65,22 @@ def _axis(x0: float, y0: float, width: float, height: float, top: float, label: 
     return parts
 
 
+def _cost_legend(x0: float, y: float) -> list[str]:
+    """The legend of revenue, compute cost and idle capacity, in one row at `y`."""
+    parts = []
+    for i, (color, label) in enumerate(
+        (
+            (REVENUE, "revenue"),
+            (COMPUTE, "compute cost of served tokens"),
+            (IDLE, "idle capacity (provisioned, unused)"),
+        )
+    ):
+        lx = x0 + i * 250
+        parts.append(f"<rect x='{lx}' y='{y - 10}' width='14' height='10' fill='{color}'/>")
+        parts.append(_text(lx + 20, y, label, 12))
+    return parts
+
+
 def margin_chart(report: MarginReport) -> str:
     """The report's chart as an SVG document."""
     width, height = 960, 640
@@ -120,17 +136,7 @@ def margin_chart(report: MarginReport) -> str:
             f"<polyline points='{' '.join(points)}' fill='none' stroke='{REVENUE}'"
             " stroke-width='2.5'/>"
         )
-    legend_y = y0 + 36
-    for i, (color, label) in enumerate(
-        (
-            (REVENUE, "revenue"),
-            (COMPUTE, "compute cost of served tokens"),
-            (IDLE, "idle capacity (provisioned, unused)"),
-        )
-    ):
-        lx = x0 + i * 250
-        parts.append(f"<rect x='{lx}' y='{legend_y - 10}' width='14' height='10' fill='{color}'/>")
-        parts.append(_text(lx + 20, legend_y, label, 12))
+    parts += _cost_legend(x0, y0 + 36)
     # Panel 2: tenants and models.
     rows = [(r.key, r) for r in report.by_tenant] + [(f"model {r.key}", r) for r in report.by_model]
     x0, y_top, w = 200, 390, 560
@@ -356,16 +362,6 @@ def trajectory_chart(trajectory: Trajectory) -> str:
         parts.append(_text(mx(i), y0 + 16, t.month, 10, "middle"))
     if revenue_points:
         parts.append(_polyline(revenue_points, REVENUE))
-    legend_y = y0 + 40
-    for i, (color, label) in enumerate(
-        (
-            (REVENUE, "revenue"),
-            (COMPUTE, "compute cost of served tokens"),
-            (IDLE, "idle capacity (provisioned, unused)"),
-        )
-    ):
-        lx = x0 + i * 250
-        parts.append(f"<rect x='{lx}' y='{legend_y - 10}' width='14' height='10' fill='{color}'/>")
-        parts.append(_text(lx + 20, legend_y, label, 12))
+    parts += _cost_legend(x0, y0 + 40)
     parts.append("</svg>")
     return "\n".join(parts) + "\n"

@@ -55,8 +55,24 @@ __all__ = [
 IDLE = "(idle capacity)"
 
 
+class Margin:
+    """The margin of anything with revenue and compute cost (in nano-units)."""
+
+    __slots__ = ()
+    revenue_nanos: int
+    compute_nanos: int
+
+    @property
+    def margin_nanos(self) -> int:
+        return self.revenue_nanos - self.compute_nanos
+
+    @property
+    def margin_pct(self) -> float | None:
+        return 100 * self.margin_nanos / self.revenue_nanos if self.revenue_nanos else None
+
+
 @dataclass(slots=True)
-class MarginRow:
+class MarginRow(Margin):
     """Revenue and compute cost of one group of requests (a tenant, model, deployment...)."""
 
     key: str
@@ -66,14 +82,6 @@ class MarginRow:
     output_tokens: int = 0
     revenue_nanos: int = 0
     compute_nanos: int = 0
-
-    @property
-    def margin_nanos(self) -> int:
-        return self.revenue_nanos - self.compute_nanos
-
-    @property
-    def margin_pct(self) -> float | None:
-        return 100 * self.margin_nanos / self.revenue_nanos if self.revenue_nanos else None
 
     def add(self, sums: Sums) -> None:
         self.requests += sums.requests

@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from economics.report import Margin
 from economics.scenario import Scenario
 
 __all__ = ["ModelMonth", "MonthTotals", "Trajectory", "Turn"]
 
 
 @dataclass(slots=True)
-class ModelMonth:
+class ModelMonth(Margin):
     """One model in one month (money in nano-units)."""
 
     month: str
@@ -33,14 +34,6 @@ class ModelMonth:
     @property
     def tokens(self) -> int:
         return self.input_tokens + self.output_tokens
-
-    @property
-    def margin_nanos(self) -> int:
-        return self.revenue_nanos - self.compute_nanos
-
-    @property
-    def margin_pct(self) -> float | None:
-        return 100 * self.margin_nanos / self.revenue_nanos if self.revenue_nanos else None
 
     def per_million(self, nanos: int) -> Decimal | None:
         """`nanos` per million tokens (input and output together), in currency units."""

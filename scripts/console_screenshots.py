@@ -27,7 +27,7 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from bench.console_bench import _migrate, fill, settings_for  # noqa: E402
+from bench.console_bench import fill, migrate, settings_for  # noqa: E402
 from gateway.config import deep_merge  # noqa: E402
 from gateway.defaults import DEFAULT_CONFIG  # noqa: E402
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="console-shots-") as tmp:
         db = Path(tmp) / "ledger.db"
-        asyncio.run(_migrate(settings_for(db)))
+        asyncio.run(migrate(settings_for(db)))
         fill(db, 40_000, datetime.now(UTC), whole_month=False)
         config = deep_merge(
             DEFAULT_CONFIG,

@@ -480,29 +480,19 @@ def console_router(console: Console) -> Router:
         session = await console.session(request)
         tenant = console.tenant_for(session, tenant_id)
         zone = ZoneInfo(tenant.timezone)
+
+        def bad_dates(message: str) -> Response[Any]:
+            return console.page(
+                "message.html", session, status=400, title="Bad dates", message=message
+            )
+
         try:
             first = date.fromisoformat(request.query_params.get("start", ""))
             last = date.fromisoformat(request.query_params.get("end", ""))
         except ValueError:
-            raise Refused(
-                console.page(
-                    "message.html",
-                    session,
-                    status=400,
-                    title="Bad dates",
-                    message="Give start and end as dates like 2026-11-01.",
-                )
-            ) from None
+            raise Refused(bad_dates("Give start and end as dates like 2026-11-01.")) from None
         if last < first:
-            raise Refused(
-                console.page(
-                    "message.html",
-                    session,
-                    status=400,
-                    title="Bad dates",
-                    message="The end is before the start.",
-                )
-            )
+            raise Refused(bad_dates("The end is before the start."))
         await gw.ledger.flush()
         begin = datetime.combine(first, datetime.min.time(), zone)
         finish = datetime.combine(last + timedelta(days=1), datetime.min.time(), zone)
