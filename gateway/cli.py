@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.admin_client import add_admin_api_options, admin_client
 from gateway.config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
@@ -110,12 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("revoke", "revoke a key through the admin API"),
     ):
         sub = key_commands.add_parser(name, help=helptext, description=helptext)
-        sub.add_argument("--url", default="http://127.0.0.1:8080", help="gateway base URL")
-        sub.add_argument(
-            "--admin-key-env",
-            default="MAAS_ADMIN_KEY",
-            help="environment variable holding the admin key (default MAAS_ADMIN_KEY)",
-        )
+        add_admin_api_options(sub)
         if name == "revoke":
             sub.add_argument("key_id", help="the key id to revoke")
         else:
@@ -379,14 +375,10 @@ def _keys_new(args: argparse.Namespace) -> int:
 
 
 def _keys_admin(args: argparse.Namespace) -> int:
-    import httpx
-
-    admin_key = os.environ.get(args.admin_key_env)
-    if not admin_key:
-        print(f"maas-gateway: set {args.admin_key_env} to the admin key", file=sys.stderr)
+    client = admin_client(args, timeout=10)
+    if client is None:
         return 2
-    headers = {"authorization": f"Bearer {admin_key}"}
-    with httpx.Client(base_url=args.url, headers=headers, timeout=10) as client:
+    with client:
         if args.action == "create":
             body: dict[str, object] = {"name": args.name}
             if args.models:

@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any
 
+from gateway.admin_client import add_admin_api_options, admin_client
 from gateway.config import Settings
 
 
@@ -45,12 +46,7 @@ def add_commands(commands: Any) -> None:
         ("delete", "delete a console user and end their sessions"),
     ):
         sub = sub_commands.add_parser(name, help=helptext, description=helptext)
-        sub.add_argument("--url", default="http://127.0.0.1:8080", help="gateway base URL")
-        sub.add_argument(
-            "--admin-key-env",
-            default="MAAS_ADMIN_KEY",
-            help="environment variable holding the admin key (default MAAS_ADMIN_KEY)",
-        )
+        add_admin_api_options(sub)
         if name in ("create", "delete"):
             sub.add_argument("username", help="the user's sign-in name")
         if name == "create":
@@ -68,14 +64,10 @@ def add_commands(commands: Any) -> None:
 
 
 def _users(args: argparse.Namespace) -> int:
-    import httpx
-
-    admin_key = os.environ.get(args.admin_key_env)
-    if not admin_key:
-        print(f"maas-gateway: set {args.admin_key_env} to the admin key", file=sys.stderr)
+    client = admin_client(args, timeout=30)
+    if client is None:
         return 2
-    headers = {"authorization": f"Bearer {admin_key}"}
-    with httpx.Client(base_url=args.url, headers=headers, timeout=30) as client:
+    with client:
         if args.action == "create":
             body: dict[str, object] = {"username": args.username, "role": args.role}
             if args.tenant:
