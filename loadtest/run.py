@@ -361,7 +361,7 @@ def run_locust(
                     if time.monotonic() - started >= deadline_s:
                         raise RunError(f"locust did not finish within {deadline_s:g}s") from None
         finally:
-            _stop(process, timeout=10)
+            stop_process(process, timeout=10)
 
 
 class Simulator:
@@ -418,7 +418,7 @@ class Simulator:
 
     def _halt(self) -> None:
         if self._process is not None:
-            _stop(self._process, timeout=10)
+            stop_process(self._process, timeout=10)
             self._process = None
         if self._log is not None:
             self._log.close()
@@ -462,7 +462,7 @@ class GatewayProcess:
     def stop(self) -> int:
         """SIGTERM (a graceful stop flushes the ledger) and the exit code."""
         if self._process is not None:
-            self.exit_code = _stop(self._process, timeout=45)
+            self.exit_code = stop_process(self._process, timeout=45)
             self._process = None
         if self._log is not None:
             self._log.close()
@@ -486,8 +486,9 @@ def _pythonpath() -> str:
     return str(PROJECT_ROOT) + (os.pathsep + existing if existing else "")
 
 
-def _stop(process: subprocess.Popen[bytes], timeout: float) -> int:
-    """SIGTERM, then SIGKILL after `timeout`; the exit code (negative when killed)."""
+def stop_process(process: subprocess.Popen[Any], timeout: float = 15.0) -> int:
+    """Stop a server process the way an operator would: SIGTERM, then SIGKILL after
+    `timeout`; the exit code (negative when killed)."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:

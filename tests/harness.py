@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import yaml
 from gateway.app import Gateway, create_app
 from gateway.auth import hash_key
 from gateway.config import Settings, deep_merge, parse_settings
+from loadtest.run import stop_process as stop_process  # one way to stop a server
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -222,14 +222,3 @@ def gateway_process(
     finally:
         stop_process(process)
         log.close()
-
-
-def stop_process(process: subprocess.Popen[Any], timeout: float = 15.0) -> None:
-    """Stop a server process the way an operator would (SIGTERM), killing it if it hangs."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
