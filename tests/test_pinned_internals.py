@@ -6,7 +6,8 @@ which changes them fails here (see the version ranges in pyproject.toml).
   `values.ValueClass._multiprocess` to tell whether the multiprocess mode was switched on
   before prometheus_client was imported.
 - uvicorn: `gateway.http_limits` subclasses the httptools protocol and overrides its parser
-  callbacks; `gateway.cli` subclasses the worker supervisor `Multiprocess`.
+  callbacks; `gateway.cli` subclasses the worker supervisor `Multiprocess` and reads its
+  `processes` (each a `Process` with a `pid`).
 
 `test_every_private_read_of_a_library_is_listed_here` keeps this list whole: a new
 underscored attribute read on a library's object fails it until it is pinned and checked here.
@@ -23,6 +24,7 @@ import sys
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
+from uvicorn.supervisors.multiprocess import Process
 
 from gateway.http_limits import BoundedHttpToolsProtocol
 from tests.test_layering import DEFINED, MODULES, ROOT
@@ -81,7 +83,11 @@ def test_the_httptools_protocol_has_the_parts_the_limits_override() -> None:
 def test_the_supervisor_has_the_hooks_the_cli_overrides() -> None:
     for name in ("init_processes", "keep_subprocess_alive", "handle_signals", "join_all", "run"):
         assert callable(getattr(Multiprocess, name)), name
-    assert "self.processes" in inspect.getsource(Multiprocess.__init__)
+    assert "self.processes: list[Process]" in inspect.getsource(Multiprocess.__init__)
+    # the workers' pids, read from each Process; the subclass's own names do not shadow any
+    assert isinstance(inspect.getattr_static(Process, "pid"), property)
+    for name in ("known", "_mark_exited"):
+        assert not hasattr(Multiprocess, name), name
     assert list(inspect.signature(Multiprocess.__init__).parameters) == [
         "self",
         "config",
