@@ -27,7 +27,7 @@ from uvicorn.supervisors import Multiprocess
 from uvicorn.supervisors.multiprocess import Process
 
 from gateway.http_limits import BoundedHttpToolsProtocol
-from tests.test_layering import DEFINED, MODULES, ROOT
+from tests.test_layering import DEFINED, MODULES, PACKAGES, ROOT
 
 # The private names of libraries the packages read, each checked by a test in this module.
 CHECKED_PRIVATE_READS = {"_buckets", "_sum", "_multiprocess"}
@@ -109,7 +109,8 @@ def test_the_value_class_says_whether_multiprocess_mode_is_on() -> None:
 
 def _library_private_reads() -> set[str]:
     """Underscored attributes the packages read that no project module defines (so a
-    library's), including `getattr(x, "_name", ...)`."""
+    library's), including `getattr(x, "_name", ...)`, and imports from a library's private
+    modules or of its private names (as `module:names`)."""
     ours = set().union(*DEFINED.values())
     found = set()
     for module in MODULES.values():
@@ -128,6 +129,12 @@ def _library_private_reads() -> set[str]:
                 name = node.args[1].value
             if name and name.startswith("_") and not name.startswith("__") and name not in ours:
                 found.add(name)
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                library = node.module.split(".")[0] not in PACKAGES
+                private = [p for p in node.module.split(".") if p.startswith("_")]
+                private += [a.name for a in node.names if a.name.startswith("_")]
+                if library and node.module != "__future__" and private:
+                    found.add(f"{node.module}:{','.join(private)}")
     return found
 
 
