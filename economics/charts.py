@@ -65,6 +65,16 @@ def _axis(x0: float, y0: float, width: float, height: float, top: float, label: 
     return parts
 
 
+def _cost_bar(x: float, width: float, y0: float, compute_h: float, idle_h: float) -> list[str]:
+    """One bar standing on `y0`: compute cost (dark) with idle capacity (light) on top."""
+    return [
+        f"<rect x='{x:.1f}' y='{y0 - compute_h:.1f}' width='{width:.1f}'"
+        f" height='{compute_h:.1f}' fill='{COMPUTE}'/>",
+        f"<rect x='{x:.1f}' y='{y0 - compute_h - idle_h:.1f}' width='{width:.1f}'"
+        f" height='{idle_h:.1f}' fill='{IDLE}'/>",
+    ]
+
+
 def _cost_legend(x0: float, y: float) -> list[str]:
     """The legend of revenue, compute cost and idle capacity, in one row at `y`."""
     parts = []
@@ -121,14 +131,7 @@ def margin_chart(report: MarginReport) -> str:
             bw = slot * 0.7
             compute_h = h * _units(p.compute_nanos) / top
             idle_h = h * max(_units(p.idle_nanos), 0) / top
-            parts.append(
-                f"<rect x='{x:.1f}' y='{y0 - compute_h:.1f}' width='{bw:.1f}'"
-                f" height='{compute_h:.1f}' fill='{COMPUTE}'/>"
-            )
-            parts.append(
-                f"<rect x='{x:.1f}' y='{y0 - compute_h - idle_h:.1f}' width='{bw:.1f}'"
-                f" height='{idle_h:.1f}' fill='{IDLE}'/>"
-            )
+            parts += _cost_bar(x, bw, y0, compute_h, idle_h)
             points.append(f"{x + bw / 2:.1f},{y0 - h * _units(p.revenue_nanos) / top:.1f}")
             if i % 5 == 0:
                 parts.append(_text(x + bw / 2, y0 + 16, p.day.strftime("%d %b"), 10, "middle"))
@@ -350,14 +353,7 @@ def trajectory_chart(trajectory: Trajectory) -> str:
         bw = slot * 0.6
         compute_h = h * _units(t.compute_nanos) / top
         idle_h = h * _units(t.idle_nanos) / top
-        parts.append(
-            f"<rect x='{x:.1f}' y='{y0 - compute_h:.1f}' width='{bw:.1f}'"
-            f" height='{compute_h:.1f}' fill='{COMPUTE}'/>"
-        )
-        parts.append(
-            f"<rect x='{x:.1f}' y='{y0 - compute_h - idle_h:.1f}' width='{bw:.1f}'"
-            f" height='{idle_h:.1f}' fill='{IDLE}'/>"
-        )
+        parts += _cost_bar(x, bw, y0, compute_h, idle_h)
         revenue_points.append((mx(i), y0 - h * _units(t.revenue_nanos) / top))
         parts.append(_text(mx(i), y0 + 16, t.month, 10, "middle"))
     if revenue_points:
