@@ -20,6 +20,7 @@ import inspect
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -27,7 +28,7 @@ from uvicorn.supervisors import Multiprocess
 from uvicorn.supervisors.multiprocess import Process
 
 from gateway.http_limits import BoundedHttpToolsProtocol
-from tests.test_layering import DEFINED, MODULES, PACKAGES, ROOT
+from tests.test_layering import DEFINED, MODULES, PACKAGES
 
 # The private names of libraries the packages read, each checked by a test in this module.
 CHECKED_PRIVATE_READS = {"_buckets", "_sum", "_multiprocess"}
@@ -95,12 +96,12 @@ def test_the_supervisor_has_the_hooks_the_cli_overrides() -> None:
     ]
 
 
-def test_the_value_class_says_whether_multiprocess_mode_is_on() -> None:
+def test_the_value_class_says_whether_multiprocess_mode_is_on(tmp_path: Path) -> None:
     from prometheus_client import values
 
     assert values.ValueClass._multiprocess is False  # this process: no multiprocess dir
     probe = "from prometheus_client import values; print(values.ValueClass._multiprocess)"
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(ROOT)}
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     run = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
     )
