@@ -142,6 +142,8 @@ class Gateway:
         await self.router.aclose()  # health checks first: they use the providers
         for provider in self.providers.values():
             await provider.aclose()
+        if self.relay is not None:
+            await self.relay.drain()  # settles still running, before their store closes
         await self.quotas.aclose()
         await self.directory_sync.aclose()
         await self.ledger.aclose()
