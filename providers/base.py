@@ -151,29 +151,39 @@ _decode_view = msgspec.json.Decoder(ChunkView).decode
 
 class Chunks:
     """The chunk events of one upstream read, in order: each chunk's JSON as the upstream
-    sent it (`raw`) and its typed view (`views`); `usage` is the upstream's usage when one
-    of them reported it. `objects()` decodes the chunks in full, on demand."""
+    sent it (`raw`); `usage` is the upstream's usage when one of them reported it. Their
+    typed views (`views`) and full objects (`objects()`) are decoded on demand, so a read
+    the gateway passes through untouched is never decoded chunk by chunk."""
 
-    __slots__ = ("raw", "usage", "views")
+    __slots__ = ("_views", "raw", "usage")
 
     def __init__(
-        self, raw: list[bytes], views: list[ChunkView], usage: TokenUsage | None = None
+        self,
+        raw: list[bytes],
+        usage: TokenUsage | None = None,
+        views: list[ChunkView] | None = None,
     ) -> None:
         self.raw = raw
-        self.views = views
         self.usage = usage
+        self._views = views
 
     @classmethod
     def of(cls, chunks: list[Chunk]) -> Chunks:
         """Chunks a provider built as objects (encoded once, here)."""
-        raw = [_encode(chunk) for chunk in chunks]
-        views = [_decode_view(data) for data in raw]
         usage = None
         for chunk in chunks:
             reported = chunk.get("usage")
             if reported:
                 usage = TokenUsage.from_openai(reported)
-        return cls(raw, views, usage)
+        return cls([_encode(chunk) for chunk in chunks], usage)
+
+    @property
+    def views(self) -> list[ChunkView]:
+        """The typed view of each chunk (raises `msgspec.DecodeError` on a bad one)."""
+        views = self._views
+        if views is None:
+            views = self._views = [_decode_view(data) for data in self.raw]
+        return views
 
     def objects(self) -> list[Chunk]:
         """The chunks decoded in full."""

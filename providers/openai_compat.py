@@ -14,7 +14,7 @@ import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import httpx
 import msgspec
@@ -28,9 +28,8 @@ from providers.base import (
     ProviderResponse,
     TokenUsage,
     UpstreamError,
-    view_chunk,
 )
-from providers.sse import SSEDecoder
+from providers.sse import Event, SSEDecoder
 
 _PATHS = {
     "chat.completions": "/chat/completions",
@@ -39,6 +38,7 @@ _PATHS = {
 }
 _json_decode = msgspec.json.Decoder().decode
 _json_encode = msgspec.json.Encoder().encode
+_decode_views = msgspec.json.Decoder(list[ChunkView]).decode
 
 
 class OpenAICompatConfig(BaseModel):
@@ -185,32 +185,35 @@ class OpenAICompatProvider(Provider):
                 events = decoder.feed(data)
                 if not events:
                     continue
-                raw: list[bytes] = []
-                views: list[ChunkView] = []
-                usage: TokenUsage | None = None
-                for event in events:
-                    if isinstance(event, tuple):
-                        kind, payload = event
-                    else:
-                        kind, payload = b"", event
-                    if payload == b"[DONE]":
-                        if raw:
-                            yield Chunks(raw, views, usage)
-                        return
-                    view = view_chunk(payload)
-                    if kind == b"error" or (
-                        view.error is not msgspec.UNSET and view.choices is None
-                    ):
-                        if raw:
-                            yield Chunks(raw, views, usage)
-                        raise stream_error(self.name, _json_decode(payload))
-                    if view.usage:
-                        usage = TokenUsage.from_openai(view.usage)
-                    raw.append(payload)
-                    views.append(view)
-                    last = view
+                failed: bytes | None = None
+                if decoder.typed:  # an `error` event (or another type) among them
+                    decoder.typed = False
+                    raw, done, failed = _payloads(events)
+                else:
+                    plain = cast(list[bytes], events)  # no typed event: all are data
+                    try:
+                        end = plain.index(b"[DONE]")
+                        raw, done = plain[:end], True
+                    except ValueError:
+                        raw, done = plain, False
                 if raw:
-                    yield Chunks(raw, views, usage)
+                    # One decode for the whole read: every chunk checked as JSON and typed.
+                    joined = b"[" + b",".join(raw) + b"]"
+                    views = _decode_views(joined)
+                    if b'"error"' in joined:
+                        for at, view in enumerate(views):
+                            if view.error is not msgspec.UNSET and view.choices is None:
+                                failed = raw[at]
+                                raw, views = raw[:at], views[:at]
+                                break
+                    if raw:
+                        usage = _usage_of(views) if b'"usage"' in joined else None
+                        last = views[-1]
+                        yield Chunks(raw, usage, views)
+                if failed is not None:
+                    raise stream_error(self.name, _json_decode(failed))
+                if done:
+                    return
             if decoder.pending or not _finished(last):
                 raise UpstreamError(
                     502, f"Upstream {self.name} ended the stream early.", type="stream_cut"
@@ -238,6 +241,31 @@ def _timed_out(exc: httpx.TimeoutException) -> bool:
     `ConnectTimeout`; only a cause that is itself a timeout makes it one."""
     cause = exc.__cause__
     return cause is None or isinstance(cause, TimeoutError)
+
+
+def _payloads(events: list[Event]) -> tuple[list[bytes], bool, bytes | None]:
+    """The chunk payloads of a read with typed events: those before `[DONE]` or an `error`
+    event, whether `[DONE]` came, and the error event's data if one did."""
+    raw: list[bytes] = []
+    for event in events:
+        if isinstance(event, tuple):
+            kind, payload = event
+            if kind == b"error":
+                return raw, False, payload
+        else:
+            payload = event
+        if payload == b"[DONE]":
+            return raw, True, None
+        raw.append(payload)
+    return raw, False, None
+
+
+def _usage_of(views: list[ChunkView]) -> TokenUsage | None:
+    """The usage the last chunk reporting one says."""
+    for view in reversed(views):
+        if view.usage:
+            return TokenUsage.from_openai(view.usage)
+    return None
 
 
 def _finished(last: ChunkView | None) -> bool:

@@ -39,7 +39,7 @@ _NOTHING: list[Event] = []
 class SSEDecoder:
     """An incremental event-stream parser for one response."""
 
-    __slots__ = ("_buffer", "_cr", "_lead", "_started", "last_event_id", "retry_ms")
+    __slots__ = ("_buffer", "_cr", "_lead", "_started", "last_event_id", "retry_ms", "typed")
 
     def __init__(self) -> None:
         self._buffer = b""
@@ -48,6 +48,9 @@ class SSEDecoder:
         self._started = False  # past the optional byte order mark
         self.last_event_id = b""
         self.retry_ms: int | None = None
+        self.typed = False
+        """Set when an event of a type other than `message` was dispatched (the caller
+        clears it): until then every event returned is plain data."""
 
     def feed(self, data: bytes) -> list[Event]:
         """The events completed by `data`, in order (do not modify the list returned).
@@ -138,4 +141,7 @@ class SSEDecoder:
         payload = b"\n".join(data)
         if not payload:
             return None
-        return payload if kind == _MESSAGE or kind == b"message" else (kind, payload)
+        if kind == _MESSAGE or kind == b"message":
+            return payload
+        self.typed = True
+        return (kind, payload)

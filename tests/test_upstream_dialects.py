@@ -226,6 +226,7 @@ async def call(client: openai.AsyncOpenAI, case: Case) -> Seen:
     seen = Seen(raw_stream.headers["x-request-id"], "", "")
     try:
         async for chunk in raw_stream.parse():
+            assert chunk.model == case.model  # passed through, spliced or rewritten
             for choice in chunk.choices:
                 seen.content += choice.delta.content or ""
                 extra = choice.delta.model_extra or {}
