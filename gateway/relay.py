@@ -74,6 +74,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("maas.relay")
 _encode = msgspec.json.Encoder().encode
 _decode_chunk = msgspec.json.Decoder(dict[str, Any]).decode
+_view = msgspec.json.Decoder(ChunkView).decode
 _DONE = b"data: [DONE]\n\n"
 #: How often (at most) a stream's crash-policy record recounts the output delivered so far.
 PROVISIONAL_RECOUNT_S = 1.0
@@ -260,13 +261,22 @@ class Progress:
             self.pending = []
             self.pending_chunks = 0
             for read in pending:
-                for view in read.views:
+                try:
+                    views = read.views
+                except msgspec.DecodeError:  # JSON, but not a chunk's shape: no text in it
+                    views = [v for v in map(_view_or_none, read.raw) if v is not None]
+                for view in views:
                     self.add(view)
         return self.texts
 
     def add(self, view: ChunkView) -> None:
+        """A chunk relayed (rewritten or not): its text, after any held before it."""
+        if not view.choices:
+            return
+        if self.pending:
+            self.collect()
         texts = self.texts
-        for choice in view.choices or ():
+        for choice in view.choices:
             parts = choice.texts()
             if parts:
                 delivered = texts.get(choice.index)
@@ -286,6 +296,13 @@ class Progress:
         """The bill, once the record is written."""
         assert self.record is not None
         return Bill(self.record, self.reported)
+
+
+def _view_or_none(raw: bytes) -> ChunkView | None:
+    try:
+        return _view(raw)
+    except msgspec.DecodeError:
+        return None
 
 
 def authenticate(
@@ -654,27 +671,31 @@ class Relay:
                     if read.usage is not None:
                         progress.reported = read.usage
                     raws = read.raw
-                    n = len(raws)
-                    sse = b"data: " + b"\n\ndata: ".join(raws) + b"\n\n"
-                    # The whole read leaves as it came (the model's name spliced in) when
-                    # each chunk is one line, has choices, names the model once and carries
-                    # no usage: checks at C speed, no chunk decoded.
-                    if (
-                        b'"usage"' not in sse
-                        and sse.count(b"\n") == 2 * n
-                        and sse.count(b'"choices":[{') == n
-                    ):
-                        if sse.count(renamed) == n:
-                            progress.hold(read)
-                            yield sse
-                            continue
-                        if sse.count(named) == n:
-                            progress.hold(read)
-                            yield sse.replace(named, renamed)
-                            continue
-                    progress.collect()  # keep the delivered text in order
                     out: list[bytes] = []
-                    for view, raw in zip(read.views, raws, strict=True):
+                    # The read leaves as it came (the model's name spliced in) up to a
+                    # usage-bearing tail (the usage chunk), when each chunk is one line, has
+                    # choices and names the model once: checks at C speed, nothing decoded.
+                    n = len(raws)
+                    while n and b'"usage"' in raws[n - 1]:
+                        n -= 1
+                    tail: list[bytes] = raws
+                    if n:
+                        head = raws if n == len(raws) else raws[:n]
+                        sse = b"data: " + b"\n\ndata: ".join(head) + b"\n\n"
+                        if (
+                            b'"usage"' not in sse
+                            and sse.count(b"\n") == 2 * n
+                            and sse.count(b'"choices":[{') == n
+                        ):
+                            if sse.count(renamed) == n:
+                                out.append(sse)
+                            elif sse.count(named) == n:
+                                out.append(sse.replace(named, renamed))
+                        if out:
+                            progress.hold(read if head is raws else Chunks(head))
+                            tail = raws[n:]
+                    views = read.views if tail is raws else [_view(raw) for raw in tail]
+                    for view, raw in zip(views, tail, strict=True):
                         if view.usage:
                             usage_seen = view.usage
                         if not view.choices:

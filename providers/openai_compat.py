@@ -39,6 +39,8 @@ _PATHS = {
 _json_decode = msgspec.json.Decoder().decode
 _json_encode = msgspec.json.Encoder().encode
 _decode_views = msgspec.json.Decoder(list[ChunkView]).decode
+_view = msgspec.json.Decoder(ChunkView).decode
+_check_json = msgspec.json.Decoder(list[msgspec.Raw]).decode
 
 
 class OpenAICompatConfig(BaseModel):
@@ -179,7 +181,7 @@ class OpenAICompatProvider(Provider):
         `stream_error`), after the chunks of its read before it.
         """
         decoder = SSEDecoder()
-        last: ChunkView | None = None
+        last: bytes | None = None
         try:
             async for data in response.aiter_raw():
                 events = decoder.feed(data)
@@ -197,24 +199,27 @@ class OpenAICompatProvider(Provider):
                     except ValueError:
                         raw, done = plain, False
                 if raw:
-                    # One decode for the whole read: every chunk checked as JSON and typed.
+                    # One pass over the whole read checks that every chunk is JSON; only a
+                    # chunk that names usage or an error is decoded here.
                     joined = b"[" + b",".join(raw) + b"]"
-                    views = _decode_views(joined)
+                    _check_json(joined)
+                    views: list[ChunkView] | None = None
                     if b'"error"' in joined:
+                        views = _decode_views(joined)
                         for at, view in enumerate(views):
                             if view.error is not msgspec.UNSET and view.choices is None:
                                 failed = raw[at]
                                 raw, views = raw[:at], views[:at]
                                 break
                     if raw:
-                        usage = _usage_of(views) if b'"usage"' in joined else None
-                        last = views[-1]
+                        usage = _usage_of(raw) if b'"usage"' in joined else None
+                        last = raw[-1]
                         yield Chunks(raw, usage, views)
                 if failed is not None:
                     raise stream_error(self.name, _json_decode(failed))
                 if done:
                     return
-            if decoder.pending or not _finished(last):
+            if decoder.pending or not _finished(_view(last) if last is not None else None):
                 raise UpstreamError(
                     502, f"Upstream {self.name} ended the stream early.", type="stream_cut"
                 )
@@ -260,11 +265,13 @@ def _payloads(events: list[Event]) -> tuple[list[bytes], bool, bytes | None]:
     return raw, False, None
 
 
-def _usage_of(views: list[ChunkView]) -> TokenUsage | None:
+def _usage_of(raw: list[bytes]) -> TokenUsage | None:
     """The usage the last chunk reporting one says."""
-    for view in reversed(views):
-        if view.usage:
-            return TokenUsage.from_openai(view.usage)
+    for payload in reversed(raw):
+        if b'"usage"' in payload:
+            usage = _view(payload).usage
+            if usage:
+                return TokenUsage.from_openai(usage)
     return None
 
 
