@@ -664,6 +664,7 @@ class Relay:
         renamed = b'"model":' + _encode(public)
         usage_chunk: bytes | None = None
         usage_seen: dict[str, Any] | None = None
+        carried: list[bytes] = []
         completed = False
         try:
             try:
@@ -716,7 +717,10 @@ class Relay:
                             chunk.pop("usage", None)
                         out.append(b"data: " + _encode(chunk) + b"\n\n")
                     if out:
-                        yield b"".join(out)
+                        if read.final:  # the last read goes out with the usage and [DONE]
+                            carried = out
+                        else:
+                            yield b"".join(out)
             except UpstreamError as exc:
                 outcome = Outcome(
                     self._stream_usage(admitted, progress, "upstream"),
@@ -725,14 +729,16 @@ class Relay:
                     "upstream",
                 )
                 progress.record = record_usage(s, admitted, outcome, served)
-                yield b"data: " + upstream_api_error(exc).encode() + b"\n\n"
+                carried.append(b"data: " + upstream_api_error(exc).encode() + b"\n\n")
+                yield b"".join(carried)
                 return
             completed = True
             rec = progress.record = record_usage(
                 s, admitted, Outcome(self._stream_usage(admitted, progress, None)), served
             )
             if not include_usage:
-                yield _DONE
+                carried.append(_DONE)
+                yield b"".join(carried)
                 return
             final = (
                 _decode_chunk(usage_chunk)
@@ -742,7 +748,8 @@ class Relay:
             final["model"] = public
             final["usage"] = {**(usage_seen or rec.usage.to_openai())}
             final["usage"]["maas"] = progress.bill().cost_object()
-            yield b"data: " + _encode(final) + b"\n\n" + _DONE
+            carried.append(b"data: " + _encode(final) + b"\n\n" + _DONE)
+            yield b"".join(carried)
         finally:
             if not completed and progress.record is None:
                 outcome = Outcome(

@@ -151,21 +151,26 @@ _decode_view = msgspec.json.Decoder(ChunkView).decode
 
 class Chunks:
     """The chunk events of one upstream read, in order: each chunk's JSON as the upstream
-    sent it (`raw`); `usage` is the upstream's usage when one of them reported it. Their
+    sent it (`raw`); `usage` is the upstream's usage when one of them reported it; `final`
+    says the stream ends with this read. Their
     typed views (`views`) and full objects (`objects()`) are decoded on demand, so a read
     the gateway passes through untouched is never decoded chunk by chunk."""
 
-    __slots__ = ("_views", "raw", "usage")
+    __slots__ = ("_views", "final", "raw", "usage")
 
     def __init__(
         self,
         raw: list[bytes],
         usage: TokenUsage | None = None,
         views: list[ChunkView] | None = None,
+        final: bool = False,
     ) -> None:
         self.raw = raw
         self.usage = usage
         self._views = views
+        self.final = final
+        """The stream ends with this read (it held the upstream's `[DONE]`): the gateway
+        may send it together with what it writes last."""
 
     @classmethod
     def of(cls, chunks: list[Chunk]) -> Chunks:

@@ -214,7 +214,7 @@ class OpenAICompatProvider(Provider):
                     if raw:
                         usage = _usage_of(raw) if b'"usage"' in joined else None
                         last = raw[-1]
-                        yield Chunks(raw, usage, views)
+                        yield Chunks(raw, usage, views, done and failed is None)
                 if failed is not None:
                     raise stream_error(self.name, _json_decode(failed))
                 if done:
