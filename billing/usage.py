@@ -36,33 +36,6 @@ class Usage:
             self.reasoning + other.reasoning,
         )
 
-    @classmethod
-    def from_openai(cls, usage: dict[str, Any]) -> Usage:
-        """Read an OpenAI `usage` object (chat, completions or embeddings), in any of the
-        dialects upstreams speak: cached input in `prompt_tokens_details.cached_tokens`
-        (OpenAI, vLLM, SGLang, llama.cpp, Ark) or `prompt_cache_hit_tokens` (DeepSeek, whose
-        `prompt_cache_hit_tokens + prompt_cache_miss_tokens` is the prompt), reasoning in
-        `completion_tokens_details.reasoning_tokens` (part of the output)."""
-        hit = int(usage.get("prompt_cache_hit_tokens") or 0)
-        prompt = int(
-            usage.get("prompt_tokens")
-            or usage.get("input_tokens")
-            or hit + int(usage.get("prompt_cache_miss_tokens") or 0)
-        )
-        output = int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
-        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
-        cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
-        # DeepSeek reports cache hits at the top level.
-        cached = cached or hit
-        out_details = (
-            usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
-        )
-        reasoning = (
-            int(out_details.get("reasoning_tokens") or 0) if isinstance(out_details, dict) else 0
-        )
-        cached = min(cached, prompt)
-        return cls(prompt - cached, cached, output, min(reasoning, output))
-
     def to_openai(self) -> dict[str, Any]:
         """The OpenAI `usage` object a caller sees."""
         return {

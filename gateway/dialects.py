@@ -2,16 +2,16 @@
 
 A `Dialect` is made per request by the route that serves an API (OpenAI Responses in
 `gateway.responses`, Anthropic Messages in `gateway.messages`). The relay runs its one
-pipeline (authenticate → validate → route → count → price → admit → forward → record →
-settle → observe) and asks the dialect only at the edges: where the key is, how the body
-becomes a Chat Completions body, how the JSON answer and the chunk stream go back, and what
-an error looks like. The ledger row names the dialect's API in its `endpoint`.
+pipeline (authenticate → validate → route → count → price → admit → forward → count →
+price → record → observe → settle) and asks the dialect only at the edges: where the key is,
+how the body becomes a Chat Completions body, how the JSON answer and the chunk stream go
+back, and what an error looks like. The ledger row names the dialect's API in its `endpoint`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
@@ -20,7 +20,7 @@ from litestar import Request, Response
 from gateway.errors import ApiError
 
 if TYPE_CHECKING:
-    from gateway.relay import Metering
+    from gateway.relay import Admitted, Authenticated, Bill
 
 _decode = msgspec.json.decode
 
@@ -34,15 +34,22 @@ class Dialect(Protocol):
     def authorization(self, request: Request[Any, Any, Any]) -> str | None:
         """The credential as an `Authorization` header value (`Bearer <key>`), if any."""
 
-    async def decode(self, raw: bytes, meter: Metering) -> tuple[dict[str, Any], Any]:
+    async def decode(
+        self, raw: bytes, who: Authenticated, max_json_depth: int
+    ) -> tuple[dict[str, Any], Any]:
         """The Chat Completions body to forward and its typed view (`ChatRequest`)."""
 
-    async def answer(self, result: dict[str, Any], meter: Metering) -> dict[str, Any]:
-        """The API's JSON answer from a chat completion; `meter.record` is written."""
+    async def answer(
+        self, result: dict[str, Any], admitted: Admitted, bill: Bill
+    ) -> dict[str, Any]:
+        """The API's JSON answer from a chat completion and its bill (the ledger row)."""
 
-    def stream(self, sse: AsyncIterator[bytes], meter: Metering) -> AsyncIterator[bytes]:
+    def stream(
+        self, sse: AsyncIterator[bytes], admitted: Admitted, bill: Callable[[], Bill]
+    ) -> AsyncIterator[bytes]:
         """The API's event stream from the relay's Chat Completions SSE bytes (which end
-        with a usage chunk, written after the ledger row, and `[DONE]`)."""
+        with a usage chunk, written after the ledger row, and `[DONE]`); `bill()` gives
+        the bill once those bytes have come."""
 
     def error_response(
         self, error: ApiError, request_id: str, limits: dict[str, str] | None = None

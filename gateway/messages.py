@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -26,6 +26,7 @@ from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 from msgspec import Meta, Struct
 
+from billing.usage import Usage
 from gateway.dialects import bearer_of, relayed_chunks, sse_event
 from gateway.errors import (
     ApiError,
@@ -34,7 +35,17 @@ from gateway.errors import (
     model_not_found,
     server_error,
 )
-from gateway.relay import Metering, new_request_id
+from gateway.relay import (
+    Admitted,
+    Authenticated,
+    Bill,
+    Outcome,
+    Routed,
+    Step,
+    authenticate,
+    new_request_id,
+    record_usage,
+)
 from gateway.routing import UnknownModel
 from gateway.schemas import ChatRequest, ModelName, Probability, decode_object, validate
 
@@ -145,10 +156,10 @@ class MessagesDialect:
     ) -> Response[Any]:
         return anthropic_error_response(error, request_id, limits)
 
-    async def decode(self, raw: bytes, meter: Metering) -> tuple[dict[str, Any], Any]:
-        req = self.request = validate(
-            decode_object(raw, meter.services.max_json_depth), MessagesRequest
-        )
+    async def decode(
+        self, raw: bytes, who: Authenticated, max_json_depth: int
+    ) -> tuple[dict[str, Any], Any]:
+        req = self.request = validate(decode_object(raw, max_json_depth), MessagesRequest)
         chat = chat_body(req)
         chat["max_tokens"] = req.max_tokens
         chat["stream"] = req.stream
@@ -166,7 +177,9 @@ class MessagesDialect:
         typed = validate({**chat, "stop": (req.stop_sequences or [])[:4] or None}, ChatRequest)
         return chat, typed
 
-    async def answer(self, result: dict[str, Any], meter: Metering) -> dict[str, Any]:
+    async def answer(
+        self, result: dict[str, Any], admitted: Admitted, bill: Bill
+    ) -> dict[str, Any]:
         choices = result.get("choices") or [{}]
         choice = choices[0]
         message = choice.get("message") or {}
@@ -185,28 +198,33 @@ class MessagesDialect:
             )
         stop_reason, stop_sequence = self._stop(choice, message.get("content") or "")
         return {
-            "id": "msg_" + meter.request_id[4:],
+            "id": "msg_" + admitted.request_id[4:],
             "type": "message",
             "role": "assistant",
             "model": self._model(),
             "content": content,
             "stop_reason": stop_reason,
             "stop_sequence": stop_sequence,
-            "usage": _usage(meter),
+            "usage": _usage(bill),
         }
 
-    async def stream(self, sse: AsyncIterator[bytes], meter: Metering) -> AsyncIterator[bytes]:
-        async with relayed_chunks(sse) as chunks, aclosing(self._events(chunks, meter)) as events:
+    async def stream(
+        self, sse: AsyncIterator[bytes], admitted: Admitted, bill: Callable[[], Bill]
+    ) -> AsyncIterator[bytes]:
+        async with (
+            relayed_chunks(sse) as chunks,
+            aclosing(self._events(chunks, admitted, bill)) as events,
+        ):
             async for piece in events:
                 yield piece
 
     async def _events(
-        self, chunks: AsyncIterator[dict[str, Any]], meter: Metering
+        self, chunks: AsyncIterator[dict[str, Any]], admitted: Admitted, bill: Callable[[], Bill]
     ) -> AsyncGenerator[bytes, None]:
         start = {
             "type": "message_start",
             "message": {
-                "id": "msg_" + meter.request_id[4:],
+                "id": "msg_" + admitted.request_id[4:],
                 "type": "message",
                 "role": "assistant",
                 "model": self._model(),
@@ -214,7 +232,7 @@ class MessagesDialect:
                 "stop_reason": None,
                 "stop_sequence": None,
                 "usage": {
-                    "input_tokens": meter.prompt_tokens,
+                    "input_tokens": admitted.prompt_tokens,
                     "cache_creation_input_tokens": 0,
                     "cache_read_input_tokens": 0,
                     "output_tokens": 0,
@@ -329,7 +347,7 @@ class MessagesDialect:
                 {
                     "type": "message_delta",
                     "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                    "usage": _usage(meter),
+                    "usage": _usage(bill()),
                 },
             )
         )
@@ -358,30 +376,22 @@ def _stop_block(index: int) -> bytes:
     return _event("content_block_stop", {"type": "content_block_stop", "index": index})
 
 
-def _usage(meter: Metering) -> dict[str, Any]:
+def _usage(bill: Bill) -> dict[str, Any]:
     """Anthropic's usage object from the ledger row: the same tokens, split its way."""
-    rec = meter.record
-    assert rec is not None
-    u = rec.usage
-    written = min(_cache_writes(meter.upstream_usage), u.uncached_input)
+    u = bill.record.usage
+    reported = bill.reported
+    written = min(reported.cache_written if reported is not None else 0, u.uncached_input)
     return {
         "input_tokens": u.uncached_input - written,
         "cache_creation_input_tokens": written,
         "cache_read_input_tokens": u.cached_input,
         "output_tokens": u.output,
-        "maas": meter.cost_object(),
+        "maas": bill.cost_object(),
     }
 
 
-def _cache_writes(usage: dict[str, Any] | None) -> int:
-    """Prompt tokens the upstream says it wrote to its cache, when it says so."""
-    if not usage:
-        return 0
-    details = usage.get("prompt_tokens_details")
-    value = usage.get("cache_creation_input_tokens")
-    if value is None and isinstance(details, dict):
-        value = details.get("cache_creation_tokens") or details.get("cache_write_tokens")
-    return int(value) if isinstance(value, int) and value > 0 else 0
+def _refusal(error: ApiError) -> Outcome:
+    return Outcome(Usage(), error.status_code, error.code or error.type)
 
 
 def _tool_id(call_id: Any) -> str:
@@ -510,16 +520,8 @@ def _bad_block(where: str, message: str) -> ApiError:
     return invalid_request(f"{where}: {message}", param=where)
 
 
-class _CountTokens:
-    """`count_tokens`' ledger name and error shape."""
-
-    name = "messages.count_tokens"
-
-    @staticmethod
-    def error_response(
-        error: ApiError, request_id: str, limits: dict[str, str] | None = None
-    ) -> Response[Any]:
-        return anthropic_error_response(error, request_id, limits)
+_COUNT_TOKENS = "messages.count_tokens"
+"""What the ledger calls `count_tokens` requests."""
 
 
 def messages_routes(gw: Gateway) -> list[HTTPRouteHandler]:
@@ -537,17 +539,12 @@ def messages_routes(gw: Gateway) -> list[HTTPRouteHandler]:
         assert services is not None, "the gateway has not started"
         request_id = new_request_id()
         try:
-            key, tenant = services.directory.authenticate(bearer_of(request), services.clock())
+            who = authenticate(
+                services, bearer_of(request), "chat.completions", _COUNT_TOKENS, request_id
+            )
         except ApiError as refused:
             return anthropic_error_response(refused, request_id)
-        meter = Metering(
-            services,
-            request_id,
-            key,
-            tenant,
-            "chat.completions",
-            _CountTokens(),  # type: ignore[arg-type]
-        )
+        step: Step = who
         try:
             try:
                 raw = await request.body()
@@ -564,25 +561,23 @@ def messages_routes(gw: Gateway) -> list[HTTPRouteHandler]:
                 model = services.router.resolve(req.model)
             except UnknownModel:
                 raise model_not_found(req.model) from None
-            if not key.allows(model.name) or model.kind == "embedding":
+            if not who.key.allows(model.name) or model.kind == "embedding":
                 raise model_not_found(req.model)
-            meter.model = model.name
+            step = Routed(who, model.name)
             chat = chat_body(req)
             typed = validate(chat, ChatRequest)
             messages = [msgspec.structs.asdict(m) for m in typed.messages]
             tools = [msgspec.to_builtins(t) for t in typed.tools] if typed.tools else None
             tokens = services.counter.count_chat(model.name, messages, tools)
         except ApiError as refused:
-            meter.fail(refused)
-            meter.finish()
+            record_usage(services, step, _refusal(refused))
             return anthropic_error_response(refused, request_id)
         except Exception:
             log.exception("request %s failed", request_id)
             failed = server_error(request_id)
-            meter.fail(failed)
-            meter.finish()
+            record_usage(services, step, _refusal(failed))
             return anthropic_error_response(failed, request_id)
-        meter.finish()  # prompt_tokens stays 0: counting is not using
+        record_usage(services, step, Outcome(Usage()))  # free: counting is not using
         return Response(
             _encode({"input_tokens": tokens}),
             media_type="application/json",

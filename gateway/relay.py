@@ -1,13 +1,18 @@
 """The request path of the OpenAI endpoints, top to bottom as the data flows:
 
-authenticate → validate → route → count → price → admit → forward → count output →
-settle → record → observe.
+authenticate → read and validate the body → route → count the prompt → quote a price →
+admit (quotas) → forward (the router) → count the output → price → record → observe →
+settle.
 
 `Relay.handle` runs it for `/v1/chat/completions`, `/v1/completions` and `/v1/embeddings`,
 and, given a `gateway.dialects.Dialect`, for APIs translated to chat completions
-(`/v1/responses`, `/v1/messages`).
+(`/v1/responses`, `/v1/messages`). Each step hands its result to the next as a small frozen
+value: `Authenticated` → `Priced` → `Admitted` → the router's `Forwarded` (read as `Served`)
+→ `Outcome` → `UsageRecord` (with the upstream's `TokenUsage`, a `Bill`). The one thing that
+changes while a request runs is its `Progress`: the output a stream has delivered so far,
+written by the step that relays it and read by the crash policy's provisional record.
 Every request that got past authentication ends in exactly one `UsageRecord`, written by
-`Metering.finish` whether it succeeded, was refused, failed upstream or was cut short.
+`Relay.book` whether it succeeded, was refused, failed upstream or was cut short.
 """
 
 from __future__ import annotations
@@ -50,19 +55,31 @@ from gateway.errors import (
     service_unavailable,
 )
 from gateway.metrics import Metrics
-from gateway.routing import Deployment, Forwarded, ModelConfig, Router, UnknownModel
+from gateway.routing import Deployment, ForwardFailed, ModelConfig, Router, UnknownModel
 from gateway.schemas import MAX_JSON_DEPTH, decode_body
 from gateway.tokens import TokenCounter
-from providers.base import Chunk, Endpoint, ProviderRequest, UpstreamError
+from providers.base import (
+    Chunk,
+    Chunks,
+    ChunkView,
+    Endpoint,
+    ProviderRequest,
+    TokenUsage,
+    UpstreamError,
+)
 
 if TYPE_CHECKING:
     from gateway.dialects import Dialect
 
 log = logging.getLogger("maas.relay")
 _encode = msgspec.json.Encoder().encode
+_decode_chunk = msgspec.json.Decoder(dict[str, Any]).decode
+_view = msgspec.json.Decoder(ChunkView).decode
 _DONE = b"data: [DONE]\n\n"
 #: How often (at most) a stream's crash-policy record recounts the output delivered so far.
 PROVISIONAL_RECOUNT_S = 1.0
+#: At most this many chunks relayed untouched are held before their text is taken out.
+PENDING_CHUNKS = 256
 _KIND_OF_ENDPOINT = {"chat.completions": "chat", "completions": "chat", "embeddings": "embedding"}
 
 
@@ -90,182 +107,116 @@ class Services:
     """What serving tokens costs the operator, per deployment (`billing.compute_cost`)."""
 
 
-class Metering:
-    """One request's meter: collects what happened and writes it down exactly once."""
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    """Step 1: who asks, at which endpoint (`api` names it in the ledger), since when."""
 
-    __slots__ = (
-        "admission",
-        "attempts",
-        "checkpoint",
-        "cut_by",
-        "delivered",
-        "deployment",
-        "dialect",
-        "endpoint",
-        "error_type",
-        "finished",
-        "key",
-        "model",
-        "prompt_tokens",
-        "quote",
-        "record",
-        "request_id",
-        "services",
-        "started",
-        "status_code",
-        "stream",
-        "t0",
-        "tenant",
-        "ttft_s",
-        "upstream_s",
-        "upstream_usage",
-    )
+    request_id: str
+    key: ApiKey
+    tenant: Tenant
+    endpoint: Endpoint
+    api: str
+    started: datetime
+    t0: float  # perf_counter at the start, for the duration
 
-    def __init__(
-        self,
-        services: Services,
-        request_id: str,
-        key: ApiKey,
-        tenant: Tenant,
-        endpoint: Endpoint,
-        dialect: Dialect | None = None,
-    ) -> None:
-        self.services = services
-        self.dialect = dialect
-        self.request_id = request_id
-        self.key = key
-        self.tenant = tenant
-        self.endpoint = endpoint
-        self.t0 = time.perf_counter()
-        self.started = services.clock()
-        self.model = ""
-        self.prompt_tokens = 0
-        self.quote: Quote | None = None
-        self.admission: Admission | None = None
-        self.deployment: Deployment | None = None
-        self.attempts = 0
-        self.stream = False
-        self.status_code = 200
-        self.error_type: str | None = None
-        self.cut_by: str | None = None
-        self.upstream_usage: dict[str, Any] | None = None
-        self.delivered: dict[int, list[str]] = {}
-        self.ttft_s: float | None = None
-        self.upstream_s: float | None = None
-        self.finished = False
-        self.record: UsageRecord | None = None
-        self.checkpoint: tuple[int, float, int] = (0, 0.0, 0)  # parts, when, output tokens
+    @property
+    def who(self) -> Authenticated:
+        return self
 
-    def fail(self, error: ApiError) -> None:
-        self.status_code = error.status_code
-        self.error_type = error.code or error.type
 
-    def usage(self) -> Usage:
-        """Upstream usage when it is authoritative, else counted from what was delivered."""
-        if self.status_code >= 400 and self.cut_by is None and not any(self.delivered.values()):
-            return Usage()  # refused, or failed before any output: error text is never billed
-        if self.upstream_usage is not None and self.cut_by is None:
-            return Usage.from_openai(self.upstream_usage)
-        count = self.services.counter.count_text
-        output = sum(count(self.model, "".join(parts)) for parts in self.delivered.values())
-        if self.cut_by == "upstream":
-            return Usage(output=output)  # the upstream failed: the prompt is not billed
-        return Usage(uncached_input=self.prompt_tokens, output=output)
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """Step 2: the (public) model the request routes to."""
 
-    def provisional(self) -> UsageRecord:
-        """The row the crash policy gives this request if the gateway dies now.
+    who: Authenticated
+    model: str
 
-        Output delivered by the last checkpoint is billed (the prompt is not: the gateway
-        failed); checkpoints recount the whole delivered text at most once a second.
-        """
-        parts = sum(len(texts) for texts in self.delivered.values())
-        seen, when, output = self.checkpoint
-        now = time.perf_counter()
-        if parts != seen and now - when >= PROVISIONAL_RECOUNT_S:
-            count = self.services.counter.count_text
-            output = sum(count(self.model, "".join(texts)) for texts in self.delivered.values())
-            self.checkpoint = (parts, now, output)
-        return self._build(
-            Usage(output=output),
-            GATEWAY_DIED_STATUS,
-            GATEWAY_DIED,
-            "gateway" if self.stream and output else None,
-        )
 
-    def finish(self) -> UsageRecord:
-        """Price, record and observe (synchronously, so nothing is lost); returns the record."""
-        if self.record is not None:
-            return self.record
-        rec = self._build(self.usage(), self.status_code, self.error_type, self.cut_by)
-        self.record = rec
-        self.services.ledger.record(rec)
-        total_s = rec.duration_ms / 1000
-        upstream = self.upstream_s
-        overhead = total_s - upstream if upstream is not None else total_s
-        metrics = self.services.metrics
-        try:  # the request is recorded: observing it must never fail it
-            metrics.observe_request(rec, overhead_s=overhead, upstream_s=upstream)
-        except Exception as exc:
-            metrics.observation_failed(exc)
-        return rec
+@dataclass(frozen=True, slots=True)
+class Priced:
+    """Step 3: the model it routes to, the prompt counted, the price quoted."""
 
-    def _build(
-        self, usage: Usage, status_code: int, error_type: str | None, cut_by: str | None
-    ) -> UsageRecord:
-        quote = self.quote
-        cost = quote.cost(usage) if quote else 0
-        deployment = self.deployment
-        costs = self.services.compute_costs
-        compute = (
-            costs.cost_nanos(deployment.name, usage, self.started)
-            if costs is not None and deployment is not None
-            else 0
-        )
-        return UsageRecord(
-            request_id=self.request_id,
-            started_at=self.started,
-            tenant_id=self.tenant.id,
-            key_id=self.key.id,
-            model=self.model,
-            endpoint=self.dialect.name if self.dialect is not None else self.endpoint,
-            provider=deployment.provider_name if deployment else "",
-            deployment=deployment.name if deployment else "",
-            usage=usage,
-            currency=quote.currency if quote else self.tenant.currency,
-            price_version=quote.version if quote else "",
-            unit_price_input_nanos=quote.input_nanos if quote else 0,
-            unit_price_cached_nanos=quote.cached_nanos if quote else 0,
-            unit_price_output_nanos=quote.output_nanos if quote else 0,
-            list_unit_price_input_nanos=quote.list_input_nanos if quote else None,
-            list_unit_price_cached_nanos=quote.list_cached_nanos if quote else None,
-            list_unit_price_output_nanos=quote.list_output_nanos if quote else None,
-            cost_nanos=cost,
-            list_cost_nanos=quote.list_cost(usage) if quote else 0,
-            compute_cost_nanos=compute,
-            status_code=status_code,
-            error_type=error_type,
-            stream=self.stream,
-            stream_cut_by=cut_by,
-            attempts=self.attempts,
-            ttft_ms=self.ttft_s * 1000 if self.ttft_s is not None else None,
-            duration_ms=(time.perf_counter() - self.t0) * 1000,
-        )
+    who: Authenticated
+    model: str
+    stream: bool
+    prompt_tokens: int
+    quote: Quote
 
-    async def settle(self) -> None:
-        """Charge the reservation with the real cost and release the rest (once)."""
-        admission, self.admission = self.admission, None
-        if admission is None or self.record is None:
-            return
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """Step 4: the quota store's reservation for a priced request."""
+
+    priced: Priced
+    admission: Admission
+
+    @property
+    def who(self) -> Authenticated:
+        return self.priced.who
+
+    @property
+    def request_id(self) -> str:
+        return self.priced.who.request_id
+
+    @property
+    def started(self) -> datetime:
+        return self.priced.who.started
+
+    @property
+    def tenant(self) -> Tenant:
+        return self.priced.who.tenant
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.priced.prompt_tokens
+
+
+Step = Authenticated | Routed | Priced | Admitted
+"""How far a request got: what its record is built from."""
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """Step 5, as the record reads it: the deployment that served the request (or was
+    tried last), after how many attempts, its time to first byte and the upstream time."""
+
+    deployment: Deployment | None = None
+    attempts: int = 0
+    ttft_s: float | None = None
+    upstream_s: float | None = None
+
+
+_NOT_SERVED = Served()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """Step 6: how the request ended: the tokens to bill, its status and who cut it."""
+
+    usage: Usage
+    status_code: int = 200
+    error_type: str | None = None
+    cut_by: str | None = None  # None, "client", "upstream" or "gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class Bill:
+    """What a request was charged (its ledger row) and the usage its upstream reported:
+    what the answer's cost headers and a dialect's usage object are made of."""
+
+    record: UsageRecord
+    reported: TokenUsage | None = None
+
+    def cost_object(self) -> dict[str, str]:
         rec = self.record
-        try:
-            await self.services.quotas.settle(admission, rec.usage.total, rec.cost_nanos)
-        except QuotaUnavailable:
-            log.warning("settle of %s deferred: quota store unavailable", self.request_id)
+        return {
+            "cost": format_amount(rec.cost_nanos),
+            "currency": rec.currency,
+            "price_version": rec.price_version,
+        }
 
-    def cost_headers(self) -> dict[str, str]:
+    def headers(self) -> dict[str, str]:
         rec = self.record
-        if rec is None:
-            return {}
         return {
             "x-maas-cost": format_amount(rec.cost_nanos),
             "x-maas-currency": rec.currency,
@@ -275,14 +226,166 @@ class Metering:
             "x-maas-price-version": rec.price_version,
         }
 
-    def cost_object(self) -> dict[str, str]:
-        rec = self.record
-        assert rec is not None
-        return {
-            "cost": format_amount(rec.cost_nanos),
-            "currency": rec.currency,
-            "price_version": rec.price_version,
-        }
+
+class Progress:
+    """What an admitted request has delivered so far: the output text by choice, the usage
+    its upstream reported, and (once written) its record. Written only by the step that
+    relays the answer; read by the crash policy's provisional record.
+
+    Reads relayed untouched are kept as they came (`pending`) and their text taken out
+    only when it is needed (a count, or more than `PENDING_CHUNKS` chunks held).
+    """
+
+    __slots__ = ("checkpoint", "pending", "pending_chunks", "record", "reported", "served", "texts")
+
+    def __init__(self) -> None:
+        self.texts: dict[Any, list[str]] = {}
+        self.pending: list[Chunks] = []
+        self.pending_chunks = 0
+        self.reported: TokenUsage | None = None
+        self.served: Served = _NOT_SERVED
+        self.record: UsageRecord | None = None
+        self.checkpoint: tuple[int, float, int] = (0, 0.0, 0)  # chunks, when, output tokens
+
+    def hold(self, read: Chunks) -> None:
+        """A read relayed untouched: its text is taken out later, in order."""
+        self.pending.append(read)
+        self.pending_chunks += len(read.raw)
+        if self.pending_chunks > PENDING_CHUNKS:
+            self.collect()
+
+    def collect(self) -> dict[Any, list[str]]:
+        """The delivered text by choice, the held reads' included."""
+        pending = self.pending
+        if pending:
+            self.pending = []
+            self.pending_chunks = 0
+            for read in pending:
+                try:
+                    views = read.views
+                except msgspec.DecodeError:  # JSON, but not a chunk's shape: no text in it
+                    views = [v for v in map(_view_or_none, read.raw) if v is not None]
+                for view in views:
+                    self.add(view)
+        return self.texts
+
+    def add(self, view: ChunkView) -> None:
+        """A chunk relayed (rewritten or not): its text, after any held before it."""
+        if not view.choices:
+            return
+        if self.pending:
+            self.collect()
+        texts = self.texts
+        for choice in view.choices:
+            parts = choice.texts()
+            if parts:
+                delivered = texts.get(choice.index)
+                if delivered is None:
+                    texts[choice.index] = parts
+                else:
+                    delivered += parts
+
+    def size(self) -> int:
+        """How many pieces of text (and held chunks) have been delivered."""
+        return sum(len(t) for t in self.texts.values()) + self.pending_chunks
+
+    def delivered(self) -> bool:
+        return any(self.collect().values())
+
+    def bill(self) -> Bill:
+        """The bill, once the record is written."""
+        assert self.record is not None
+        return Bill(self.record, self.reported)
+
+
+def _view_or_none(raw: bytes) -> ChunkView | None:
+    try:
+        return _view(raw)
+    except msgspec.DecodeError:
+        return None
+
+
+def authenticate(
+    services: Services,
+    credential: str | None,
+    endpoint: Endpoint,
+    api: str,
+    request_id: str | None = None,
+) -> Authenticated:
+    """Step 1: the key and tenant a credential stands for (raises the refusal `ApiError`)."""
+    now = services.clock()
+    key, tenant = services.directory.authenticate(credential, now)
+    return Authenticated(
+        request_id or new_request_id(), key, tenant, endpoint, api, now, time.perf_counter()
+    )
+
+
+def record_usage(
+    services: Services, step: Step, outcome: Outcome, served: Served = _NOT_SERVED
+) -> UsageRecord:
+    """Price, record and observe a request's outcome (synchronously, so nothing is lost)."""
+    rec = build_record(services, step, served, outcome)
+    services.ledger.record(rec)
+    total_s = rec.duration_ms / 1000
+    upstream = served.upstream_s
+    overhead = total_s - upstream if upstream is not None else total_s
+    metrics = services.metrics
+    try:  # the request is recorded: observing it must never fail it
+        metrics.observe_request(rec, overhead_s=overhead, upstream_s=upstream)
+    except Exception as exc:
+        metrics.observation_failed(exc)
+    return rec
+
+
+def build_record(services: Services, step: Step, served: Served, outcome: Outcome) -> UsageRecord:
+    """The ledger row of a request that got as far as `step` and ended as `outcome`."""
+    who = step.who
+    priced = step.priced if isinstance(step, Admitted) else step
+    model = priced.model if not isinstance(priced, Authenticated) else ""
+    quote = priced.quote if isinstance(priced, Priced) else None
+    usage = outcome.usage
+    deployment = served.deployment
+    costs = services.compute_costs
+    compute = (
+        costs.cost_nanos(deployment.name, usage, who.started)
+        if costs is not None and deployment is not None
+        else 0
+    )
+    return UsageRecord(
+        request_id=who.request_id,
+        started_at=who.started,
+        tenant_id=who.tenant.id,
+        key_id=who.key.id,
+        model=model,
+        endpoint=who.api,
+        provider=deployment.provider_name if deployment else "",
+        deployment=deployment.name if deployment else "",
+        usage=usage,
+        currency=quote.currency if quote else who.tenant.currency,
+        price_version=quote.version if quote else "",
+        unit_price_input_nanos=quote.input_nanos if quote else 0,
+        unit_price_cached_nanos=quote.cached_nanos if quote else 0,
+        unit_price_output_nanos=quote.output_nanos if quote else 0,
+        list_unit_price_input_nanos=quote.list_input_nanos if quote else None,
+        list_unit_price_cached_nanos=quote.list_cached_nanos if quote else None,
+        list_unit_price_output_nanos=quote.list_output_nanos if quote else None,
+        cost_nanos=quote.cost(usage) if quote else 0,
+        list_cost_nanos=quote.list_cost(usage) if quote else 0,
+        compute_cost_nanos=compute,
+        status_code=outcome.status_code,
+        error_type=outcome.error_type,
+        stream=priced.stream if isinstance(priced, Priced) else False,
+        stream_cut_by=outcome.cut_by,
+        attempts=served.attempts,
+        ttft_ms=served.ttft_s * 1000 if served.ttft_s is not None else None,
+        duration_ms=(time.perf_counter() - who.t0) * 1000,
+    )
+
+
+def _billed(reported: TokenUsage) -> Usage:
+    return Usage(
+        reported.uncached_input, reported.cached_input, reported.output, reported.reasoning
+    )
 
 
 class Relay:
@@ -290,132 +393,170 @@ class Relay:
 
     def __init__(self, services: Services) -> None:
         self.services = services
+        self._settling: set[asyncio.Task[None]] = set()
+
+    async def drain(self) -> None:
+        """Wait for the settles still running in the background (call on shutdown, before
+        the quota store closes)."""
+        while self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
 
     async def handle(
         self, endpoint: Endpoint, request: Request[Any, Any, Any], dialect: Dialect | None = None
     ) -> Response[Any]:
         """Serve one request; a `dialect` translates another API to and from `endpoint`."""
-        request_id = new_request_id()
         s = self.services
-        credential = (dialect or _OPENAI).authorization(request)
+        edge = dialect or _OPENAI
+        request_id = new_request_id()
         try:
-            key, tenant = s.directory.authenticate(credential, s.clock())
-        except ApiError as refused:
-            return (dialect or _OPENAI).error_response(refused, request_id)
-        meter = Metering(s, request_id, key, tenant, endpoint, dialect)
-        try:
-            raw = await request.body()
-        except HTTPException as exc:  # the body is over server.max_body_bytes
-            size = request.app.request_max_body_size
-            limit = size if isinstance(size, int) else 0
-            too_big = exc.status_code == 413
-            return await self._refused(
-                meter, body_too_large(limit) if too_big else invalid_request(exc.detail)
+            who = authenticate(
+                s,
+                edge.authorization(request),
+                endpoint,
+                dialect.name if dialect is not None else endpoint,
+                request_id,
             )
+        except ApiError as refused:
+            return edge.error_response(refused, request_id)
+        step: Step = who
+        served = _NOT_SERVED
         try:
-            return await self._admitted(meter, raw)
+            raw = await _body(request)
+            body, typed = (
+                await dialect.decode(raw, who, s.max_json_depth)
+                if dialect is not None
+                else decode_body(endpoint, raw, s.max_json_depth)
+            )
+            model = self._route(who, typed.model)
+            step = Routed(who, model.name)
+            step = priced = self._price(who, model, body, typed)
+            limit_field, requested = _output_limit(endpoint, body)
+            n = int(body.get("n") or 1)
+            wanted = requested if requested is not None else s.default_max_output_tokens
+            step = admitted = Admitted(priced, await self._admit(priced, wanted * n, n))
+            progress = Progress()
+            s.ledger.admit(request_id, lambda: self._provisional(admitted, progress))
+            if endpoint != "embeddings":
+                granted = admitted.admission.granted_max_tokens // n
+                if requested is None or granted < requested:
+                    body[limit_field] = max(granted, 1)
+                if priced.stream:
+                    body["stream_options"] = {"include_usage": True}
+            options = getattr(typed, "stream_options", None)
+            include_usage = bool(options and options.include_usage)
+
+            def make_request(deployment: Deployment) -> ProviderRequest:
+                return ProviderRequest(
+                    endpoint,
+                    deployment.model,
+                    {**body, "model": deployment.model},
+                    request_id,
+                    connect_timeout_s=deployment.timeouts.connect_s,
+                )
+
+            started = time.perf_counter()
+            try:
+                forwarded = await s.router.forward(model, who.tenant.id, make_request)
+            except ForwardFailed as failed:
+                served = Served(
+                    failed.deployment, failed.attempts, None, time.perf_counter() - started
+                )
+                if failed.status_code in (401, 403):
+                    log.warning("upstream refused the gateway's credentials: %s", failed.message)
+                raise upstream_api_error(failed) from None
+            served = progress.served = Served(
+                forwarded.deployment,
+                forwarded.attempts,
+                forwarded.upstream_ttft_s,
+                time.perf_counter() - started,
+            )
         except ApiError as error:
-            return await self._refused(meter, error)
+            return await self._refused(edge, step, served, error)
         except Exception:
             log.exception("request %s failed", request_id)
-            return await self._refused(meter, server_error(request_id))
-
-    async def _refused(self, meter: Metering, error: ApiError) -> Response[Any]:
-        """Record a request that ends in an error, release its reservation, answer it.
-
-        A request that was admitted keeps the rate-limit headers of its admission.
-        """
-        meter.fail(error)
-        meter.finish()
-        limits = meter.admission.headers if meter.admission is not None else {}
-        await meter.settle()
-        return (meter.dialect or _OPENAI).error_response(error, meter.request_id, limits)
-
-    async def _admitted(self, meter: Metering, raw: bytes) -> Response[Any]:
-        s = self.services
-        endpoint = meter.endpoint
-        dialect = meter.dialect
-        body, typed = (
-            await dialect.decode(raw, meter)
-            if dialect
-            else decode_body(endpoint, raw, s.max_json_depth)
-        )
-        model = self._route(meter, typed.model)
-        meter.model = model.name
-        meter.stream = bool(body.get("stream"))
-        meter.prompt_tokens = prompt_tokens = self._count_prompt(model.name, endpoint, typed)
-        try:
-            quote = s.pricing.quote(model.name, prompt_tokens, meter.started, meter.tenant.plan)
-        except Unpriced as exc:
-            raise ApiError(400, str(exc), param="model", code="model_not_priced") from None
-        meter.quote = quote
-        limit_field, requested = _output_limit(endpoint, body)
-        n = int(body.get("n") or 1)
-        wanted = requested if requested is not None else s.default_max_output_tokens
-        meter.admission = await self._admit(meter, prompt_tokens, wanted * n, quote, n)
-        s.ledger.admit(meter.request_id, meter.provisional)  # a crash from here on: a row
-        if endpoint != "embeddings":
-            granted = meter.admission.granted_max_tokens // n
-            if requested is None or granted < requested:
-                body[limit_field] = max(granted, 1)
-            if meter.stream:
-                body["stream_options"] = {"include_usage": True}
-        options = getattr(typed, "stream_options", None)
-        include_usage = bool(options and options.include_usage)
-
-        def make_request(deployment: Deployment) -> ProviderRequest:
-            meter.deployment = deployment  # the last one tried names a failed request's row
-            meter.attempts += 1
-            return ProviderRequest(
-                endpoint,
-                deployment.model,
-                {**body, "model": deployment.model},
-                meter.request_id,
-                connect_timeout_s=deployment.timeouts.connect_s,
-            )
-
-        forwarded = await self._forward(meter, model, make_request)
-        headers = {"x-request-id": meter.request_id, **meter.admission.headers}
+            return await self._refused(edge, step, served, server_error(request_id))
         response = forwarded.response
+        headers = {"x-request-id": request_id, **admitted.admission.headers}
         if response.stream is not None:
-            sse = await _started(self._relay_stream(meter, forwarded, include_usage))
+            relayed = self._relay_stream(admitted, response.stream, include_usage, progress)
+            try:
+                sse = await _started(relayed)
+            except Exception:  # a bug: the stream's own bookkeeping has written its row
+                log.exception("request %s failed", request_id)
+                return edge.error_response(server_error(request_id), request_id)
             s.ledger.journal_admitted()  # before the caller can see this request's id
             return Stream(
-                dialect.stream(sse, meter) if dialect else sse,
+                dialect.stream(sse, admitted, progress.bill) if dialect else sse,
                 media_type="text/event-stream",
                 headers={**headers, "cache-control": "no-cache"},
             )
         result = response.body or {}
-        meter.upstream_usage = result.get("usage") if isinstance(result, dict) else None
-        if meter.upstream_usage is None:
-            meter.delivered = _message_texts(result)
-        result["model"] = model.name
-        meter.finish()
-        if isinstance(result.get("usage"), dict):
-            result["usage"]["maas"] = meter.cost_object()
-        if dialect is not None:
-            result = await dialect.answer(result, meter)
-        await meter.settle()
+        reported = response.usage
+        if reported is not None:
+            usage = _billed(reported)
+        else:
+            output = self._count_output(priced.model, _message_texts(result))
+            usage = Usage(uncached_input=priced.prompt_tokens, output=output)
+        rec = progress.record = record_usage(s, admitted, Outcome(usage), served)
+        progress.reported = reported
+        bill = progress.bill()
+        try:
+            result["model"] = priced.model
+            if isinstance(result.get("usage"), dict):
+                result["usage"]["maas"] = bill.cost_object()
+            if dialect is not None:
+                result = await dialect.answer(result, admitted, bill)
+            content = _encode(result)
+        except Exception:  # recorded already: answer the error, write no second row
+            log.exception("request %s failed", request_id)
+            await self._settle(admitted, rec)
+            return edge.error_response(server_error(request_id), request_id)
+        await self._settle(admitted, rec)
         return Response(
-            _encode(result),
-            media_type="application/json",
-            headers={**headers, **meter.cost_headers()},
+            content, media_type="application/json", headers={**headers, **bill.headers()}
         )
 
-    def _route(self, meter: Metering, requested: str) -> ModelConfig:
+    async def _refused(
+        self, edge: Any, step: Step, served: Served, error: ApiError
+    ) -> Response[Any]:
+        """Record a request that ends in an error, release its reservation, answer it.
+
+        A request that was admitted keeps the rate-limit headers of its admission.
+        """
+        outcome = Outcome(Usage(), error.status_code, error.code or error.type)
+        rec = record_usage(self.services, step, outcome, served)
+        limits: dict[str, str] = {}
+        if isinstance(step, Admitted):
+            limits = step.admission.headers
+            await self._settle(step, rec)
+        return edge.error_response(error, step.who.request_id, limits)  # type: ignore[no-any-return]
+
+    def _route(self, who: Authenticated, requested: str) -> ModelConfig:
         try:
             model = self.services.router.resolve(requested)
         except UnknownModel:
             raise model_not_found(requested) from None
-        if not meter.key.allows(model.name):
+        if not who.key.allows(model.name):
             raise model_not_found(requested)
-        if _KIND_OF_ENDPOINT[meter.endpoint] != (
+        if _KIND_OF_ENDPOINT[who.endpoint] != (
             "embedding" if model.kind == "embedding" else "chat"
         ):
             raise invalid_request(
                 f"The model `{requested}` does not support this endpoint.", param="model"
             )
         return model
+
+    def _price(
+        self, who: Authenticated, model: ModelConfig, body: dict[str, Any], typed: Any
+    ) -> Priced:
+        prompt_tokens = self._count_prompt(model.name, who.endpoint, typed)
+        try:
+            quote = self.services.pricing.quote(
+                model.name, prompt_tokens, who.started, who.tenant.plan
+            )
+        except Unpriced as exc:
+            raise ApiError(400, str(exc), param="model", code="model_not_priced") from None
+        return Priced(who, model.name, bool(body.get("stream")), prompt_tokens, quote)
 
     def _count_prompt(self, model: str, endpoint: Endpoint, typed: Any) -> int:
         counter = self.services.counter
@@ -427,29 +568,31 @@ class Relay:
             return counter.count_prompt(model, typed.prompt)
         return counter.count_input(model, typed.input)
 
-    async def _admit(
-        self, meter: Metering, prompt_tokens: int, max_tokens: int, quote: Quote, n: int
-    ) -> Admission:
-        tenant, key = meter.tenant, meter.key
+    def _count_output(self, model: str, texts: dict[Any, list[str]]) -> int:
+        count = self.services.counter.count_text
+        return sum(count(model, "".join(parts)) for parts in texts.values())
+
+    async def _admit(self, priced: Priced, max_tokens: int, n: int) -> Admission:
+        who = priced.who
+        tenant, key, model = who.tenant, who.key, priced.model
         scopes = [Scope(f"tenant:{tenant.id}", tenant.limits, tenant.timezone)]
         if key.limits is not None:
             scopes.append(Scope(f"key:{key.id}", key.limits, tenant.timezone))
-        model_limits = tenant.model_limits.get(meter.model)
+        model_limits = tenant.model_limits.get(model)
         if model_limits is not None:
-            scopes.append(
-                Scope(f"tenant:{tenant.id}:model:{meter.model}", model_limits, tenant.timezone)
-            )
-        embeddings = meter.endpoint == "embeddings"
+            scopes.append(Scope(f"tenant:{tenant.id}:model:{model}", model_limits, tenant.timezone))
+        embeddings = who.endpoint == "embeddings"
+        quote = priced.quote
         request = AdmitRequest(
-            request_id=meter.request_id,
+            request_id=who.request_id,
             scopes=scopes,
-            prompt_tokens=prompt_tokens,
+            prompt_tokens=priced.prompt_tokens,
             max_tokens=0 if embeddings else max_tokens,
             min_tokens=0 if embeddings else n,  # at least one output token per choice
-            input_cost_nanos=quote.input_nanos * prompt_tokens,
+            input_cost_nanos=quote.input_nanos * priced.prompt_tokens,
             output_price_nanos=quote.output_nanos,
             balance_account=tenant.id if tenant.prepaid else None,
-            now=meter.started,
+            now=who.started,
         )
         try:
             return await self.services.quotas.admit(request)
@@ -457,7 +600,7 @@ class Relay:
             # Counted here, by the limit that refused: an upstream's 429 is no quota refusal.
             metrics = self.services.metrics
             try:
-                metrics.observe_refusal(tenant.id, meter.model, exc.reason)
+                metrics.observe_refusal(tenant.id, model, exc.reason)
             except Exception as error:
                 metrics.observation_failed(error)
             raise quota_error(exc) from None
@@ -466,80 +609,185 @@ class Relay:
                 "The quota service is unavailable; the request was not admitted. Retry shortly."
             ) from None
 
-    async def _forward(self, meter: Metering, model: ModelConfig, make_request: Any) -> Forwarded:
-        started = time.perf_counter()
-        try:
-            forwarded = await self.services.router.forward(model, meter.tenant.id, make_request)
-        except UpstreamError as exc:
-            if exc.status_code in (401, 403):
-                log.warning("upstream refused the gateway's credentials: %s", exc.message)
-            raise upstream_api_error(exc) from None
-        finally:
-            meter.upstream_s = time.perf_counter() - started
-        meter.deployment = forwarded.deployment
-        meter.attempts = forwarded.attempts
-        meter.ttft_s = forwarded.upstream_ttft_s
-        return forwarded
+    def _provisional(self, admitted: Admitted, progress: Progress) -> UsageRecord:
+        """The row the crash policy gives this request if the gateway dies now.
+
+        Output delivered by the last checkpoint is billed (the prompt is not: the gateway
+        failed); checkpoints recount the whole delivered text at most once a second.
+        """
+        parts = progress.size()
+        seen, when, output = progress.checkpoint
+        now = time.perf_counter()
+        if parts != seen and now - when >= PROVISIONAL_RECOUNT_S:
+            output = self._count_output(admitted.priced.model, progress.collect())
+            progress.checkpoint = (progress.size(), now, output)
+        outcome = Outcome(
+            Usage(output=output),
+            GATEWAY_DIED_STATUS,
+            GATEWAY_DIED,
+            "gateway" if admitted.priced.stream and output else None,
+        )
+        return build_record(self.services, admitted, progress.served, outcome)
+
+    def _stream_usage(self, admitted: Admitted, progress: Progress, cut_by: str | None) -> Usage:
+        """Upstream usage when it is authoritative, else counted from what was delivered."""
+        reported = progress.reported
+        if reported is not None and cut_by is None:
+            return _billed(reported)
+        if cut_by is not None and not progress.delivered():
+            return Usage(uncached_input=admitted.prompt_tokens) if cut_by == "client" else Usage()
+        output = self._count_output(admitted.priced.model, progress.collect())
+        if cut_by == "upstream":
+            return Usage(output=output)  # the upstream failed: the prompt is not billed
+        return Usage(uncached_input=admitted.prompt_tokens, output=output)
 
     async def _relay_stream(
-        self, meter: Metering, forwarded: Forwarded, include_usage: bool
+        self,
+        admitted: Admitted,
+        stream: AsyncIterator[Chunks],
+        include_usage: bool,
+        progress: Progress,
     ) -> AsyncGenerator[bytes, None]:
-        """Relay chunks as they arrive; settle and record before the last bytes go out."""
-        stream = forwarded.response.stream
-        assert stream is not None
-        public_model = meter.model
-        delivered = meter.delivered
-        usage_chunk: Chunk | None = None
+        """Relay each upstream read in one write as it arrives; record before the last
+        bytes go out, settle after.
+
+        A chunk whose model is already the public one, and that carries no usage the caller
+        did not ask for, leaves as the upstream wrote it; others are rewritten. Either way
+        its text is counted toward what was delivered.
+        """
+        s = self.services
+        public = admitted.priced.model
+        served = progress.served
+        upstream = served.deployment.model if served.deployment is not None else public
+        # A chunk naming the upstream model in compact JSON gets the public name spliced in.
+        named = b'"model":' + _encode(upstream)
+        renamed = b'"model":' + _encode(public)
+        usage_chunk: bytes | None = None
+        usage_seen: dict[str, Any] | None = None
+        carried: list[bytes] = []
         completed = False
-        # Chunks that came in one upstream read leave in one write (`ready` says whether
-        # the next chunk is already at hand); nothing is held across a wait.
-        out: list[bytes] = []
         try:
             try:
-                async for chunk in stream:
-                    usage = chunk.get("usage")
-                    if usage:
-                        meter.upstream_usage = usage
-                    choices = chunk.get("choices")
-                    if not choices:
-                        if usage:
-                            usage_chunk = chunk
-                    else:
-                        for choice in choices:
-                            _collect_delta(choice, delivered.setdefault(choice.get("index", 0), []))
-                        chunk["model"] = public_model
+                async for read in stream:
+                    if read.usage is not None:
+                        progress.reported = read.usage
+                    raws = read.raw
+                    out: list[bytes] = []
+                    # The read leaves as it came (the model's name spliced in) up to a
+                    # usage-bearing tail (the usage chunk), when each chunk is one line, has
+                    # choices and names the model once: checks at C speed, nothing decoded.
+                    n = len(raws)
+                    while n and b'"usage"' in raws[n - 1]:
+                        n -= 1
+                    tail: list[bytes] = raws
+                    if n:
+                        head = raws if n == len(raws) else raws[:n]
+                        sse = b"data: " + b"\n\ndata: ".join(head) + b"\n\n"
+                        if (
+                            b'"usage"' not in sse
+                            and sse.count(b"\n") == 2 * n
+                            and sse.count(b'"choices":[{') == n
+                        ):
+                            if sse.count(renamed) == n:
+                                out.append(sse)
+                            elif sse.count(named) == n:
+                                out.append(sse.replace(named, renamed))
+                        if out:
+                            progress.hold(read if head is raws else Chunks(head))
+                            tail = raws[n:]
+                    views = read.views if tail is raws else [_view(raw) for raw in tail]
+                    for view, raw in zip(views, tail, strict=True):
+                        if view.usage:
+                            usage_seen = view.usage
+                        if not view.choices:
+                            if view.usage:
+                                usage_chunk = raw
+                            continue
+                        progress.add(view)
+                        if (include_usage or b'"usage"' not in raw) and b"\n" not in raw:
+                            if view.model == public:
+                                out.append(b"data: " + raw + b"\n\n")
+                                continue
+                            if view.model == upstream and raw.count(named) == 1:
+                                out.append(b"data: " + raw.replace(named, renamed) + b"\n\n")
+                                continue
+                        chunk = _decode_chunk(raw)
+                        chunk["model"] = public
                         if not include_usage:
                             chunk.pop("usage", None)
                         out.append(b"data: " + _encode(chunk) + b"\n\n")
-                    if out and not getattr(stream, "ready", False):
-                        yield b"".join(out)
-                        out.clear()
+                    if out:
+                        if read.final:  # the last read goes out with the usage and [DONE]
+                            carried = out
+                        else:
+                            yield b"".join(out)
             except UpstreamError as exc:
-                meter.cut_by = "upstream"
-                meter.status_code = exc.status_code if exc.status_code >= 400 else 502
-                meter.error_type = exc.type
-                meter.finish()
-                out.append(b"data: " + upstream_api_error(exc).encode() + b"\n\n")
-                yield b"".join(out)
+                outcome = Outcome(
+                    self._stream_usage(admitted, progress, "upstream"),
+                    exc.status_code if exc.status_code >= 400 else 502,
+                    exc.type,
+                    "upstream",
+                )
+                progress.record = record_usage(s, admitted, outcome, served)
+                carried.append(b"data: " + upstream_api_error(exc).encode() + b"\n\n")
+                yield b"".join(carried)
                 return
             completed = True
-            meter.finish()
-            if include_usage:
-                final = usage_chunk or _usage_chunk(meter)
-                final["model"] = public_model
-                final["usage"] = {**(meter.upstream_usage or meter.record.usage.to_openai())}  # type: ignore[union-attr]
-                final["usage"]["maas"] = meter.cost_object()
-                out.append(b"data: " + _encode(final) + b"\n\n")
-            out.append(_DONE)
-            yield b"".join(out)
+            rec = progress.record = record_usage(
+                s, admitted, Outcome(self._stream_usage(admitted, progress, None)), served
+            )
+            if not include_usage:
+                carried.append(_DONE)
+                yield b"".join(carried)
+                return
+            final = (
+                _decode_chunk(usage_chunk)
+                if usage_chunk is not None
+                else _usage_chunk(admitted, public)
+            )
+            final["model"] = public
+            final["usage"] = {**(usage_seen or rec.usage.to_openai())}
+            final["usage"]["maas"] = progress.bill().cost_object()
+            carried.append(b"data: " + _encode(final) + b"\n\n" + _DONE)
+            yield b"".join(carried)
         finally:
-            if not completed and meter.record is None:
-                meter.cut_by = "client"
-                meter.status_code = 499
-                meter.error_type = "client_disconnected"
-                meter.finish()
+            if not completed and progress.record is None:
+                outcome = Outcome(
+                    self._stream_usage(admitted, progress, "client"),
+                    499,
+                    "client_disconnected",
+                    "client",
+                )
+                progress.record = record_usage(s, admitted, outcome, served)
             await _close_quietly(stream)
-            await _settle_later(meter)
+            if progress.record is not None:
+                await self._settle_later(admitted, progress.record)
+
+    async def _settle(self, admitted: Admitted, rec: UsageRecord) -> None:
+        """Charge the reservation with the real cost and release the rest."""
+        try:
+            await self.services.quotas.settle(admitted.admission, rec.usage.total, rec.cost_nanos)
+        except QuotaUnavailable:
+            log.warning("settle of %s deferred: quota store unavailable", admitted.request_id)
+
+    async def _settle_later(self, admitted: Admitted, rec: UsageRecord) -> None:
+        """Settle, shielded: when a departing client cancels the request, settling goes on
+        (`drain` waits for it on shutdown)."""
+        task = asyncio.ensure_future(self._settle(admitted, rec))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        await asyncio.shield(task)
+
+
+async def _body(request: Request[Any, Any, Any]) -> bytes:
+    """The request body; over `server.max_body_bytes` (or unreadable), the 4xx to answer."""
+    try:
+        return await request.body()
+    except HTTPException as exc:
+        if exc.status_code == 413:
+            size = request.app.request_max_body_size
+            raise body_too_large(size if isinstance(size, int) else 0) from None
+        raise invalid_request(exc.detail) from None
 
 
 async def _started(stream: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
@@ -585,35 +833,6 @@ async def _close_quietly(stream: Any) -> None:
         log.debug("closing an upstream stream failed", exc_info=True)
 
 
-_background: set[asyncio.Task[None]] = set()
-
-
-async def _settle_later(meter: Metering) -> None:
-    """Settle, shielded: when a departing client cancels the request, settling goes on."""
-    task = asyncio.ensure_future(meter.settle())
-    _background.add(task)
-    task.add_done_callback(_background.discard)
-    await asyncio.shield(task)
-
-
-def _collect_delta(choice: dict[str, Any], delivered: list[str]) -> None:
-    delta = choice.get("delta")
-    if delta is None:  # /v1/completions chunks carry text directly
-        text = choice.get("text")
-        if text:
-            delivered.append(text)
-        return
-    reasoning = delta.get("reasoning_content") or delta.get("reasoning")  # DeepSeek, Ollama...
-    if reasoning:
-        delivered.append(reasoning)
-    content = delta.get("content")
-    if content:
-        delivered.append(content)
-    for call in delta.get("tool_calls") or ():
-        function = call.get("function") or {}
-        delivered.append((function.get("name") or "") + (function.get("arguments") or ""))
-
-
 def _message_texts(body: dict[str, Any]) -> dict[int, list[str]]:
     """The output texts of a JSON answer, by choice."""
     texts: dict[int, list[str]] = {}
@@ -631,13 +850,14 @@ def _message_texts(body: dict[str, Any]) -> dict[int, list[str]]:
     return texts
 
 
-def _usage_chunk(meter: Metering) -> Chunk:
-    chat = meter.endpoint == "chat.completions"
+def _usage_chunk(admitted: Admitted, model: str) -> Chunk:
+    who = admitted.who
+    chat = who.endpoint == "chat.completions"
     return {
-        "id": ("chatcmpl-" if chat else "cmpl-") + meter.request_id[4:],
+        "id": ("chatcmpl-" if chat else "cmpl-") + who.request_id[4:],
         "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": int(meter.started.timestamp()),
-        "model": meter.model,
+        "created": int(who.started.timestamp()),
+        "model": model,
         "choices": [],
     }
 

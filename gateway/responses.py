@@ -16,7 +16,7 @@ same tenant only.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -27,7 +27,7 @@ from msgspec import Meta, Struct
 
 from gateway.dialects import relayed_chunks, sse_event
 from gateway.errors import ApiError, invalid_request
-from gateway.relay import Metering, error_response, new_request_id
+from gateway.relay import Admitted, Authenticated, Bill, error_response, new_request_id
 from gateway.response_store import ResponseStore
 from gateway.schemas import (
     ChatRequest,
@@ -106,14 +106,14 @@ class ResponsesDialect:
     ) -> Response[Any]:
         return error_response(error, request_id, limits)
 
-    async def decode(self, raw: bytes, meter: Metering) -> tuple[dict[str, Any], Any]:
-        body = decode_object(raw, meter.services.max_json_depth)
+    async def decode(
+        self, raw: bytes, who: Authenticated, max_json_depth: int
+    ) -> tuple[dict[str, Any], Any]:
+        body = decode_object(raw, max_json_depth)
         req = self.request = validate(body, ResponsesRequest)
         history: list[dict[str, Any]] = []
         if req.previous_response_id is not None:
-            previous = await self.store.get(
-                meter.tenant.id, req.previous_response_id, meter.started
-            )
+            previous = await self.store.get(who.tenant.id, req.previous_response_id, who.started)
             if previous is None:
                 raise invalid_request(
                     f"Previous response with id '{req.previous_response_id}' not found.",
@@ -144,7 +144,9 @@ class ResponsesDialect:
             chat["response_format"] = response_format
         return chat, validate(chat, ChatRequest)
 
-    async def answer(self, result: dict[str, Any], meter: Metering) -> dict[str, Any]:
+    async def answer(
+        self, result: dict[str, Any], admitted: Admitted, bill: Bill
+    ) -> dict[str, Any]:
         choices = result.get("choices") or [{}]
         message = choices[0].get("message") or {}
         output: list[dict[str, Any]] = []
@@ -162,21 +164,27 @@ class ResponsesDialect:
                     "completed",
                 )
             )
-        response = self._response(meter, output, choices[0].get("finish_reason"))
-        await self._store(meter, response, message)
+        response = self._response(admitted, output, choices[0].get("finish_reason"), bill)
+        await self._store(admitted, response, message)
         return response
 
-    async def stream(self, sse: AsyncIterator[bytes], meter: Metering) -> AsyncIterator[bytes]:
-        async with relayed_chunks(sse) as chunks, aclosing(self._events(chunks, meter)) as events:
+    async def stream(
+        self, sse: AsyncIterator[bytes], admitted: Admitted, bill: Callable[[], Bill]
+    ) -> AsyncIterator[bytes]:
+        async with (
+            relayed_chunks(sse) as chunks,
+            aclosing(self._events(chunks, admitted, bill)) as events,
+        ):
             async for piece in events:
                 yield piece
 
     async def _events(
-        self, chunks: AsyncIterator[dict[str, Any]], meter: Metering
+        self, chunks: AsyncIterator[dict[str, Any]], admitted: Admitted, bill: Callable[[], Bill]
     ) -> AsyncGenerator[bytes, None]:
         numbered = _Events()
-        yield numbered.emit("response.created", response=self._response(meter, [], None, False))
-        yield numbered.emit("response.in_progress", response=self._response(meter, [], None, False))
+        started = self._response(admitted, [], None, None)
+        yield numbered.emit("response.created", response=started)
+        yield numbered.emit("response.in_progress", response=started)
         output: list[dict[str, Any]] = []
         text_item: dict[str, Any] | None = None
         calls: dict[int, dict[str, Any]] = {}  # chat tool-call index -> function_call item
@@ -223,7 +231,7 @@ class ResponsesDialect:
             error = chunk.get("error")
             if error is not None:
                 yield b"".join([*close_text(), *close_calls()])
-                failed = self._response(meter, output, None, False)
+                failed = self._response(admitted, output, None, None)
                 failed["status"] = "failed"
                 failed["error"] = {
                     "code": error.get("code") or "server_error",
@@ -318,49 +326,49 @@ class ResponsesDialect:
             output.append(item)
             closing.append(numbered.emit("response.output_item.added", output_index=0, item=item))
             closing.append(numbered.emit("response.output_item.done", output_index=0, item=item))
-        response = self._response(meter, output, finish)
+        response = self._response(admitted, output, finish, bill())
         message: dict[str, Any] = {"content": "".join(texts) or None}
         tool_calls = [i for i in output if i["type"] == "function_call"]
         if tool_calls:
             message["tool_calls"] = [_chat_call(i) for i in tool_calls]
-        await self._store(meter, response, message)
+        await self._store(admitted, response, message)
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
         closing.append(numbered.emit(kind, response=response))
         yield b"".join(closing)
 
     def _response(
         self,
-        meter: Metering,
+        admitted: Admitted,
         output: list[dict[str, Any]],
         finish_reason: str | None,
-        done: bool = True,
+        bill: Bill | None,
     ) -> dict[str, Any]:
+        """The response object; `bill` is None while it is still in progress."""
         req = self.request
         assert req is not None
         status = "completed"
         incomplete = None
-        if not done:
+        if bill is None:
             status = "in_progress"
         elif finish_reason in ("length", "content_filter"):
             status = "incomplete"
             reason = "max_output_tokens" if finish_reason == "length" else "content_filter"
             incomplete = {"reason": reason}
-        rec = meter.record if done else None
         usage = None
-        if rec is not None:
-            u = rec.usage
+        if bill is not None:
+            u = bill.record.usage
             usage = {
                 "input_tokens": u.input,
                 "input_tokens_details": {"cached_tokens": u.cached_input},
                 "output_tokens": u.output,
                 "output_tokens_details": {"reasoning_tokens": u.reasoning},
                 "total_tokens": u.total,
-                "maas": meter.cost_object(),
+                "maas": bill.cost_object(),
             }
         return {
-            "id": "resp_" + meter.request_id[4:],
+            "id": "resp_" + admitted.request_id[4:],
             "object": "response",
-            "created_at": int(meter.started.timestamp()),
+            "created_at": int(admitted.started.timestamp()),
             "status": status,
             "error": None,
             "incomplete_details": incomplete,
@@ -386,7 +394,7 @@ class ResponsesDialect:
         }
 
     async def _store(
-        self, meter: Metering, response: dict[str, Any], message: dict[str, Any]
+        self, admitted: Admitted, response: dict[str, Any], message: dict[str, Any]
     ) -> None:
         req = self.request
         if req is None or not req.store:
@@ -397,7 +405,9 @@ class ResponsesDialect:
                 {"id": c.get("id"), "type": "function", "function": c.get("function")}
                 for c in message["tool_calls"]
             ]
-        await self.store.save(meter.tenant.id, response, [*self.history, reply], meter.started)
+        await self.store.save(
+            admitted.tenant.id, response, [*self.history, reply], admitted.started
+        )
 
 
 class _Events:

@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.breaker import BreakerConfig, CircuitBreaker, RetryBudget
 from providers.base import (
-    Chunk,
+    Chunks,
     Endpoint,
     Provider,
     ProviderRequest,
@@ -59,6 +59,7 @@ __all__ = [
     "BreakerConfig",
     "Deployment",
     "DeploymentConfig",
+    "ForwardFailed",
     "Forwarded",
     "ModelConfig",
     "RetryConfig",
@@ -188,22 +189,53 @@ class Deployment:
         """Whether a request may be sent here now."""
         return now >= self.cooldown_until and self.breaker.allows(now)
 
-    def _observe_latency(self, seconds: float) -> None:
+    def observe_latency(self, seconds: float) -> None:
+        """Fold one time-to-first-byte into the moving average `lowest_latency` reads."""
         previous = self.ewma_latency_s
         self.ewma_latency_s = (
             seconds if previous is None else previous + LATENCY_EWMA_ALPHA * (seconds - previous)
         )
 
+    def end_attempt(self, ticket: int | None, outcome: str, now: float) -> None:
+        """Close the books on one attempt: its in-flight slot and its breaker outcome
+        (`success`, `failure`, or `neutral` for one that says nothing of health)."""
+        self.in_flight -= 1
+        if outcome == "success":
+            self.breaker.success(now, ticket)
+        elif outcome == "failure":
+            self.breaker.failure(now, ticket)
+        else:
+            self.breaker.release(ticket)
 
-@dataclass(slots=True)
+
+@dataclass(frozen=True, slots=True)
 class Forwarded:
-    """The outcome of `Router.forward`: the response and who served it after how many tries."""
+    """`Router.forward`'s answer: the response, the deployment that served it, after how
+    many attempts, and its time to first byte (a stream's first chunk)."""
 
     response: ProviderResponse
     deployment: Deployment
     attempts: int
     upstream_ttft_s: float | None
     tried: list[str] = field(default_factory=list)  # deployment names, one per attempt
+
+
+class ForwardFailed(UpstreamError):
+    """`Router.forward` gave up: the last upstream error, with the deployment tried last
+    (None when none was healthy) and the number of attempts made."""
+
+    def __init__(self, error: UpstreamError, deployment: Deployment | None, attempts: int) -> None:
+        super().__init__(
+            error.status_code,
+            error.message,
+            type=error.type,
+            code=error.code,
+            param=error.param,
+            retryable=error.retryable,
+            retry_after=error.retry_after,
+        )
+        self.deployment = deployment
+        self.attempts = attempts
 
 
 @dataclass(slots=True)
@@ -337,10 +369,6 @@ class Router:
 
     # -- selection ----------------------------------------------------------------------
 
-    def pick(self, model: ModelConfig, tenant_id: str = "") -> Deployment | None:
-        """The deployment the next request for `model` would go to, or None if all are down."""
-        return self._pick(model.name, tenant_id, (), self._clock())
-
     def _pick(
         self,
         model_name: str,
@@ -426,13 +454,27 @@ class Router:
         be consumed to its end or closed with `aclose()`. Raises `UpstreamError`: the
         upstream's own non-retryable error at once, the last error when attempts or the
         retry budget run out, and 503 when no deployment of the model (or its fallbacks)
-        is healthy.
+        is healthy; always as a `ForwardFailed`, which names the deployment tried last.
         """
+        tried: list[Deployment] = []
+        try:
+            return await self._forward(model, tenant_id, make_request, tried)
+        except ForwardFailed:
+            raise
+        except UpstreamError as error:
+            raise ForwardFailed(error, tried[-1] if tried else None, len(tried)) from error
+
+    async def _forward(
+        self,
+        model: ModelConfig,
+        tenant_id: str,
+        make_request: Callable[[Deployment], ProviderRequest],
+        tried: list[Deployment],
+    ) -> Forwarded:
         loop = asyncio.get_running_loop()
         started = loop.time()
         self._budget.record_request()
         retry = self._retry
-        tried: list[Deployment] = []
         last_error: UpstreamError | None = None
         for attempt in range(1, retry.max_attempts + 1):
             deployment = self._pick(model.name, tenant_id, tried, self._clock())
@@ -501,14 +543,14 @@ class Router:
         begun = clock()
         ticket = deployment.breaker.acquire(begun)
         deployment.in_flight += 1
-        upstream: AsyncIterator[Chunk] | None = None
+        upstream: AsyncIterator[Chunks] | None = None
         try:
             async with asyncio.timeout_at(deadline):
                 response = await deployment.provider.send(request)
                 upstream = response.stream
                 if upstream is not None:
                     try:
-                        first: Chunk | None = await anext(upstream)
+                        first: Chunks | None = await anext(upstream)
                     except StopAsyncIteration:
                         first = None
         except TimeoutError:
@@ -552,12 +594,12 @@ class Router:
             self._end(deployment, ticket, "neutral")
             raise
         ttft = clock() - begun
-        deployment._observe_latency(ttft)
+        deployment.observe_latency(ttft)
         if upstream is None:
             self._end(deployment, ticket, "success")
             return response, ttft
         stream = GuardedStream(
-            self, deployment, ticket, upstream, first, timeouts.idle_s, total_deadline
+            clock, deployment, ticket, upstream, first, timeouts.idle_s, total_deadline
         )
         return ProviderResponse(stream=stream, headers=response.headers), ttft
 
@@ -568,14 +610,7 @@ class Router:
         deployment.cooldown_until = max(deployment.cooldown_until, self._clock() + seconds)
 
     def _end(self, deployment: Deployment, ticket: int | None, outcome: str) -> None:
-        """Close the books on one attempt: in-flight count and breaker outcome."""
-        deployment.in_flight -= 1
-        if outcome == "success":
-            deployment.breaker.success(self._clock(), ticket)
-        elif outcome == "failure":
-            deployment.breaker.failure(self._clock(), ticket)
-        else:
-            deployment.breaker.release(ticket)
+        deployment.end_attempt(ticket, outcome, self._clock())
 
     # -- health -------------------------------------------------------------------------
 
@@ -704,7 +739,7 @@ def _outcome(error: UpstreamError) -> str:
     return "success"  # it answered; the request itself was refused
 
 
-async def _close(upstream: AsyncIterator[Chunk]) -> None:
+async def _close(upstream: AsyncIterator[Chunks]) -> None:
     """Close an upstream stream, cancelling its work; errors while closing are dropped."""
     aclose = getattr(upstream, "aclose", None)
     if aclose is None:
@@ -721,8 +756,8 @@ _TIMER_SLACK = 0.001
 
 
 class GuardedStream:
-    """The stream `forward` returns: replays the first chunk, then relays the upstream's
-    chunks under the idle and total timeouts, and reports the outcome to the breaker.
+    """The stream `forward` returns: replays the first read, then relays the upstream's
+    reads under the idle and total timeouts, and reports the outcome to the breaker.
 
     A timeout closes the upstream and raises `UpstreamError(504, retryable=False)`; an
     upstream error part-way is re-raised marked not retryable (chunks have been sent).
@@ -734,13 +769,13 @@ class GuardedStream:
 
     __slots__ = (
         "_cancelling",
+        "_clock",
         "_deployment",
         "_done",
         "_expired",
         "_first",
         "_idle_s",
         "_loop",
-        "_router",
         "_ticket",
         "_timer",
         "_total_deadline",
@@ -751,15 +786,15 @@ class GuardedStream:
 
     def __init__(
         self,
-        router: Router,
+        clock: Callable[[], float],
         deployment: Deployment,
         ticket: int | None,
-        upstream: AsyncIterator[Chunk],
-        first: Chunk | None,
+        upstream: AsyncIterator[Chunks],
+        first: Chunks | None,
         idle_s: float,
         total_deadline: float,
     ) -> None:
-        self._router = router
+        self._clock = clock
         self._deployment = deployment
         self._ticket = ticket
         self._upstream = upstream
@@ -779,12 +814,7 @@ class GuardedStream:
     def __aiter__(self) -> GuardedStream:
         return self
 
-    @property
-    def ready(self) -> bool:
-        """Whether the next chunk is already at hand (a hint for batching writes)."""
-        return self._first is not _NO_CHUNK or bool(getattr(self._upstream, "ready", False))
-
-    async def __anext__(self) -> Chunk:
+    async def __anext__(self) -> Chunks:
         first = self._first
         if first is not _NO_CHUNK:
             self._first = _NO_CHUNK
@@ -872,7 +902,7 @@ class GuardedStream:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            self._router._end(self._deployment, self._ticket, outcome)
+            self._deployment.end_attempt(self._ticket, outcome, self._clock())
 
     def __del__(self) -> None:
         # Dropped without being read to the end or closed: still return the slot.

@@ -108,6 +108,9 @@ async def open_state(
             clock=clock,
             compute_costs=compute_costs,
         )
+        relay = Relay(services)
+        # Runs before the stores close: settles a departed client's stream left running.
+        stack.push_async_callback(relay.drain)
         router.start_health_checks()  # when routing.health_check_interval_s is set
         yield AppState(
             settings=settings,
@@ -124,7 +127,7 @@ async def open_state(
             ledger=ledger,
             directory_sync=directory_sync,
             services=services,
-            relay=Relay(services),
+            relay=relay,
             admin_key=admin_key,
         )
 

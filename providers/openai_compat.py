@@ -3,24 +3,33 @@
 Requests go over one shared, pooled httpx client per provider. By default its transport
 is aiohttp's (`httpx-aiohttp`), which holds its throughput under concurrency where
 httpx's default transport does not (see docs/benchmarks.md); `transport: httpx` picks
-the default one. Streams are relayed event by event as they arrive.
+the default one. A stream is handed over one upstream read at a time: the events of each
+read as `Chunks` (their JSON as sent, a typed view, the usage when one reported it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import httpx
 import msgspec
 from pydantic import BaseModel, Field
 
-from providers.base import Chunk, Provider, ProviderRequest, ProviderResponse, UpstreamError
-from providers.sse import SSEDecoder
+from providers.base import (
+    Chunks,
+    ChunkView,
+    Provider,
+    ProviderRequest,
+    ProviderResponse,
+    TokenUsage,
+    UpstreamError,
+)
+from providers.sse import Event, SSEDecoder
 
 _PATHS = {
     "chat.completions": "/chat/completions",
@@ -29,6 +38,9 @@ _PATHS = {
 }
 _json_decode = msgspec.json.Decoder().decode
 _json_encode = msgspec.json.Encoder().encode
+_decode_views = msgspec.json.Decoder(list[ChunkView]).decode
+_view = msgspec.json.Decoder(ChunkView).decode
+_check_json = msgspec.json.Decoder(list[msgspec.Raw]).decode
 
 
 class OpenAICompatConfig(BaseModel):
@@ -137,13 +149,17 @@ class OpenAICompatProvider(Provider):
             await response.aclose()
             raise _upstream_error(self.name, response.status_code, body, response.headers)
         if request.stream:
-            return ProviderResponse(stream=_EventStream(self, response))
+            return ProviderResponse(stream=self._events(response))
         try:
-            return ProviderResponse(body=_json_decode(response.content))
+            body = _json_decode(response.content)
         except msgspec.DecodeError:
             raise UpstreamError(
                 502, f"Upstream {self.name} sent a body that is not JSON.", retryable=True
             ) from None
+        usage = body.get("usage") if isinstance(body, dict) else None
+        return ProviderResponse(
+            body=body, usage=TokenUsage.from_openai(usage) if isinstance(usage, dict) else None
+        )
 
     def _timeout(self, connect_s: float) -> httpx.Timeout:
         timeout = self._timeouts.get(connect_s)
@@ -154,37 +170,56 @@ class OpenAICompatProvider(Provider):
             )
         return timeout
 
-    async def _events(self, response: httpx.Response, stream: _EventStream) -> AsyncIterator[Chunk]:
-        """Server-sent events as chunk dicts, until `[DONE]`; a cut stream raises.
+    async def _events(self, response: httpx.Response) -> AsyncIterator[Chunks]:
+        """Server-sent events as `Chunks`, one upstream read at a time, until `[DONE]`;
+        a cut stream raises.
 
-        Before each chunk is handed out, `stream.ready` tells whether another event of
-        the same upstream read follows. A stream that ends without `[DONE]` is complete
-        when its body ended cleanly, no event was left unfinished, and its last chunk
-        carried usage or a `finish_reason` for every choice in it; otherwise it was cut.
-        An `error` event, or a data event holding only an `error` object, ends the stream
-        with that error (see `stream_error`).
+        A stream that ends without `[DONE]` is complete when its body ended cleanly, no
+        event was left unfinished, and its last chunk carried usage or a `finish_reason`
+        for every choice in it; otherwise it was cut. An `error` event, or a data event
+        holding only an `error` object, ends the stream with that error (see
+        `stream_error`), after the chunks of its read before it.
         """
         decoder = SSEDecoder()
-        last: Chunk | None = None
+        last: bytes | None = None
         try:
             async for data in response.aiter_raw():
                 events = decoder.feed(data)
-                left = len(events)
-                for event in events:
-                    left -= 1
-                    if isinstance(event, tuple):
-                        kind, payload = event
-                    else:
-                        kind, payload = b"", event
-                    if payload == b"[DONE]":
-                        return
-                    chunk = _json_decode(payload)
-                    if kind == b"error" or ("error" in chunk and "choices" not in chunk):
-                        raise stream_error(self.name, chunk)
-                    stream.ready = left > 0
-                    last = chunk
-                    yield chunk
-            if decoder.pending or not _finished(last):
+                if not events:
+                    continue
+                failed: bytes | None = None
+                if decoder.typed:  # an `error` event (or another type) among them
+                    decoder.typed = False
+                    raw, done, failed = _payloads(events)
+                else:
+                    plain = cast(list[bytes], events)  # no typed event: all are data
+                    try:
+                        end = plain.index(b"[DONE]")
+                        raw, done = plain[:end], True
+                    except ValueError:
+                        raw, done = plain, False
+                if raw:
+                    # One pass over the whole read checks that every chunk is JSON; only a
+                    # chunk that names usage or an error is decoded here.
+                    joined = b"[" + b",".join(raw) + b"]"
+                    _check_json(joined)
+                    views: list[ChunkView] | None = None
+                    if b'"error"' in joined:
+                        views = _decode_views(joined)
+                        for at, view in enumerate(views):
+                            if view.error is not msgspec.UNSET and view.choices is None:
+                                failed = raw[at]
+                                raw, views = raw[:at], views[:at]
+                                break
+                    if raw:
+                        usage = _usage_of(raw) if b'"usage"' in joined else None
+                        last = raw[-1]
+                        yield Chunks(raw, usage, views, done and failed is None)
+                if failed is not None:
+                    raise stream_error(self.name, _json_decode(failed))
+                if done:
+                    return
+            if decoder.pending or not _finished(_view(last) if last is not None else None):
                 raise UpstreamError(
                     502, f"Upstream {self.name} ended the stream early.", type="stream_cut"
                 )
@@ -205,26 +240,6 @@ class OpenAICompatProvider(Provider):
         await self._client.aclose()
 
 
-class _EventStream:
-    """An upstream's event stream that can tell whether its next chunk is at hand."""
-
-    __slots__ = ("_events", "ready")
-
-    def __init__(self, provider: OpenAICompatProvider, response: httpx.Response) -> None:
-        self.ready = False
-        self._events = provider._events(response, self)
-
-    def __aiter__(self) -> _EventStream:
-        return self
-
-    def __anext__(self) -> Awaitable[Chunk]:
-        self.ready = False
-        return self._events.__anext__()
-
-    async def aclose(self) -> None:
-        await self._events.aclose()  # type: ignore[attr-defined]
-
-
 def _timed_out(exc: httpx.TimeoutException) -> bool:
     """Whether a "timeout" was one: httpx-aiohttp reports every aiohttp connection error,
     a connection reset or closed by the upstream (a killed server) included, as
@@ -233,16 +248,43 @@ def _timed_out(exc: httpx.TimeoutException) -> bool:
     return cause is None or isinstance(cause, TimeoutError)
 
 
-def _finished(last: Chunk | None) -> bool:
+def _payloads(events: list[Event]) -> tuple[list[bytes], bool, bytes | None]:
+    """The chunk payloads of a read with typed events: those before `[DONE]` or an `error`
+    event, whether `[DONE]` came, and the error event's data if one did."""
+    raw: list[bytes] = []
+    for event in events:
+        if isinstance(event, tuple):
+            kind, payload = event
+            if kind == b"error":
+                return raw, False, payload
+        else:
+            payload = event
+        if payload == b"[DONE]":
+            return raw, True, None
+        raw.append(payload)
+    return raw, False, None
+
+
+def _usage_of(raw: list[bytes]) -> TokenUsage | None:
+    """The usage the last chunk reporting one says."""
+    for payload in reversed(raw):
+        if b'"usage"' in payload:
+            usage = _view(payload).usage
+            if usage:
+                return TokenUsage.from_openai(usage)
+    return None
+
+
+def _finished(last: ChunkView | None) -> bool:
     """Whether a stream whose last chunk was `last` had said all it had to say."""
     if last is None:
         return False
-    if last.get("usage"):
+    if last.usage:
         return True
-    choices = last.get("choices")
-    if not isinstance(choices, list) or not choices:
+    choices = last.choices
+    if not choices:
         return False
-    return all(isinstance(c, dict) and c.get("finish_reason") for c in choices)
+    return all(c.finish_reason for c in choices)
 
 
 def stream_error(name: str, chunk: Any) -> UpstreamError:

@@ -209,11 +209,11 @@ class SimulatorApp:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
             try:
-                async for chunk in stream:
+                async for read in stream:
                     await send(
                         {
                             "type": "http.response.body",
-                            "body": b"data: " + encode(chunk) + b"\n\n",
+                            "body": b"".join(b"data: " + raw + b"\n\n" for raw in read.raw),
                             "more_body": True,
                         }
                     )

@@ -57,7 +57,15 @@ import msgspec
 import tiktoken
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from providers.base import Chunk, Provider, ProviderRequest, ProviderResponse, UpstreamError
+from providers.base import (
+    Chunk,
+    Chunks,
+    Provider,
+    ProviderRequest,
+    ProviderResponse,
+    TokenUsage,
+    UpstreamError,
+)
 from providers.lengths import draw_length
 
 JITTER_CLAMP = (0.5, 2.0)
@@ -383,7 +391,8 @@ class _Ticket:
 
 
 class _SlotStream:
-    """A chunk stream holding a slot; `aclose()` frees it even if iteration never started."""
+    """A chunk stream holding a slot, each chunk its own read; `aclose()` frees the slot
+    even if iteration never started."""
 
     def __init__(self, chunks: AsyncGenerator[Chunk, None], ticket: _Ticket) -> None:
         self._chunks = chunks
@@ -392,8 +401,8 @@ class _SlotStream:
     def __aiter__(self) -> _SlotStream:
         return self
 
-    async def __anext__(self) -> Chunk:
-        return await self._chunks.__anext__()
+    async def __anext__(self) -> Chunks:
+        return Chunks.of([await self._chunks.__anext__()])
 
     async def aclose(self) -> None:
         try:
@@ -738,8 +747,8 @@ class SimulatedProvider(Provider):
         self._counters.generation_tokens += job.completion_tokens
         ticket.finish("success", job.finish_reason)
         if job.request.endpoint == "chat.completions":
-            return ProviderResponse(body=self._chat_body(job))
-        return ProviderResponse(body=self._completion_body(job))
+            return _whole(self._chat_body(job))
+        return _whole(self._completion_body(job))
 
     async def _deltas(
         self, job: _Job, ticket: _Ticket
@@ -942,8 +951,8 @@ class SimulatedProvider(Provider):
             ticket.finish("success", "stop")
         finally:
             ticket.finish("cancelled")
-        return ProviderResponse(
-            body={
+        return _whole(
+            {
                 "object": "list",
                 "data": data,
                 "model": request.model,
@@ -961,6 +970,11 @@ class _EmbeddingPlan:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+def _whole(body: dict[str, Any]) -> ProviderResponse:
+    """A JSON answer with its usage, typed."""
+    return ProviderResponse(body=body, usage=TokenUsage.from_openai(body["usage"]))
 
 
 def _embedding(seed: bytes, full: int, dimensions: int) -> list[float]:

@@ -14,6 +14,7 @@ import pytest
 from gateway.routing import (
     Deployment,
     Forwarded,
+    ForwardFailed,
     ModelConfig,
     Router,
     RoutingConfig,
@@ -239,6 +240,28 @@ async def test_weighted_routing_follows_the_weights_over_10000_picks() -> None:
         # and each share within 1.5 percentage points of its weight
         assert abs(provider.calls / picks - weights[provider.name] / total) < 0.015
     assert chi_square < 13.82  # chi-square, 2 degrees of freedom, p = 0.001
+
+
+async def test_a_failed_forward_names_the_deployment_tried_last_and_the_attempts() -> None:
+    clock = FakeClock()
+    providers = [ScriptedProvider(n, Script(error=server_error())) for n in ("a", "b")]
+    router = build([model("m", dep("a", priority=0), dep("b", priority=1))], providers, clock)
+    with pytest.raises(ForwardFailed) as caught:
+        await router.forward(router.resolve("m"), "t", make_request())
+    failed = caught.value  # tried a, then b, then a again (after backoff)
+    assert failed.deployment is not None and failed.deployment.name == "a"
+    assert (failed.attempts, failed.status_code, failed.message) == (
+        3,
+        503,
+        "upstream overloaded",
+    )
+    assert isinstance(failed, UpstreamError)
+
+    for provider in providers:
+        provider._script = Script(error=UpstreamError(400, "bad request"))
+    with pytest.raises(ForwardFailed) as caught:  # not retryable: the first attempt's error
+        await router.forward(router.resolve("m"), "t", make_request())
+    assert caught.value.attempts == 1 and caught.value.status_code == 400
 
 
 async def test_best_tier_takes_all_traffic_and_fails_over_to_the_next() -> None:

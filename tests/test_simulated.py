@@ -83,7 +83,7 @@ async def send(
 
 async def collect(response: ProviderResponse) -> list[dict[str, Any]]:
     assert response.stream is not None
-    return [chunk async for chunk in response.stream]
+    return [chunk async for read in response.stream for chunk in read.objects()]
 
 
 def streamed_texts(chunks: list[dict[str, Any]], key: str = "content") -> dict[int, str]:
@@ -531,8 +531,8 @@ async def test_a_cut_stream_breaks_part_way(cl100k: tiktoken.Encoding) -> None:
         assert response.stream is not None
         chunks = []
         with pytest.raises(UpstreamError) as caught:
-            async for chunk in response.stream:
-                chunks.append(chunk)
+            async for read in response.stream:
+                chunks.extend(read.objects())
         assert caught.value.status_code == 502 and caught.value.type == "stream_cut"
         assert all(c["choices"][0]["finish_reason"] is None for c in chunks)
         delivered.append(len(chunks))

@@ -23,9 +23,8 @@ from typing import Any
 import openai
 import pytest
 
-from billing.usage import Usage
 from gateway.tokens import TokenCounter, TokenizerConfig
-from providers.base import ProviderRequest
+from providers.base import ProviderRequest, TokenUsage
 from providers.openai_compat import OpenAICompatConfig, OpenAICompatProvider
 from tests.harness import ACME_KEY, base_config, gateway_process
 from tests.replay_upstream import ReplayUpstream, replay_upstream
@@ -227,6 +226,7 @@ async def call(client: openai.AsyncOpenAI, case: Case) -> Seen:
     seen = Seen(raw_stream.headers["x-request-id"], "", "")
     try:
         async for chunk in raw_stream.parse():
+            assert chunk.model == case.model  # passed through, spliced or rewritten
             for choice in chunk.choices:
                 seen.content += choice.delta.content or ""
                 extra = choice.delta.model_extra or {}
@@ -369,29 +369,49 @@ async def test_every_dialect_is_relayed_and_billed_exactly(
     ],
 )
 def test_usage_objects_normalise(usage: dict[str, Any], expected: tuple[int, ...]) -> None:
-    got = Usage.from_openai(usage)
+    got = TokenUsage.from_openai(usage)
     assert (got.uncached_input, got.cached_input, got.output, got.reasoning) == expected
+    assert got.source == "upstream"
 
 
-async def test_events_of_one_read_are_flagged_ready_for_one_write() -> None:
-    """The provider's `ready` hint: every event of an upstream read but the last says the
-    next is at hand (`[DONE]` included), so the gateway sends them in one write."""
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": 50, "completion_tokens": 2, "cache_creation_input_tokens": 30},
+        {
+            "prompt_tokens": 50,
+            "completion_tokens": 2,
+            "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 30},
+        },
+    ],
+)
+def test_cache_writes_are_read_at_the_seam(usage: dict[str, Any]) -> None:
+    got = TokenUsage.from_openai(usage)
+    assert (got.uncached_input, got.cache_written, got.output) == (50, 30, 2)
+
+
+async def test_events_of_one_read_come_as_one_chunks_with_typed_usage() -> None:
+    """A provider hands a stream over one upstream read at a time: every event of a read in
+    one `Chunks` (the gateway sends it in one write), its usage typed."""
     async with replay_upstream(whole=True) as upstream:
         provider = OpenAICompatProvider("replay", OpenAICompatConfig(base_url=upstream.url))
         try:
-            for dialect, case, last in (
-                ("openai", "chat", True),
-                ("sse-starlette", "chat", True),
-                ("llamacpp", "nodone", False),
+            for dialect, case in (
+                ("openai", "chat"),
+                ("sse-starlette", "chat"),
+                ("llamacpp", "nodone"),
             ):
                 body = {"model": dialect, "messages": [{"role": "user", "content": case}]}
                 request = ProviderRequest("chat.completions", dialect, {**body, "stream": True})
                 response = await provider.send(request)
                 stream = response.stream
                 assert stream is not None
-                flags = []
-                async for _chunk in stream:
-                    flags.append(stream.ready)  # type: ignore[attr-defined]
-                assert len(flags) > 3 and flags == [True] * (len(flags) - 1) + [last], dialect
+                reads = [read async for read in stream]
+                assert len(reads) == 1 and len(reads[0].raw) > 3, dialect
+                assert len(reads[0].views) == len(reads[0].raw) == len(reads[0].objects())
+                reported = [c["usage"] for c in reads[0].objects() if c.get("usage")]
+                usage = reads[0].usage
+                assert usage == (TokenUsage.from_openai(reported[-1]) if reported else None)
+                assert usage is None or usage.output > 0
         finally:
             await provider.aclose()
