@@ -20,12 +20,12 @@ from billing.quota import (
     QuotaConfig,
     QuotaExceeded,
     QuotaStore,
+    RedisQuotaStore,
     Scope,
     build_quota_store,
     format_reset,
-    periods,
 )
-from billing.quota_redis import RedisQuotaStore
+from billing.quota.plan import periods
 
 RESERVATION_TTL_S = 60
 NOW = datetime(2025, 6, 10, 12, 0, 0, tzinfo=UTC)

@@ -2,9 +2,10 @@
 
 `admit` and `settle` are one round trip each (EVALSHA; the script is loaded again on
 NOSCRIPT, e.g. after Redis restarts), sent over one pipelined connection
-(`billing.redis_pipeline`; needs hiredis and a ``redis://`` or ``unix://`` URL, else
-redis-py's pool). Python computes key names, calendar periods and TTLs
-(zoneinfo); the scripts do the atomic arithmetic, mirroring `billing.quota.decide`.
+(`billing.quota.pipeline`; a ``redis://`` or ``unix://`` URL, else redis-py's pool).
+Python computes key names, calendar periods and TTLs (zoneinfo); the scripts, in the
+``.lua`` files beside this module, do the atomic arithmetic, mirroring
+`billing.quota.policy.decide`.
 
 Keys (prefix ``maas:quota:`` by default), per scope ``s:<scope id>`` and account ``a:<id>``:
 
@@ -36,6 +37,8 @@ once Redis answers, so a settle replayed into a new account never comes first.
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib.resources
 import logging
 import time
 from collections import deque
@@ -59,384 +62,62 @@ from billing.idempotency import (
     resolve,
 )
 from billing.money import format_amount
-from billing.quota import (
-    BUCKET_MS,
-    HOLDS_KEEP_MS,
+from billing.quota.contract import (
     MAX_BALANCE_NANOS,
-    SETTLED_KEEP_MS,
-    WINDOW_BUCKETS,
-    AccountReading,
     Admission,
     AdmitRequest,
     QuotaStore,
     QuotaUnavailable,
     Scope,
     ScopeCharge,
+)
+from billing.quota.pipeline import LuaScript, PipelinedRedis
+from billing.quota.plan import (
+    BUCKET_MS,
+    HOLDS_KEEP_MS,
+    SETTLED_KEEP_MS,
+    WINDOW_BUCKETS,
     ScopePlan,
-    ScopeReading,
     account_base,
     counter_ttl_ms,
-    decide,
     epoch_ms,
     oldest_bucket,
     plan_scope,
+)
+from billing.quota.policy import (
+    AccountReading,
+    ScopeReading,
+    decide,
     ratelimit_headers,
     refusal,
     remaining_from,
 )
 
-__all__ = ["ADMIT_LUA", "RELEASE_LUA", "SETTLE_LUA", "TOPUP_LUA", "RedisQuotaStore"]
-
-try:
-    from billing.redis_pipeline import LuaScript, PipelinedRedis
-except ImportError:  # hiredis is not installed: the scripts go through redis-py as well
-    LuaScript = PipelinedRedis = None  # type: ignore[assignment,misc]
+__all__ = ["RedisQuotaStore", "lua_source"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Counter helpers shared by the scripts. A counter spec is a key, or ``<key>@<bucket>``
-#: for one bucket (hash field) of a rolling window (whose total ``t`` moves with it); either
-#: is corrected only while it exists.
-_COUNTER_LUA = """
-local function adjust(spec, amount)
-  local delta = string.format('%d', tonumber(amount))
-  local key, field = string.match(spec, '^(.*)@(%d+)$')
-  if key then
-    if redis.call('HEXISTS', key, field) == 1 then
-      redis.call('HINCRBY', key, field, delta)
-      redis.call('HINCRBY', key, 't', delta)
-    end
-  elseif redis.call('EXISTS', spec) == 1 then
-    redis.call('INCRBY', spec, delta)
-  end
-end
-"""
+#: The scripts, each its `.lua` file beside this module after the shared helpers it uses.
+_SCRIPT_FILES: dict[str, tuple[str, ...]] = {
+    "admit": ("counters.lua", "admit.lua"),
+    "settle": ("counters.lua", "settle.lua"),
+    "release": ("counters.lua", "release.lua"),
+    "topup": ("topup.lua",),
+    "topup_once": ("topup_once.lua",),
+}
 
-#: Globals: 13 ARGV (request id, now ms, expiry ms, prompt, max tokens, min tokens, input
-#: cost, output price, scope count, has account, holds keep ms, current bucket, oldest
-#: bucket counted). Per scope: 6 KEYS (inflight, resv, rpm, tpm, day, month) and 10 ARGV
-#: (base, rpm, tpm, max_concurrent, day, month limits (-1 = none), window/day/month TTL ms,
-#: the space-separated suffixes of the token counters it charges). Then, with an account,
-#: 3 KEYS (account, its inflight, its resv).
-#: Returns {admitted 0/1, granted, balance or nil, held, then 9 readings per scope}
-#: (requests, inflight, tpm, day, month, rpm reset/retry ms, tpm reset/retry ms).
-ADMIT_LUA = (
-    (
-        _COUNTER_LUA
-        + """
-local rid = ARGV[1]
-local now = ARGV[2]
-local expires = ARGV[3]
-local prompt = tonumber(ARGV[4])
-local max_tokens = tonumber(ARGV[5])
-local min_tokens = tonumber(ARGV[6])
-local input_cost = tonumber(ARGV[7])
-local out_price = tonumber(ARGV[8])
-local nscopes = tonumber(ARGV[9])
-local has_account = ARGV[10] == '1'
-local keep_ms = ARGV[11]
-local bucket = ARGV[12]
-local oldest = tonumber(ARGV[13])
-local now_ms = tonumber(now)
-local PER = 10
-local GLOBALS = 13
-local WINDOW = @WINDOW_BUCKETS@
-local BUCKET_MS = @BUCKET_MS@
 
-local function istr(n) return string.format('%d', n) end
-
-local function release_expired(inflight, resv, base, account)
-  local expired = redis.call('ZRANGEBYSCORE', inflight, '-inf', now)
-  for _, id in ipairs(expired) do
-    local held = redis.call('HGET', resv, id)
-    if held then
-      if account then
-        redis.call('HINCRBY', account, 'held', istr(-tonumber(held)))
-      else
-        local amount = nil
-        for word in string.gmatch(held, '%S+') do
-          if amount == nil then
-            amount = word
-          else
-            adjust(base .. word, -tonumber(amount))
-          end
-        end
-      end
-      redis.call('HDEL', resv, id)
-    end
-    redis.call('ZREM', inflight, id)
-  end
-end
-
-local function count(key)
-  return tonumber(redis.call('GET', key) or '0')
-end
-
-local function leaves(b)
-  return (b + WINDOW) * BUCKET_MS - now_ms
-end
-
--- The buckets of a rolling window (field 't' and 'o' aside): {bucket, amount} pairs.
-local function buckets_of(key)
-  local flat = redis.call('HGETALL', key)
-  local found = {}
-  for j = 1, #flat, 2 do
-    if flat[j] ~= 't' and flat[j] ~= 'o' then
-      table.insert(found, {tonumber(flat[j]), tonumber(flat[j + 1])})
-    end
-  end
-  return found
-end
-
--- A rolling window against a limit: used, oldest bucket kept (or nil), reset ms, retry
--- ms (mirrors RollingWindow and window_times). Buckets that have left are deleted once
--- the oldest one has: about once a second per window, not at every admission.
-local function window(key, limit, need)
-  local state = redis.call('HMGET', key, 't', 'o')
-  local used, first = tonumber(state[1] or '0'), tonumber(state[2])
-  if first ~= nil and first < oldest then
-    local stale, kept = {}, nil
-    for _, e in ipairs(buckets_of(key)) do
-      if e[1] < oldest then
-        table.insert(stale, istr(e[1]))
-        used = used - e[2]
-      elseif kept == nil or e[1] < kept then
-        kept = e[1]
-      end
-    end
-    if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
-    if kept == nil then
-      redis.call('DEL', key)
-      used = 0
-    else
-      redis.call('HSET', key, 't', istr(used), 'o', istr(kept))
-    end
-    first = kept
-  end
-  local current = math.floor(now_ms / BUCKET_MS)
-  local reset = leaves(first or current)
-  local excess = used + need - limit
-  if excess <= 0 then return used, first, reset, 0 end
-  local live = buckets_of(key)
-  table.sort(live, function(x, y) return x[1] < y[1] end)
-  local freed, last = 0, current
-  for _, e in ipairs(live) do
-    freed = freed + e[2]
-    last = e[1]
-    if freed >= excess then break end
-  end
-  return used, first, reset, leaves(last)
-end
-
--- Charge a rolling window's current bucket.
-local function charge(key, amount, first, ttl)
-  redis.call('HINCRBY', key, bucket, amount)
-  redis.call('HINCRBY', key, 't', amount)
-  if first == nil or tonumber(bucket) < first then redis.call('HSET', key, 'o', bucket) end
-  redis.call('PEXPIRE', key, ttl)
-end
-
-local readings = {}
-local firsts = {}
-local blocked = false
-local granted = max_tokens
-local need = prompt + min_tokens
-for i = 1, nscopes do
-  local k = (i - 1) * 6
-  local a = GLOBALS + (i - 1) * PER
-  local rpm, tpm, conc = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-  local day, month = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
-  release_expired(KEYS[k + 1], KEYS[k + 2], ARGV[a + 1], nil)
-  local requests, tpm_used, day_used, month_used = 0, 0, 0, 0
-  local rpm_reset, rpm_retry, tpm_reset, tpm_retry = 0, 0, 0, 0
-  local rpm_first, tpm_first = nil, nil
-  local inflight = redis.call('ZCARD', KEYS[k + 1])
-  if rpm >= 0 then
-    requests, rpm_first, rpm_reset, rpm_retry = window(KEYS[k + 3], rpm, 1)
-    if requests + 1 > rpm then blocked = true end
-  end
-  if conc >= 0 and inflight + 1 > conc then blocked = true end
-  if tpm >= 0 then
-    tpm_used, tpm_first, tpm_reset, tpm_retry = window(KEYS[k + 4], tpm, need)
-    granted = math.min(granted, tpm - tpm_used - prompt)
-  end
-  if day >= 0 then
-    day_used = count(KEYS[k + 5])
-    granted = math.min(granted, day - day_used - prompt)
-  end
-  if month >= 0 then
-    month_used = count(KEYS[k + 6])
-    granted = math.min(granted, month - month_used - prompt)
-  end
-  table.insert(readings, requests)
-  table.insert(readings, inflight)
-  table.insert(readings, tpm_used)
-  table.insert(readings, day_used)
-  table.insert(readings, month_used)
-  table.insert(readings, rpm_reset)
-  table.insert(readings, rpm_retry)
-  table.insert(readings, tpm_reset)
-  table.insert(readings, tpm_retry)
-  firsts[i] = {rpm_first, tpm_first}
-end
-
-local balance = false
-local held = 0
-local ak = nscopes * 6
-if has_account then
-  balance = redis.call('HGET', KEYS[ak + 1], 'balance')
-  if balance then
-    release_expired(KEYS[ak + 2], KEYS[ak + 3], nil, KEYS[ak + 1])
-    held = tonumber(redis.call('HGET', KEYS[ak + 1], 'held') or '0')
-  end
-  local available = tonumber(balance or '0') - held - input_cost
-  if out_price > 0 then
-    local room = math.floor(available / out_price)
-    while room * out_price > available do room = room - 1 end
-    while (room + 1) * out_price <= available do room = room + 1 end
-    granted = math.min(granted, room)
-  elseif available < 0 then
-    granted = math.min(granted, -1)
-  end
-end
-
-local admitted = (not blocked) and granted >= min_tokens
-if admitted then
-  local tokens = istr(prompt + granted)
-  for i = 1, nscopes do
-    local k = (i - 1) * 6
-    local a = GLOBALS + (i - 1) * PER
-    local rpm, tpm, conc = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-    local day, month = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
-    if rpm >= 0 then charge(KEYS[k + 3], 1, firsts[i][1], ARGV[a + 7]) end
-    if tpm >= 0 then charge(KEYS[k + 4], tokens, firsts[i][2], ARGV[a + 7]) end
-    if day >= 0 then
-      redis.call('INCRBY', KEYS[k + 5], tokens)
-      redis.call('PEXPIRE', KEYS[k + 5], ARGV[a + 8])
-    end
-    if month >= 0 then
-      redis.call('INCRBY', KEYS[k + 6], tokens)
-      redis.call('PEXPIRE', KEYS[k + 6], ARGV[a + 9])
-    end
-    if tpm >= 0 or day >= 0 or month >= 0 or conc >= 0 then
-      redis.call('ZADD', KEYS[k + 1], expires, rid)
-      redis.call('HSET', KEYS[k + 2], rid, tokens .. ' ' .. ARGV[a + 10])
-      redis.call('PEXPIRE', KEYS[k + 1], keep_ms)
-      redis.call('PEXPIRE', KEYS[k + 2], keep_ms)
-    end
-  end
-  if has_account then
-    local reserve = istr(input_cost + granted * out_price)
-    if not balance then redis.call('HSET', KEYS[ak + 1], 'balance', '0') end
-    redis.call('HINCRBY', KEYS[ak + 1], 'held', reserve)
-    redis.call('ZADD', KEYS[ak + 2], expires, rid)
-    redis.call('HSET', KEYS[ak + 3], rid, reserve)
-    redis.call('PEXPIRE', KEYS[ak + 2], keep_ms)
-    redis.call('PEXPIRE', KEYS[ak + 3], keep_ms)
-  end
-end
-
-local out = {admitted and 1 or 0, granted, balance, held}
-for _, v in ipairs(readings) do table.insert(out, v) end
-return out
-"""
+@functools.cache
+def lua_source(name: str) -> str:
+    """The Lua source of a script (``"admit"``, ``"settle"``, ...), constants filled in."""
+    files = importlib.resources.files(__package__)
+    source = "".join(files.joinpath(part).read_text("utf-8") for part in _SCRIPT_FILES[name])
+    return source.replace("@WINDOW_BUCKETS@", str(WINDOW_BUCKETS)).replace(
+        "@BUCKET_MS@", str(BUCKET_MS)
     )
-    .replace("@WINDOW_BUCKETS@", str(WINDOW_BUCKETS))
-    .replace("@BUCKET_MS@", str(BUCKET_MS))
-)
 
-#: KEYS: the done marker; per scope: inflight, resv, then its counters; then, with an
-#: account: account, inflight, resv. ARGV: request id, reserved tokens, used tokens,
-#: reserved nanos, cost nanos, done TTL ms, scope count, has account, counters per scope.
-#: Returns 1 when applied, 0 when this request was already settled.
-SETTLE_LUA = (
-    _COUNTER_LUA
-    + """
-local rid = ARGV[1]
-if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[6]) then return 0 end
-local reserved, used = tonumber(ARGV[2]), tonumber(ARGV[3])
-local function istr(n) return string.format('%d', n) end
-local k = 1
-for i = 1, tonumber(ARGV[7]) do
-  local n = tonumber(ARGV[8 + i])
-  local held = redis.call('HDEL', KEYS[k + 2], rid)
-  redis.call('ZREM', KEYS[k + 1], rid)
-  local delta = used
-  if held == 1 then delta = used - reserved end
-  if delta ~= 0 then
-    for j = 1, n do adjust(KEYS[k + 2 + j], istr(delta)) end
-  end
-  k = k + 2 + n
-end
-if ARGV[8] == '1' then
-  local held = redis.call('HDEL', KEYS[k + 3], rid)
-  redis.call('ZREM', KEYS[k + 2], rid)
-  if held == 1 then
-    redis.call('HINCRBY', KEYS[k + 1], 'held', istr(-tonumber(ARGV[4])))
-  end
-  redis.call('HINCRBY', KEYS[k + 1], 'balance', istr(-tonumber(ARGV[5])))
-end
-return 1
-"""
-)
-
-#: KEYS: per scope: inflight, resv, then its counters; then, with an account: account,
-#: inflight, resv. ARGV: request id, scope count, has account, counters per scope.
-#: Releases whatever this request still holds (nothing when its admission never ran), by the
-#: amounts stored with the reservation; marks nothing, so a later settle still applies.
-RELEASE_LUA = (
-    _COUNTER_LUA
-    + """
-local rid = ARGV[1]
-local function istr(n) return string.format('%d', n) end
-local k = 0
-for i = 1, tonumber(ARGV[2]) do
-  local n = tonumber(ARGV[3 + i])
-  local held = redis.call('HGET', KEYS[k + 2], rid)
-  if held then
-    local amount = string.match(held, '%S+')
-    for j = 1, n do adjust(KEYS[k + 2 + j], -tonumber(amount)) end
-    redis.call('HDEL', KEYS[k + 2], rid)
-  end
-  redis.call('ZREM', KEYS[k + 1], rid)
-  k = k + 2 + n
-end
-if ARGV[3] == '1' then
-  local held = redis.call('HGET', KEYS[k + 3], rid)
-  if held then
-    redis.call('HINCRBY', KEYS[k + 1], 'held', istr(-tonumber(held)))
-    redis.call('HDEL', KEYS[k + 3], rid)
-  end
-  redis.call('ZREM', KEYS[k + 2], rid)
-end
-return 1
-"""
-)
-
-#: KEYS: the account, the idempotency record. ARGV: nanos to add, the largest balance
-#: allowed, the request's fingerprint, how long to keep the record (ms). Returns {1, record}
-#: when the key has a record (nothing added), {2, new balance} when applied (and recorded),
-#: {0} (nothing added) when the balance would pass the largest.
-TOPUP_ONCE_LUA = """
-local found = redis.call('GET', KEYS[2])
-if found then return {1, found} end
-local balance = tonumber(redis.call('HGET', KEYS[1], 'balance') or '0')
-if balance + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return {0} end
-local new = redis.call('HINCRBY', KEYS[1], 'balance', ARGV[1])
-local record = '{"f":"' .. ARGV[3] .. '","s":200,"n":' .. string.format('%d', new) .. '}'
-redis.call('SET', KEYS[2], record, 'PX', ARGV[4])
-return {2, new}
-"""
-
-#: KEYS: the account. ARGV: nanos to add, the largest balance allowed. Returns the new
-#: balance, or nil (nothing added) when it would pass the largest.
-TOPUP_LUA = """
-local balance = tonumber(redis.call('HGET', KEYS[1], 'balance') or '0')
-if balance + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return false end
-return redis.call('HINCRBY', KEYS[1], 'balance', ARGV[1])
-"""
 
 _UNREACHABLE = (
     redis_errors.ConnectionError,
@@ -506,25 +187,19 @@ class RedisQuotaStore(QuotaStore):
             decode_responses=True,
         )
         self._client = Redis.from_pool(pool)
-        self._admit_script = self._client.register_script(ADMIT_LUA)
-        self._settle_script = self._client.register_script(SETTLE_LUA)
-        self._release_script = self._client.register_script(RELEASE_LUA)
-        self._topup_script = self._client.register_script(TOPUP_LUA)
-        self._topup_once_script = self._client.register_script(TOPUP_ONCE_LUA)
+        self._registered = {
+            name: self._client.register_script(lua_source(name)) for name in _SCRIPT_FILES
+        }
+        self._topup_script = self._registered["topup"]
+        self._topup_once_script = self._registered["topup_once"]
         self._begin_script = self._client.register_script(BEGIN_LUA)
         self._abandon_script = self._client.register_script(ABANDON_LUA)
         # The two scripts every request runs go over one pipelined connection (hiredis
         # packing, no pool checkout); everything else, and URLs it cannot reach, via redis-py.
         self._pipeline = (
-            PipelinedRedis(url, timeout_s=self.timeout_s)
-            if PipelinedRedis is not None and PipelinedRedis.supports(url)
-            else None
+            PipelinedRedis(url, timeout_s=self.timeout_s) if PipelinedRedis.supports(url) else None
         )
-        self._lua = (
-            {lua: LuaScript(lua) for lua in (ADMIT_LUA, SETTLE_LUA, RELEASE_LUA)}
-            if self._pipeline is not None
-            else {}
-        )
+        self._lua = {name: LuaScript(lua_source(name)) for name in ("admit", "settle", "release")}
         self._down_until = 0.0
         self._pending: deque[Callable[[], Awaitable[Any]]] = deque(maxlen=PENDING_SETTLES_MAX)
         self._replay_task: asyncio.Task[None] | None = None
@@ -542,15 +217,11 @@ class RedisQuotaStore(QuotaStore):
         """Initial balances waiting for Redis to answer again."""
         return len(self._openings)
 
-    def _script(self, lua: str, keys: list[str], args: list[Any]) -> Callable[[], Awaitable[Any]]:
+    def _script(self, name: str, keys: list[str], args: list[Any]) -> Callable[[], Awaitable[Any]]:
         """A call running one of the Lua scripts (the pipelined connection when there is one)."""
         if self._pipeline is not None:
-            return _PipelinedScript(self._pipeline, self._lua[lua], keys, args)
-        registered = {
-            ADMIT_LUA: self._admit_script,
-            SETTLE_LUA: self._settle_script,
-            RELEASE_LUA: self._release_script,
-        }[lua]
+            return _PipelinedScript(self._pipeline, self._lua[name], keys, args)
+        registered = self._registered[name]
         return lambda: registered(keys=keys, args=args)
 
     async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
@@ -632,7 +303,7 @@ class RedisQuotaStore(QuotaStore):
             abase = account_base(self.prefix, req.balance_account)
             keys += [abase, f"{abase}:inflight", f"{abase}:resv"]
         try:
-            reply = await self._call("admission", self._script(ADMIT_LUA, keys, args))
+            reply = await self._call("admission", self._script("admit", keys, args))
         except QuotaUnavailable as exc:
             if isinstance(exc.__cause__, _TIMEOUTS):  # the script may have run, its reply lost
                 self._pending.append(self._release_call(req, plans))
@@ -689,7 +360,7 @@ class RedisQuotaStore(QuotaStore):
             1 if admission.balance_account is not None else 0,
             *per_scope,
         ]
-        return self._script(SETTLE_LUA, keys, args)
+        return self._script("settle", keys, args)
 
     def _release_call(
         self, req: AdmitRequest, plans: list[ScopePlan]
@@ -711,7 +382,7 @@ class RedisQuotaStore(QuotaStore):
             1 if req.balance_account is not None else 0,
             *per_scope,
         ]
-        return self._script(RELEASE_LUA, keys, args)
+        return self._script("release", keys, args)
 
     async def settle(self, admission: Admission, used_tokens: int, cost_nanos: int) -> None:
         """Settle now, or queue the settle for replay if Redis cannot be reached."""
@@ -852,14 +523,6 @@ class RedisQuotaStore(QuotaStore):
             int(day or 0),
             int(month or 0),
         )
-
-    async def ping(self) -> bool:
-        """Whether Redis answers now."""
-        try:
-            await self._call("ping", self._client.ping)  # type: ignore[arg-type]
-        except QuotaUnavailable:
-            return False
-        return True
 
     async def aclose(self) -> None:
         if self._replay_task is not None:
