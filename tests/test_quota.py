@@ -1,4 +1,5 @@
-"""The quota contract, run against both stores: in-process memory and a real redis-server."""
+"""The quota contract, run against both stores: in-process memory, a real redis-server and a
+real Redis Cluster."""
 
 from __future__ import annotations
 
@@ -32,13 +33,18 @@ NOW = datetime(2025, 6, 10, 12, 0, 0, tzinfo=UTC)
 _ids = itertools.count()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[QuotaStore]:
     if request.param == "memory":
         quota: QuotaStore = MemoryQuotaStore(reservation_ttl_s=RESERVATION_TTL_S)
-    else:
+    elif request.param == "redis":
         url = request.getfixturevalue("redis_url")
         quota = RedisQuotaStore(url, reservation_ttl_s=RESERVATION_TTL_S)
+    else:  # a Redis Cluster of three masters (keys hash-tagged by tenant)
+        cluster = request.getfixturevalue("redis_cluster")
+        await asyncio.to_thread(cluster.wait_healthy)
+        await asyncio.to_thread(cluster.flush)
+        quota = RedisQuotaStore(cluster.url, reservation_ttl_s=RESERVATION_TTL_S, cluster=True)
     yield quota
     await quota.aclose()
 
@@ -169,7 +175,8 @@ async def test_refuses_an_exhausted_balance_as_insufficient_quota(store: QuotaSt
     assert (error.kind, error.reason) == ("insufficient_quota", "balance")
     assert "0.000001019" in error.message and "Top up" in error.message
 
-    unknown = ask(tenant(), input_cost_nanos=1, output_price_nanos=1, balance_account="nobody")
+    nobody = Scope("tenant:nobody", Limits())
+    unknown = ask(nobody, input_cost_nanos=1, output_price_nanos=1, balance_account="nobody")
     assert (await refused(store, unknown)).reason == "balance"
 
 

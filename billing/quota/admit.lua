@@ -1,10 +1,11 @@
 -- The admission, one atomic step (it mirrors billing.quota.policy.decide).
--- Globals: 13 ARGV (request id, now ms, expiry ms, prompt, max tokens, min tokens, input
--- cost, output price, scope count, has account, holds keep ms, current bucket, oldest
--- bucket counted). Per scope: 6 KEYS (inflight, resv, rpm, tpm, day, month) and 10 ARGV
--- (base, rpm, tpm, max_concurrent, day, month limits (-1 = none), window/day/month TTL ms,
--- the space-separated suffixes of the token counters it charges). Then, with an account,
--- 3 KEYS (account, its inflight, its resv).
+-- KEYS: the key prefix (base) of each scope, then, with an account, the account's key.
+-- (Every key the script touches is a base plus a suffix: one hash tag, one cluster slot.)
+-- ARGV: 12 globals (request id, now ms, reservation expiry ms, prompt tokens, max tokens,
+-- min tokens, input cost, output price, has account 0/1, holds keep ms, oldest bucket
+-- counted, period counters' expiry margin ms), then 9 per scope (rpm, tpm, max_concurrent,
+-- day and month limits (-1 = none), the day counter's suffix and its period's end ms, the
+-- month's suffix and end ms).
 -- Returns {admitted 0/1, granted, balance or nil, held, then 9 readings per scope}
 -- (requests, inflight, tpm, day, month, rpm reset/retry ms, tpm reset/retry ms).
 local rid = ARGV[1]
@@ -15,26 +16,30 @@ local max_tokens = tonumber(ARGV[5])
 local min_tokens = tonumber(ARGV[6])
 local input_cost = tonumber(ARGV[7])
 local out_price = tonumber(ARGV[8])
-local nscopes = tonumber(ARGV[9])
-local has_account = ARGV[10] == '1'
-local keep_ms = ARGV[11]
-local bucket = ARGV[12]
-local oldest = tonumber(ARGV[13])
+local has_account = ARGV[9] == '1'
+local keep_ms = ARGV[10]
+local oldest = tonumber(ARGV[11])
+local period_margin = tonumber(ARGV[12])
 local now_ms = tonumber(now)
-local PER = 10
-local GLOBALS = 13
+local PER = 9
+local GLOBALS = 12
 local WINDOW = @WINDOW_BUCKETS@
 local BUCKET_MS = @BUCKET_MS@
+local bucket = string.format('%d', math.floor(now_ms / BUCKET_MS))
+local nscopes = #KEYS
+if has_account then nscopes = nscopes - 1 end
 
 local function istr(n) return string.format('%d', n) end
 
-local function release_expired(inflight, resv, base, account)
+-- Release the reservations of this scope (or account) whose time is up; returns how many.
+local function release_expired(base, account)
+  local inflight, resv = base .. ':inflight', base .. ':resv'
   local expired = redis.call('ZRANGEBYSCORE', inflight, '-inf', now)
   for _, id in ipairs(expired) do
     local held = redis.call('HGET', resv, id)
     if held then
       if account then
-        redis.call('HINCRBY', account, 'held', istr(-tonumber(held)))
+        redis.call('HINCRBY', base, 'held', istr(-tonumber(held)))
       else
         local amount = nil
         for word in string.gmatch(held, '%S+') do
@@ -49,6 +54,7 @@ local function release_expired(inflight, resv, base, account)
     end
     redis.call('ZREM', inflight, id)
   end
+  return #expired
 end
 
 local function count(key)
@@ -111,12 +117,20 @@ local function window(key, limit, need)
   return used, first, reset, leaves(last)
 end
 
--- Charge a rolling window's current bucket.
-local function charge(key, amount, first, ttl)
-  redis.call('HINCRBY', key, bucket, amount)
+-- Charge a rolling window's current bucket; a new bucket extends the window's life.
+local function charge(key, amount, first)
+  if redis.call('HINCRBY', key, bucket, amount) == tonumber(amount) then
+    redis.call('PEXPIRE', key, (WINDOW + 1) * BUCKET_MS)
+  end
   redis.call('HINCRBY', key, 't', amount)
   if first == nil or tonumber(bucket) < first then redis.call('HSET', key, 'o', bucket) end
-  redis.call('PEXPIRE', key, ttl)
+end
+
+-- Charge a calendar counter; a new one lives to its period's end plus the margin.
+local function add(key, amount, period_end)
+  if redis.call('INCRBY', key, amount) == tonumber(amount) then
+    redis.call('PEXPIRE', key, istr(tonumber(period_end) - now_ms + period_margin))
+  end
 end
 
 local readings = {}
@@ -125,30 +139,31 @@ local blocked = false
 local granted = max_tokens
 local need = prompt + min_tokens
 for i = 1, nscopes do
-  local k = (i - 1) * 6
+  local base = KEYS[i]
   local a = GLOBALS + (i - 1) * PER
-  local rpm, tpm, conc = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-  local day, month = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
-  release_expired(KEYS[k + 1], KEYS[k + 2], ARGV[a + 1], nil)
+  local rpm, tpm, conc = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local day, month = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+  release_expired(base, false)
   local requests, tpm_used, day_used, month_used = 0, 0, 0, 0
   local rpm_reset, rpm_retry, tpm_reset, tpm_retry = 0, 0, 0, 0
   local rpm_first, tpm_first = nil, nil
-  local inflight = redis.call('ZCARD', KEYS[k + 1])
+  local inflight = 0
+  if conc >= 0 then inflight = redis.call('ZCARD', base .. ':inflight') end
   if rpm >= 0 then
-    requests, rpm_first, rpm_reset, rpm_retry = window(KEYS[k + 3], rpm, 1)
+    requests, rpm_first, rpm_reset, rpm_retry = window(base .. ':rpm', rpm, 1)
     if requests + 1 > rpm then blocked = true end
   end
   if conc >= 0 and inflight + 1 > conc then blocked = true end
   if tpm >= 0 then
-    tpm_used, tpm_first, tpm_reset, tpm_retry = window(KEYS[k + 4], tpm, need)
+    tpm_used, tpm_first, tpm_reset, tpm_retry = window(base .. ':tpm', tpm, need)
     granted = math.min(granted, tpm - tpm_used - prompt)
   end
   if day >= 0 then
-    day_used = count(KEYS[k + 5])
+    day_used = count(base .. ARGV[a + 6])
     granted = math.min(granted, day - day_used - prompt)
   end
   if month >= 0 then
-    month_used = count(KEYS[k + 6])
+    month_used = count(base .. ARGV[a + 8])
     granted = math.min(granted, month - month_used - prompt)
   end
   table.insert(readings, requests)
@@ -165,12 +180,16 @@ end
 
 local balance = false
 local held = 0
-local ak = nscopes * 6
+local account = KEYS[nscopes + 1]
 if has_account then
-  balance = redis.call('HGET', KEYS[ak + 1], 'balance')
+  local state = redis.call('HMGET', account, 'balance', 'held')
+  balance = state[1]
   if balance then
-    release_expired(KEYS[ak + 2], KEYS[ak + 3], nil, KEYS[ak + 1])
-    held = tonumber(redis.call('HGET', KEYS[ak + 1], 'held') or '0')
+    if release_expired(account, true) > 0 then
+      held = tonumber(redis.call('HGET', account, 'held') or '0')
+    else
+      held = tonumber(state[2] or '0')
+    end
   end
   local available = tonumber(balance or '0') - held - input_cost
   if out_price > 0 then
@@ -187,35 +206,41 @@ local admitted = (not blocked) and granted >= min_tokens
 if admitted then
   local tokens = istr(prompt + granted)
   for i = 1, nscopes do
-    local k = (i - 1) * 6
+    local base = KEYS[i]
     local a = GLOBALS + (i - 1) * PER
-    local rpm, tpm, conc = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-    local day, month = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
-    if rpm >= 0 then charge(KEYS[k + 3], 1, firsts[i][1], ARGV[a + 7]) end
-    if tpm >= 0 then charge(KEYS[k + 4], tokens, firsts[i][2], ARGV[a + 7]) end
+    local rpm, tpm, conc = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+    local day, month = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+    local counters = ''
+    if rpm >= 0 then charge(base .. ':rpm', 1, firsts[i][1]) end
+    if tpm >= 0 then
+      charge(base .. ':tpm', tokens, firsts[i][2])
+      counters = counters .. ' :tpm@' .. bucket
+    end
     if day >= 0 then
-      redis.call('INCRBY', KEYS[k + 5], tokens)
-      redis.call('PEXPIRE', KEYS[k + 5], ARGV[a + 8])
+      add(base .. ARGV[a + 6], tokens, ARGV[a + 7])
+      counters = counters .. ' ' .. ARGV[a + 6]
     end
     if month >= 0 then
-      redis.call('INCRBY', KEYS[k + 6], tokens)
-      redis.call('PEXPIRE', KEYS[k + 6], ARGV[a + 9])
+      add(base .. ARGV[a + 8], tokens, ARGV[a + 9])
+      counters = counters .. ' ' .. ARGV[a + 8]
     end
     if tpm >= 0 or day >= 0 or month >= 0 or conc >= 0 then
-      redis.call('ZADD', KEYS[k + 1], expires, rid)
-      redis.call('HSET', KEYS[k + 2], rid, tokens .. ' ' .. ARGV[a + 10])
-      redis.call('PEXPIRE', KEYS[k + 1], keep_ms)
-      redis.call('PEXPIRE', KEYS[k + 2], keep_ms)
+      local inflight, resv = base .. ':inflight', base .. ':resv'
+      redis.call('ZADD', inflight, expires, rid)
+      redis.call('HSET', resv, rid, tokens .. counters)
+      redis.call('PEXPIRE', inflight, keep_ms)
+      redis.call('PEXPIRE', resv, keep_ms)
     end
   end
   if has_account then
     local reserve = istr(input_cost + granted * out_price)
-    if not balance then redis.call('HSET', KEYS[ak + 1], 'balance', '0') end
-    redis.call('HINCRBY', KEYS[ak + 1], 'held', reserve)
-    redis.call('ZADD', KEYS[ak + 2], expires, rid)
-    redis.call('HSET', KEYS[ak + 3], rid, reserve)
-    redis.call('PEXPIRE', KEYS[ak + 2], keep_ms)
-    redis.call('PEXPIRE', KEYS[ak + 3], keep_ms)
+    local inflight, resv = account .. ':inflight', account .. ':resv'
+    if not balance then redis.call('HSET', account, 'balance', '0') end
+    redis.call('HINCRBY', account, 'held', reserve)
+    redis.call('ZADD', inflight, expires, rid)
+    redis.call('HSET', resv, rid, reserve)
+    redis.call('PEXPIRE', inflight, keep_ms)
+    redis.call('PEXPIRE', resv, keep_ms)
   end
 end
 

@@ -88,12 +88,17 @@ class Limits(BaseModel):
 class Scope:
     """Something limits apply to: ``"tenant:acme"``, ``"key:k_1"``, ``"tenant:acme:model:x"``.
 
-    `timezone` sets the calendar of the daily and monthly budgets.
+    `timezone` sets the calendar of the daily and monthly budgets. `shard` groups the
+    scope's keys with those of the other scopes and the balance account of the same
+    requests (on a Redis Cluster, one hash tag: one slot); by default the tenant of a
+    ``tenant:<id>...`` scope, else the request's balance account (see
+    `billing.quota.plan.Planner`).
     """
 
     id: str
     limits: Limits
     timezone: str = "UTC"
+    shard: str | None = None
 
 
 def _utcnow() -> datetime:
@@ -144,6 +149,8 @@ class Admission:
     balance_account: str | None = None
     charges: tuple[ScopeCharge, ...] = ()
     backend: str = "memory"
+    shard: str | None = None
+    """The hash tag of the request's keys on a Redis Cluster (None elsewhere)."""
 
 
 class QuotaExceeded(Exception):

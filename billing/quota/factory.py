@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from billing.quota.contract import QuotaStore
 from billing.quota.fail_open import FailOpenQuotaStore
@@ -21,6 +21,9 @@ class QuotaConfig(BaseModel):
     `redis_url_env` names an environment variable holding the Redis URL (it may carry a
     password); when set it wins over `redis_url`. `on_unavailable="open"` serves from a
     per-process memory store while Redis is unreachable and returns to Redis by itself.
+    `redis_cluster` makes the URL one node of a Redis Cluster (`redis_cluster_nodes`, more
+    ``host:port`` nodes to start from): keys are hash-tagged by tenant, so that one
+    request's scripts touch one slot, and redis-py follows MOVED, ASK and failovers.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -35,6 +38,14 @@ class QuotaConfig(BaseModel):
     retry_interval_ms: int = Field(default=500, ge=0)
     max_connections: int = Field(default=64, gt=0)
     key_prefix: str = "maas:quota:"
+    redis_cluster: bool = False
+    redis_cluster_nodes: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _untagged_prefix(self) -> QuotaConfig:
+        if self.redis_cluster and ("{" in self.key_prefix or "}" in self.key_prefix):
+            raise ValueError("quotas.key_prefix cannot hold braces on a Redis Cluster")
+        return self
 
     def resolved_redis_url(self) -> str | None:
         if self.redis_url_env and os.environ.get(self.redis_url_env):
@@ -44,8 +55,10 @@ class QuotaConfig(BaseModel):
 
 def build_quota_store(config: QuotaConfig) -> QuotaStore:
     """The configured store. Connects lazily: no I/O happens here."""
-    memory = MemoryQuotaStore(
-        reservation_ttl_s=config.reservation_ttl_s, key_prefix=config.key_prefix
+    memory = MemoryQuotaStore(  # named as the Redis store names keys: it replays there
+        reservation_ttl_s=config.reservation_ttl_s,
+        key_prefix=config.key_prefix,
+        tagged=config.backend == "redis" and config.redis_cluster,
     )
     if config.backend == "memory":
         return memory
@@ -62,6 +75,8 @@ def build_quota_store(config: QuotaConfig) -> QuotaStore:
         retry_interval_ms=config.retry_interval_ms,
         key_prefix=config.key_prefix,
         max_connections=config.max_connections,
+        cluster=config.redis_cluster,
+        cluster_nodes=config.redis_cluster_nodes,
     )
     if config.on_unavailable == "open":
         return FailOpenQuotaStore(redis_store, memory)

@@ -18,12 +18,11 @@ from billing.quota.contract import (
 )
 from billing.quota.plan import (
     SETTLED_KEEP_MS,
+    Planner,
     ScopePlan,
-    account_base,
-    counter_ttl_ms,
+    counter_expiry_ms,
     epoch_ms,
     oldest_bucket,
-    plan_scope,
     split_window_counter,
 )
 from billing.quota.policy import (
@@ -89,9 +88,16 @@ class MemoryQuotaStore(QuotaStore):
 
     backend = "memory"
 
-    def __init__(self, *, reservation_ttl_s: float = 600, key_prefix: str = "maas:quota:") -> None:
+    def __init__(
+        self,
+        *,
+        reservation_ttl_s: float = 600,
+        key_prefix: str = "maas:quota:",
+        tagged: bool = False,
+    ) -> None:
         self.reservation_ttl_ms = int(reservation_ttl_s * 1000)
         self.prefix = key_prefix
+        self.planner = Planner(key_prefix, tagged=tagged)
         self._lock = threading.Lock()
         self._counters: dict[str, list[int]] = {}  # key -> [value, expires_ms]
         self._windows: dict[str, RollingWindow] = {}
@@ -106,8 +112,8 @@ class MemoryQuotaStore(QuotaStore):
         return self.admit_now(req)
 
     def admit_now(self, req: AdmitRequest) -> Admission:
-        plans = [plan_scope(scope, req.now, self.prefix) for scope in req.scopes]
-        now_ms = plans[0].periods.now_ms if plans else epoch_ms(req.now)
+        now_ms = epoch_ms(req.now)
+        plans, shard = self.planner.plans(req, now_ms)
         with self._lock:
             self._sweep(now_ms)
             need = req.prompt_tokens + min_tokens(req)
@@ -117,17 +123,17 @@ class MemoryQuotaStore(QuotaStore):
                 account = self._read_account(req.balance_account, now_ms)
             admitted, granted = decide(req, readings, account)
             if not admitted:
-                raise refusal(req, plans, readings, account)
-            return self._reserve(req, plans, readings, granted, now_ms)
+                raise refusal(req, plans, readings, account, now_ms)
+            return self._reserve(req, plans, readings, granted, now_ms, shard)
 
     def _get(self, key: str) -> int:
         entry = self._counters.get(key)
         return entry[0] if entry is not None else 0
 
-    def _add(self, key: str, amount: int, ttl_ms: int, now_ms: int) -> None:
+    def _add(self, key: str, amount: int, expires_ms: int) -> None:
         entry = self._counters.setdefault(key, [0, 0])
         entry[0] += amount
-        entry[1] = now_ms + ttl_ms
+        entry[1] = expires_ms
 
     def _correct(self, base: str, suffix: str, delta: int) -> None:
         """Add `delta` to a charged counter, if it (or its window bucket) is still there."""
@@ -198,7 +204,7 @@ class MemoryQuotaStore(QuotaStore):
         state = self._accounts.get(account)
         if state is None:
             return AccountReading(None, 0)
-        self._release_expired(account_base(self.prefix, account), now_ms, account)
+        self._release_expired(self.planner.account_base(account), now_ms, account)
         return AccountReading(state[0], state[1])
 
     def _reserve(
@@ -208,20 +214,21 @@ class MemoryQuotaStore(QuotaStore):
         readings: list[ScopeReading],
         granted: int,
         now_ms: int,
+        shard: str | None,
     ) -> Admission:
         tokens = req.prompt_tokens + granted
         expires_ms = now_ms + self.reservation_ttl_ms
         charges = []
         for plan in plans:
-            bucket = plan.periods.bucket
+            bucket = plan.bucket
             if plan.scope.limits.rpm is not None:
                 self._windows[plan.base + plan.rpm].add(bucket, 1)
             for suffix in plan.counters:
                 if split_window_counter(suffix) is not None:
                     self._windows[plan.base + plan.tpm].add(bucket, tokens)
                     continue
-                ttl = counter_ttl_ms(plan, suffix, self.reservation_ttl_ms)
-                self._add(plan.base + suffix, tokens, ttl, now_ms)
+                expiry = counter_expiry_ms(plan, suffix, self.reservation_ttl_ms, now_ms)
+                self._add(plan.base + suffix, tokens, expiry)
             if plan.holds:
                 hold = _Hold(expires_ms, tokens, plan.counters)
                 self._holds.setdefault(plan.base, {})[req.request_id] = hold
@@ -231,17 +238,18 @@ class MemoryQuotaStore(QuotaStore):
             nanos = req.input_cost_nanos + granted * req.output_price_nanos
             state = self._accounts.setdefault(req.balance_account, [0, 0])
             state[1] += nanos
-            base = account_base(self.prefix, req.balance_account)
+            base = self.planner.account_base(req.balance_account)
             self._holds.setdefault(base, {})[req.request_id] = _Hold(expires_ms, nanos)
         return Admission(
             request_id=req.request_id,
             granted_max_tokens=granted,
             reserved_tokens=tokens,
             reserved_nanos=nanos,
-            headers=ratelimit_headers(plans, readings, 1, tokens),
+            headers=ratelimit_headers(plans, readings, 1, tokens, now_ms),
             balance_account=req.balance_account,
             charges=tuple(charges),
             backend=self.backend,
+            shard=shard,
         )
 
     async def settle(self, admission: Admission, used_tokens: int, cost_nanos: int) -> None:
@@ -261,7 +269,7 @@ class MemoryQuotaStore(QuotaStore):
             account = admission.balance_account
             if account is not None:
                 state = self._accounts.setdefault(account, [0, 0])
-                base = account_base(self.prefix, account)
+                base = self.planner.account_base(account)
                 if self._holds.get(base, {}).pop(rid, None) is not None:
                     state[1] -= admission.reserved_nanos
                 state[0] -= cost_nanos
@@ -318,8 +326,8 @@ class MemoryQuotaStore(QuotaStore):
         return state[0] if state is not None else None
 
     async def remaining(self, scope: Scope, now: datetime) -> dict[str, int | None]:
-        plan = plan_scope(scope, now, self.prefix)
-        now_ms = plan.periods.now_ms
+        now_ms = epoch_ms(now)
+        plan = self.planner.plan(scope, now_ms)
         with self._lock:
             live = sum(1 for h in self._holds.get(plan.base, {}).values() if h.expires_ms > now_ms)
             return remaining_from(

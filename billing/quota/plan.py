@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from billing.quota.contract import Scope
+from billing.quota.contract import AdmitRequest, Scope
 
 __all__ = [
     "BUCKET_MS",
@@ -20,15 +20,16 @@ __all__ = [
     "WINDOW_BUCKETS",
     "WINDOW_TTL_MS",
     "Periods",
+    "Planner",
     "ScopePlan",
-    "account_base",
-    "counter_ttl_ms",
+    "counter_expiry_ms",
     "epoch_ms",
     "leaves_ms",
     "oldest_bucket",
     "periods",
-    "plan_scope",
+    "request_tag",
     "split_window_counter",
+    "tenant_of",
 ]
 
 #: How long the structures that index reservations are kept after the last admission.
@@ -110,60 +111,171 @@ def _calendar(timezone: str, minute: int) -> tuple[str, int, str, int]:
 
 @dataclass(frozen=True, slots=True)
 class ScopePlan:
-    """Key names and periods of one scope for one admission."""
+    """Key names, limits and periods of one scope in one second (`Planner` caches it)."""
 
     scope: Scope
     base: str
-    periods: Periods
-    rpm: str
-    tpm: str
+    """The prefix of the scope's keys (hash-tagged in a Redis Cluster)."""
+    bucket: int
+    """The one-second bucket of the rolling windows."""
     day: str
+    """The suffix of the local day's counter, ``:day:<YYYY-MM-DD>``."""
+    day_end_ms: int
     month: str
-
+    month_end_ms: int
     counters: tuple[str, ...]
     """Suffixes of the token counters this scope charges (tpm, day, month); a rolling
     window's is ``:tpm@<bucket>``: the bucket (hash field) of the ``:tpm`` hash charged."""
     holds: bool
     """Whether an admission keeps a reservation in this scope."""
+    args: tuple[int | str, ...]
+    """The admission script's arguments for this scope (see ``admit.lua``)."""
+    rpm: str = ":rpm"
+    tpm: str = ":tpm"
 
 
-def plan_scope(scope: Scope, now: datetime, prefix: str) -> ScopePlan:
-    p = periods(now, scope.timezone)
-    limits = scope.limits
-    day, month = f":day:{p.day}", f":month:{p.month}"
-    counters = tuple(
-        suffix
-        for limit, suffix in (
-            (limits.tpm, f":tpm@{p.bucket}"),
-            (limits.tokens_per_day, day),
-            (limits.tokens_per_month, month),
+def _limit(value: int | None) -> int:
+    return -1 if value is None else value
+
+
+def tenant_of(scope_id: str) -> str | None:
+    """The tenant of a ``tenant:<id>`` or ``tenant:<id>:model:<name>`` scope, else None."""
+    if not scope_id.startswith("tenant:"):
+        return None
+    tenant = scope_id[7:].split(":", 1)[0]
+    return tenant or None
+
+
+class Planner:
+    """Scope plans, cached: a scope's key names and limits are worked out once per second
+    (not per request), its calendar once per minute and zone.
+
+    With `tagged` (Redis Cluster), every key of one request carries one hash tag, ``{<tag>}``,
+    so that its scripts touch one slot: the request's tag is its balance account, else the
+    tenant of its first tenant scope; a scope takes its own `Scope.shard`, else its tenant,
+    else the request's tag. Without it, key names have no tag (a standalone Redis).
+    """
+
+    __slots__ = ("_plans", "prefix", "tagged")
+
+    def __init__(self, prefix: str, *, tagged: bool = False) -> None:
+        self.prefix = prefix
+        self.tagged = tagged
+        self._plans: dict[tuple[str, str, str | None], ScopePlan] = {}
+
+    def plans(self, req: AdmitRequest, now_ms: int) -> tuple[list[ScopePlan], str | None]:
+        """The plans of a request's scopes, and its hash tag (None when not tagged)."""
+        if not self.tagged:
+            return [self.plan(scope, now_ms) for scope in req.scopes], None
+        tag = request_tag(req)
+        plans = []
+        for scope in req.scopes:
+            own = scope.shard or tenant_of(scope.id) or tag
+            if own != tag:
+                raise ValueError(
+                    f"scope {scope.id} is in shard {own!r}, not {tag!r}: the scopes and the"
+                    " balance account of one request must share one shard"
+                )
+            plans.append(self.plan(scope, now_ms, tag))
+        return plans, tag
+
+    def plan(self, scope: Scope, now_ms: int, tag: str | None = None) -> ScopePlan:
+        """The plan of one scope at `now_ms` (`tag`: the hash tag, when tagged)."""
+        if self.tagged and tag is None:
+            tag = self.tag_of(scope)
+        key = (scope.id, scope.timezone, tag)
+        cached = self._plans.get(key)
+        bucket = now_ms // BUCKET_MS
+        if (
+            cached is not None
+            and cached.bucket == bucket
+            and (cached.scope.limits is scope.limits or cached.scope.limits == scope.limits)
+        ):
+            return cached
+        plan = self._plan(scope, bucket, tag)
+        if len(self._plans) >= 100_000:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
+
+    def _plan(self, scope: Scope, bucket: int, tag: str | None) -> ScopePlan:
+        day, day_end, month, month_end = _calendar(scope.timezone, bucket * BUCKET_MS // 60_000)
+        limits = scope.limits
+        day_suffix, month_suffix = f":day:{day}", f":month:{month}"
+        counters = tuple(
+            suffix
+            for limit, suffix in (
+                (limits.tpm, f":tpm@{bucket}"),
+                (limits.tokens_per_day, day_suffix),
+                (limits.tokens_per_month, month_suffix),
+            )
+            if limit is not None
         )
-        if limit is not None
-    )
-    return ScopePlan(
-        scope=scope,
-        base=f"{prefix}s:{scope.id}",
-        periods=p,
-        rpm=":rpm",
-        tpm=":tpm",
-        day=day,
-        month=month,
-        counters=counters,
-        holds=bool(counters) or limits.max_concurrent is not None,
-    )
+        has_day, has_month = limits.tokens_per_day is not None, limits.tokens_per_month is not None
+        return ScopePlan(
+            scope=scope,
+            base=self.base(f"s:{scope.id}", tag),
+            bucket=bucket,
+            day=day_suffix,
+            day_end_ms=day_end,
+            month=month_suffix,
+            month_end_ms=month_end,
+            counters=counters,
+            holds=bool(counters) or limits.max_concurrent is not None,
+            args=(
+                _limit(limits.rpm),
+                _limit(limits.tpm),
+                _limit(limits.max_concurrent),
+                _limit(limits.tokens_per_day),
+                _limit(limits.tokens_per_month),
+                day_suffix if has_day else "",
+                day_end if has_day else 0,
+                month_suffix if has_month else "",
+                month_end if has_month else 0,
+            ),
+        )
+
+    def tag_of(self, scope: Scope) -> str | None:
+        """A scope's hash tag on its own (for reading it): its shard, else its tenant, else
+        its id; None when not tagged."""
+        if not self.tagged:
+            return None
+        return scope.shard or tenant_of(scope.id) or scope.id
+
+    def base(self, name: str, tag: str | None) -> str:
+        """A key name under the prefix, after the hash tag when tagged."""
+        if tag is None or not self.tagged:
+            return f"{self.prefix}{name}"
+        return f"{self.prefix}{{{tag}}}:{name}"
+
+    def account_base(self, account: str) -> str:
+        """The key of a balance account (its tag is the account itself)."""
+        return self.base(f"a:{account}", account)
+
+    def done_key(self, request_id: str, tag: str | None) -> str:
+        """The key marking a request as settled."""
+        return self.base(f"done:{request_id}", tag)
 
 
-def account_base(prefix: str, account: str) -> str:
-    return f"{prefix}a:{account}"
+def request_tag(req: AdmitRequest) -> str:
+    """The hash tag of a request's keys in a Redis Cluster (see `Planner`)."""
+    if req.balance_account is not None:
+        return req.balance_account
+    for scope in req.scopes:
+        tag = scope.shard or tenant_of(scope.id)
+        if tag:
+            return tag
+    return req.scopes[0].id if req.scopes else req.request_id
 
 
-def counter_ttl_ms(plan: ScopePlan, suffix: str, reservation_ttl_ms: int) -> int:
-    """How long a counter key lives: to the end of its period plus a margin."""
-    p = plan.periods
+def counter_expiry_ms(plan: ScopePlan, suffix: str, reservation_ttl_ms: int, now_ms: int) -> int:
+    """When a counter key expires: a window some time after its last write, a calendar
+    counter at the end of its period plus the reservation TTL and a margin (late settles
+    still correct it)."""
     if suffix in (plan.rpm, plan.tpm) or "@" in suffix:
-        return WINDOW_TTL_MS
-    period_ms = p.day_reset_ms if suffix == plan.day else p.month_reset_ms
-    return period_ms + reservation_ttl_ms + PERIOD_MARGIN_MS
+        return now_ms + WINDOW_TTL_MS
+    end = plan.day_end_ms if suffix == plan.day else plan.month_end_ms
+    return end + reservation_ttl_ms + PERIOD_MARGIN_MS
 
 
 def split_window_counter(suffix: str) -> tuple[str, int] | None:

@@ -132,13 +132,13 @@ def format_reset(ms: int) -> str:
 
 
 def ratelimit_headers(
-    plans: list[ScopePlan], readings: list[ScopeReading], requests: int, tokens: int
+    plans: list[ScopePlan], readings: list[ScopeReading], requests: int, tokens: int, now_ms: int
 ) -> dict[str, str]:
     """The six x-ratelimit headers after charging `requests` and `tokens` (0 on refusal)."""
     best_requests: tuple[int, int, int] | None = None  # remaining, limit, reset_ms
     best_tokens: tuple[int, int, int] | None = None
     for plan, reading in zip(plans, readings, strict=True):
-        limits, p = plan.scope.limits, plan.periods
+        limits = plan.scope.limits
         if limits.rpm is not None:
             left = (
                 max(limits.rpm - reading.requests - requests, 0),
@@ -149,8 +149,8 @@ def ratelimit_headers(
                 best_requests = left
         for limit, used, reset in (
             (limits.tpm, reading.tpm, reading.tpm_reset_ms),
-            (limits.tokens_per_day, reading.day, p.day_reset_ms),
-            (limits.tokens_per_month, reading.month, p.month_reset_ms),
+            (limits.tokens_per_day, reading.day, plan.day_end_ms - now_ms),
+            (limits.tokens_per_month, reading.month, plan.month_end_ms - now_ms),
         ):
             if limit is not None:
                 left = (max(limit - used - tokens, 0), limit, reset)
@@ -180,13 +180,14 @@ def refusal(
     plans: list[ScopePlan],
     readings: list[ScopeReading],
     account: AccountReading | None,
+    now_ms: int,
 ) -> QuotaExceeded:
     """Explain why `decide` refused: the most telling limit, as a `QuotaExceeded`."""
     need_out = min_tokens(req)
     need = req.prompt_tokens + need_out
     found: list[QuotaExceeded] = []
     for plan, reading in zip(plans, readings, strict=True):
-        limits, p, sid = plan.scope.limits, plan.periods, plan.scope.id
+        limits, sid = plan.scope.limits, plan.scope.id
         if limits.rpm is not None and reading.requests + 1 > limits.rpm:
             found.append(
                 QuotaExceeded(
@@ -227,13 +228,19 @@ def refusal(
                 retry = reading.tpm_retry_ms / 1000
             found.append(QuotaExceeded("rate_limit", "tpm", sid, message, retry_after_s=retry))
         budgets: list[tuple[RefusalReason, int | None, int, str, int]] = [
-            ("tokens_per_day", limits.tokens_per_day, reading.day, "Daily", p.day_reset_ms),
+            (
+                "tokens_per_day",
+                limits.tokens_per_day,
+                reading.day,
+                "Daily",
+                plan.day_end_ms - now_ms,
+            ),
             (
                 "tokens_per_month",
                 limits.tokens_per_month,
                 reading.month,
                 "Monthly",
-                p.month_reset_ms,
+                plan.month_end_ms - now_ms,
             ),
         ]
         for reason, limit, used, label, reset_ms in budgets:
@@ -266,7 +273,7 @@ def refusal(
     if not found:  # defensive: decide() refused, so some limit must have
         found.append(QuotaExceeded("rate_limit", "tpm", "", "Request refused by quota."))
     chosen = min(found, key=lambda e: _PRIORITY[e.reason])
-    chosen.headers = ratelimit_headers(plans, readings, 0, 0)
+    chosen.headers = ratelimit_headers(plans, readings, 0, 0, now_ms)
     return chosen
 
 

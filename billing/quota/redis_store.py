@@ -42,14 +42,16 @@ import importlib.resources
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.crc import key_slot
 
 from billing.idempotency import (
     ABANDON_LUA,
@@ -75,14 +77,13 @@ from billing.quota.pipeline import LuaScript, PipelinedRedis
 from billing.quota.plan import (
     BUCKET_MS,
     HOLDS_KEEP_MS,
+    PERIOD_MARGIN_MS,
     SETTLED_KEEP_MS,
     WINDOW_BUCKETS,
+    Planner,
     ScopePlan,
-    account_base,
-    counter_ttl_ms,
     epoch_ms,
     oldest_bucket,
-    plan_scope,
 )
 from billing.quota.policy import (
     AccountReading,
@@ -123,6 +124,10 @@ _UNREACHABLE = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
     redis_errors.BusyLoadingError,
+    redis_errors.ClusterDownError,
+    redis_errors.MasterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.RedisClusterException,  # e.g. no node serves the slot now
     OSError,
     TimeoutError,
 )
@@ -134,6 +139,12 @@ DEADLINE_FACTOR = 4
 
 #: Settles kept for replay while Redis is unreachable (the oldest are dropped beyond this).
 PENDING_SETTLES_MAX = 100_000
+
+
+def _cluster_node(address: str) -> ClusterNode:
+    """A startup node from ``host:port``."""
+    host, _, port = address.rpartition(":")
+    return ClusterNode(host.strip("[]") or "localhost", int(port))
 
 
 class _PipelinedScript:
@@ -167,26 +178,51 @@ class RedisQuotaStore(QuotaStore):
         retry_interval_ms: int = 500,
         key_prefix: str = "maas:quota:",
         max_connections: int = 64,
+        cluster: bool = False,
+        cluster_nodes: Sequence[str] = (),
     ) -> None:
         self.url = url
         self.prefix = key_prefix
+        self.cluster = cluster
+        self.planner = Planner(key_prefix, tagged=cluster)
         self.reservation_ttl_ms = int(reservation_ttl_s * 1000)
         self.timeout_s = timeout_ms / 1000
         self.retry_interval_s = retry_interval_ms / 1000
-        # Requests beyond `max_connections` wait for a free connection (bounded by the
-        # deadline in `_call`) instead of failing.
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=None,
-            socket_timeout=self.timeout_s,
-            socket_connect_timeout=self.timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
-            health_check_interval=0,
-            decode_responses=True,
-        )
-        self._client = Redis.from_pool(pool)
+        self._client: Redis | RedisCluster
+        self._gate: asyncio.Semaphore | None
+        if cluster:
+            # redis-py follows MOVED and ASK and refreshes the slot map after a failover;
+            # one retry lets a call reach a newly promoted master at once.
+            # Its pools do not wait for a free connection: calls beyond `max_connections`
+            # wait here instead (bounded by the deadline in `_run`).
+            self._gate = asyncio.Semaphore(max_connections)
+            self._client = RedisCluster.from_url(
+                url,
+                startup_nodes=[_cluster_node(node) for node in cluster_nodes],
+                require_full_coverage=False,
+                max_connections=max_connections,
+                socket_timeout=self.timeout_s,
+                socket_connect_timeout=self.timeout_s,
+                retry=AsyncRetry(NoBackoff(), 1),
+                health_check_interval=0,
+                decode_responses=True,
+            )
+        else:
+            self._gate = None
+            # Requests beyond `max_connections` wait for a free connection (bounded by the
+            # deadline in `_call`) instead of failing.
+            pool = BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=None,
+                socket_timeout=self.timeout_s,
+                socket_connect_timeout=self.timeout_s,
+                retry=AsyncRetry(NoBackoff(), 0),
+                retry_on_timeout=False,
+                health_check_interval=0,
+                decode_responses=True,
+            )
+            self._client = Redis.from_pool(pool)
         self._registered = {
             name: self._client.register_script(lua_source(name)) for name in _SCRIPT_FILES
         }
@@ -195,13 +231,19 @@ class RedisQuotaStore(QuotaStore):
         self._begin_script = self._client.register_script(BEGIN_LUA)
         self._abandon_script = self._client.register_script(ABANDON_LUA)
         # The two scripts every request runs go over one pipelined connection (hiredis
-        # packing, no pool checkout); everything else, and URLs it cannot reach, via redis-py.
+        # packing, no pool checkout); everything else, clusters and URLs it cannot reach,
+        # via redis-py.
         self._pipeline = (
-            PipelinedRedis(url, timeout_s=self.timeout_s) if PipelinedRedis.supports(url) else None
+            PipelinedRedis(url, timeout_s=self.timeout_s)
+            if not cluster and PipelinedRedis.supports(url)
+            else None
         )
         self._lua = {name: LuaScript(lua_source(name)) for name in ("admit", "settle", "release")}
-        self._down_until = 0.0
-        self._pending: deque[Callable[[], Awaitable[Any]]] = deque(maxlen=PENDING_SETTLES_MAX)
+        self._down_until: dict[int, float] = {}  # slot -> fail fast until (monotonic)
+        # (call, slot) of settles and releases waiting for Redis
+        self._pending: deque[tuple[Callable[[], Awaitable[Any]], int]] = deque(
+            maxlen=PENDING_SETTLES_MAX
+        )
         self._replay_task: asyncio.Task[None] | None = None
         self._openings: dict[str, int] = {}  # account -> initial balance not yet written
         self._openings_lock = asyncio.Lock()
@@ -224,26 +266,32 @@ class RedisQuotaStore(QuotaStore):
         registered = self._registered[name]
         return lambda: registered(keys=keys, args=args)
 
-    async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, what: str, call: Callable[[], Awaitable[T]], slot: int = 0) -> T:
         """Run one Redis call with a hard deadline; failures become `QuotaUnavailable`.
 
-        Initial balances still waiting are written first, so every call sees them.
+        Initial balances still waiting are written first, so every call sees them. After a
+        failure, calls for the same cluster slot (every call, on a standalone Redis) fail
+        fast for `retry_interval_ms`.
         """
         if self._openings:
             await self._write_openings()
-        return await self._run(what, call)
+        return await self._run(what, call, slot)
 
-    async def _run(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        if time.monotonic() < self._down_until:
+    async def _run(self, what: str, call: Callable[[], Awaitable[T]], slot: int = 0) -> T:
+        down_until = self._down_until.get(slot)
+        if down_until is not None and time.monotonic() < down_until:
             raise QuotaUnavailable(f"quota store (Redis) is unreachable; {what} refused")
         try:
             if isinstance(call, _PipelinedScript):  # it has a deadline per command already
                 result = await call()
+            elif self._gate is not None:
+                async with asyncio.timeout(self.timeout_s * DEADLINE_FACTOR), self._gate:
+                    result = await call()
             else:
                 async with asyncio.timeout(self.timeout_s * DEADLINE_FACTOR):
                     result = await call()
         except _UNREACHABLE as exc:
-            self._down_until = time.monotonic() + self.retry_interval_s
+            self._down_until[slot] = time.monotonic() + self.retry_interval_s
             raise QuotaUnavailable(
                 f"quota store (Redis) is unreachable; {what} failed: {exc or type(exc).__name__}"
             ) from exc
@@ -254,9 +302,12 @@ class RedisQuotaStore(QuotaStore):
         return result
 
     async def admit(self, req: AdmitRequest) -> Admission:
-        plans = [plan_scope(scope, req.now, self.prefix) for scope in req.scopes]
         now_ms = epoch_ms(req.now)
-        keys: list[str] = []
+        plans, shard = self.planner.plans(req, now_ms)
+        keys = [plan.base for plan in plans]
+        has_account = req.balance_account is not None
+        if req.balance_account is not None:
+            keys.append(self.planner.account_base(req.balance_account))
         args: list[Any] = [
             req.request_id,
             now_ms,
@@ -266,56 +317,27 @@ class RedisQuotaStore(QuotaStore):
             min(req.min_tokens, req.max_tokens),
             req.input_cost_nanos,
             req.output_price_nanos,
-            len(plans),
-            1 if req.balance_account is not None else 0,
+            1 if has_account else 0,
             HOLDS_KEEP_MS,
-            now_ms // BUCKET_MS,
             oldest_bucket(now_ms),
+            self.reservation_ttl_ms + PERIOD_MARGIN_MS,
         ]
         for plan in plans:
-            base, limits = plan.base, plan.scope.limits
-            keys += [
-                f"{base}:inflight",
-                f"{base}:resv",
-                base + plan.rpm,
-                base + plan.tpm,
-                base + plan.day,
-                base + plan.month,
-            ]
-            args += [
-                base,
-                *(
-                    -1 if limit is None else limit
-                    for limit in (
-                        limits.rpm,
-                        limits.tpm,
-                        limits.max_concurrent,
-                        limits.tokens_per_day,
-                        limits.tokens_per_month,
-                    )
-                ),
-                counter_ttl_ms(plan, plan.rpm, 0),
-                counter_ttl_ms(plan, plan.day, self.reservation_ttl_ms),
-                counter_ttl_ms(plan, plan.month, self.reservation_ttl_ms),
-                " ".join(plan.counters),
-            ]
-        if req.balance_account is not None:
-            abase = account_base(self.prefix, req.balance_account)
-            keys += [abase, f"{abase}:inflight", f"{abase}:resv"]
+            args += plan.args
+        slot = self._slot(shard)
         try:
-            reply = await self._call("admission", self._script("admit", keys, args))
+            reply = await self._call("admission", self._script("admit", keys, args), slot)
         except QuotaUnavailable as exc:
             if isinstance(exc.__cause__, _TIMEOUTS):  # the script may have run, its reply lost
-                self._pending.append(self._release_call(req, plans))
+                self._pending.append(self._release_call(req, plans, slot))
             raise
-        admitted, granted, balance, held = (int(reply[0]), int(reply[1]), reply[2], int(reply[3]))
-        values = [int(v) for v in reply[4:]]
-        readings = [ScopeReading(*values[i * 9 : i * 9 + 9]) for i in range(len(plans))]
+        granted, balance, held = int(reply[1]), reply[2], int(reply[3])
+        readings = [ScopeReading(*reply[i : i + 9]) for i in range(4, 4 + 9 * len(plans), 9)]
         account = None
-        if req.balance_account is not None:
+        if has_account:
             account = AccountReading(int(balance) if balance is not None else None, held)
-        if not admitted:
-            raise refusal(req, plans, readings, account)
+        if not reply[0]:
+            raise refusal(req, plans, readings, account, now_ms)
         expected = decide(req, readings, account)
         if expected != (True, granted):  # the script mirrors decide(); say so if it drifts
             logger.error("quota script and decide() disagree: %s vs %s", expected, granted)
@@ -325,30 +347,30 @@ class RedisQuotaStore(QuotaStore):
             granted_max_tokens=granted,
             reserved_tokens=tokens,
             reserved_nanos=(
-                req.input_cost_nanos + granted * req.output_price_nanos
-                if req.balance_account is not None
-                else 0
+                req.input_cost_nanos + granted * req.output_price_nanos if has_account else 0
             ),
-            headers=ratelimit_headers(plans, readings, 1, tokens),
+            headers=ratelimit_headers(plans, readings, 1, tokens, now_ms),
             balance_account=req.balance_account,
             charges=tuple(
                 ScopeCharge(plan.scope.id, plan.base, plan.counters) for plan in plans if plan.holds
             ),
             backend=self.backend,
+            shard=shard,
         )
+
+    def _slot(self, shard: str | None) -> int:
+        """The cluster slot of a hash tag (0 on a standalone Redis): the unit of fail-fast."""
+        if shard is None or not self.cluster:
+            return 0
+        return key_slot(shard.encode())
 
     def _settle_call(
         self, admission: Admission, used_tokens: int, cost_nanos: int
-    ) -> Callable[[], Awaitable[Any]]:
-        keys = [f"{self.prefix}done:{admission.request_id}"]
-        per_scope = []
-        for charge in admission.charges:
-            keys += [f"{charge.base}:inflight", f"{charge.base}:resv"]
-            keys += [charge.base + suffix for suffix in charge.counters]
-            per_scope.append(len(charge.counters))
+    ) -> tuple[Callable[[], Awaitable[Any]], int]:
+        keys = [self.planner.done_key(admission.request_id, admission.shard)]
+        keys += [charge.base for charge in admission.charges]
         if admission.balance_account is not None:
-            abase = account_base(self.prefix, admission.balance_account)
-            keys += [abase, f"{abase}:inflight", f"{abase}:resv"]
+            keys.append(self.planner.account_base(admission.balance_account))
         args = [
             admission.request_id,
             admission.reserved_tokens,
@@ -356,33 +378,20 @@ class RedisQuotaStore(QuotaStore):
             admission.reserved_nanos,
             cost_nanos,
             self.reservation_ttl_ms + SETTLED_KEEP_MS,
-            len(per_scope),
             1 if admission.balance_account is not None else 0,
-            *per_scope,
+            *(" ".join(charge.counters) for charge in admission.charges),
         ]
-        return self._script("settle", keys, args)
+        return self._script("settle", keys, args), self._slot(admission.shard)
 
     def _release_call(
-        self, req: AdmitRequest, plans: list[ScopePlan]
-    ) -> Callable[[], Awaitable[Any]]:
+        self, req: AdmitRequest, plans: list[ScopePlan], slot: int
+    ) -> tuple[Callable[[], Awaitable[Any]], int]:
         """Undo an admission whose reply never came (a timeout), so it holds nothing."""
-        keys: list[str] = []
-        per_scope = []
-        for plan in plans:
-            if plan.holds:
-                keys += [f"{plan.base}:inflight", f"{plan.base}:resv"]
-                keys += [plan.base + suffix for suffix in plan.counters]
-                per_scope.append(len(plan.counters))
+        keys = [plan.base for plan in plans if plan.holds]
         if req.balance_account is not None:
-            abase = account_base(self.prefix, req.balance_account)
-            keys += [abase, f"{abase}:inflight", f"{abase}:resv"]
-        args = [
-            req.request_id,
-            len(per_scope),
-            1 if req.balance_account is not None else 0,
-            *per_scope,
-        ]
-        return self._script("release", keys, args)
+            keys.append(self.planner.account_base(req.balance_account))
+        args = [req.request_id, 1 if req.balance_account is not None else 0]
+        return self._script("release", keys, args), slot
 
     async def settle(self, admission: Admission, used_tokens: int, cost_nanos: int) -> None:
         """Settle now, or queue the settle for replay if Redis cannot be reached."""
@@ -390,7 +399,7 @@ class RedisQuotaStore(QuotaStore):
             return  # only request counters were charged: nothing to correct or release
         call = self._settle_call(admission, used_tokens, cost_nanos)
         try:
-            await self._call("settle", call)
+            await self._call("settle", *call)
         except QuotaUnavailable as exc:
             self._pending.append(call)
             logger.warning(
@@ -404,7 +413,7 @@ class RedisQuotaStore(QuotaStore):
         while self._pending:
             call = self._pending[0]
             try:
-                await self._call("settle replay", call)
+                await self._call("settle replay", *call)
             except QuotaUnavailable:
                 return
             if self._pending and self._pending[0] is call:
@@ -413,21 +422,29 @@ class RedisQuotaStore(QuotaStore):
     async def topup(self, account: str, nanos: int) -> int:
         if nanos <= 0:
             raise ValueError(f"a top-up must be positive, not {nanos}")
-        keys, args = [account_base(self.prefix, account)], [nanos, MAX_BALANCE_NANOS]
-        result = await self._call("top-up", lambda: self._topup_script(keys=keys, args=args))
+        keys, args = [self.planner.account_base(account)], [nanos, MAX_BALANCE_NANOS]
+        result = await self._call(
+            "top-up", lambda: self._topup_script(keys=keys, args=args), self._slot(account)
+        )
         if result is None:
             raise ValueError(f"a balance cannot exceed {format_amount(MAX_BALANCE_NANOS)}")
         return int(result)
 
     def _record_key(self, claim: Claim) -> str:
-        return f"{self.prefix}idem:{claim.key}"
+        return self.planner.base(f"idem:{claim.key}", None)
 
     async def topup_once(self, account: str, nanos: int, claim: Claim) -> tuple[int, bool]:
         if nanos <= 0:
             raise ValueError(f"a top-up must be positive, not {nanos}")
-        keys = [account_base(self.prefix, account), self._record_key(claim)]
+        # On a cluster the record shares the account's slot: one script touches both.
+        record = self.planner.base(f"idem:{claim.key}", account)
+        keys = [self.planner.account_base(account), record]
         args: list[str | int] = [nanos, MAX_BALANCE_NANOS, claim.fingerprint, RESULT_KEEP_MS]
-        reply = await self._call("top-up", lambda: self._topup_once_script(keys=keys, args=args))
+        reply = await self._call(
+            "top-up",
+            lambda: self._topup_once_script(keys=keys, args=args),
+            self._slot(account),
+        )
         outcome = int(reply[0])
         if outcome == 0:
             raise ValueError(f"a balance cannot exceed {format_amount(MAX_BALANCE_NANOS)}")
@@ -477,7 +494,7 @@ class RedisQuotaStore(QuotaStore):
             async def write() -> list[Any]:
                 pipe = self._client.pipeline(transaction=False)
                 for account, nanos in waiting.items():
-                    pipe.hsetnx(account_base(self.prefix, account), "balance", nanos)
+                    pipe.hsetnx(self.planner.account_base(account), "balance", nanos)
                 return await pipe.execute()  # type: ignore[no-any-return]
 
             await self._run("set balance", write)
@@ -488,12 +505,15 @@ class RedisQuotaStore(QuotaStore):
                 logger.info("wrote the initial balances kept while Redis was unreachable")
 
     async def balance(self, account: str) -> int | None:
-        key = account_base(self.prefix, account)
-        value = await self._call("balance", lambda: self._client.hget(key, "balance"))
+        key = self.planner.account_base(account)
+        value = await self._call(
+            "balance", lambda: self._client.hget(key, "balance"), self._slot(account)
+        )
         return int(value) if value is not None else None
 
     async def remaining(self, scope: Scope, now: datetime) -> dict[str, int | None]:
-        plan = plan_scope(scope, now, self.prefix)
+        now_ms = epoch_ms(now)
+        plan = self.planner.plan(scope, now_ms)
         base = plan.base
 
         async def read() -> list[Any]:
@@ -502,11 +522,12 @@ class RedisQuotaStore(QuotaStore):
             pipe.hgetall(base + plan.tpm)
             pipe.get(base + plan.day)
             pipe.get(base + plan.month)
-            pipe.zcount(f"{base}:inflight", f"({plan.periods.now_ms}", "+inf")
+            pipe.zcount(f"{base}:inflight", f"({now_ms}", "+inf")
             return await pipe.execute()  # type: ignore[no-any-return]
 
-        rpm, tpm, day, month, inflight = await self._call("remaining", read)
-        oldest = oldest_bucket(plan.periods.now_ms)
+        slot = self._slot(self.planner.tag_of(scope))
+        rpm, tpm, day, month, inflight = await self._call("remaining", read, slot)
+        oldest = oldest_bucket(now_ms)
 
         def used(window: dict[str, str]) -> int:
             return sum(

@@ -1,27 +1,35 @@
--- KEYS: per scope: inflight, resv, then its counters; then, with an account: account,
--- inflight, resv. ARGV: request id, scope count, has account, counters per scope.
--- Releases whatever this request still holds (nothing when its admission never ran), by the
--- amounts stored with the reservation; marks nothing, so a later settle still applies.
+-- Release whatever one request still holds (nothing when its admission never ran), by
+-- the amounts and counters stored with its reservation; marks nothing, so a later settle
+-- still applies. KEYS: the key prefix (base) of each scope, then, with an account, the
+-- account's key. ARGV: request id, has account 0/1.
 local rid = ARGV[1]
+local has_account = ARGV[2] == '1'
 local function istr(n) return string.format('%d', n) end
-local k = 0
-for i = 1, tonumber(ARGV[2]) do
-  local n = tonumber(ARGV[3 + i])
-  local held = redis.call('HGET', KEYS[k + 2], rid)
+local nscopes = #KEYS
+if has_account then nscopes = nscopes - 1 end
+for i = 1, nscopes do
+  local base = KEYS[i]
+  local held = redis.call('HGET', base .. ':resv', rid)
   if held then
-    local amount = string.match(held, '%S+')
-    for j = 1, n do adjust(KEYS[k + 2 + j], -tonumber(amount)) end
-    redis.call('HDEL', KEYS[k + 2], rid)
+    local amount = nil
+    for word in string.gmatch(held, '%S+') do
+      if amount == nil then
+        amount = word
+      else
+        adjust(base .. word, -tonumber(amount))
+      end
+    end
+    redis.call('HDEL', base .. ':resv', rid)
   end
-  redis.call('ZREM', KEYS[k + 1], rid)
-  k = k + 2 + n
+  redis.call('ZREM', base .. ':inflight', rid)
 end
-if ARGV[3] == '1' then
-  local held = redis.call('HGET', KEYS[k + 3], rid)
+if has_account then
+  local account = KEYS[nscopes + 1]
+  local held = redis.call('HGET', account .. ':resv', rid)
   if held then
-    redis.call('HINCRBY', KEYS[k + 1], 'held', istr(-tonumber(held)))
-    redis.call('HDEL', KEYS[k + 3], rid)
+    redis.call('HINCRBY', account, 'held', istr(-tonumber(held)))
+    redis.call('HDEL', account .. ':resv', rid)
   end
-  redis.call('ZREM', KEYS[k + 2], rid)
+  redis.call('ZREM', account .. ':inflight', rid)
 end
 return 1
