@@ -456,3 +456,19 @@ def test_build_quota_store_from_config(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(closed, RedisQuotaStore) and closed.url == "redis://127.0.0.1:1/0"
     opened = build_quota_store(QuotaConfig(backend="redis", on_unavailable="open"))
     assert isinstance(opened, FailOpenQuotaStore)
+
+
+def test_build_a_cluster_store_from_config() -> None:
+    config = QuotaConfig(
+        backend="redis",
+        redis_url="redis://127.0.0.1:7000/0",
+        redis_url_env=None,
+        redis_cluster=True,
+        redis_cluster_nodes=["127.0.0.1:7001"],
+        on_unavailable="open",
+    )
+    store = build_quota_store(config)
+    assert isinstance(store, FailOpenQuotaStore) and isinstance(store.primary, RedisQuotaStore)
+    assert store.primary.cluster and store.fallback.planner.tagged  # the same key names
+    with pytest.raises(ValueError, match="braces"):
+        QuotaConfig(backend="redis", redis_cluster=True, key_prefix="q:{x}:")
