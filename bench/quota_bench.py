@@ -237,10 +237,16 @@ async def traffic_per_request(url: str, args: argparse.Namespace, cluster: bool)
     print(f"  Redis CPU        {moved.get('cpu_s', 0) / n * 1e6:8.1f} µs per request")
 
 
-def ceiling_client(url: str, cluster: bool, seconds: float, concurrency: int, name: str) -> int:
+def ceiling_client(
+    url: str, cluster: bool, start_at: float, seconds: float, concurrency: int, name: str
+) -> int:
+    """One client process: admit + settle from `start_at` (wall clock) for `seconds`."""
+
     async def main() -> int:
         store = store_for(url, cluster)
         traffic = Traffic(TENANTS_FOR_CEILING, name)
+        await run_pairs(store, traffic, 200, concurrency)  # connected, scripts loaded
+        await asyncio.sleep(max(start_at - time.time(), 0))
         until = time.monotonic() + seconds
         pairs = await run_pairs(store, traffic, 10**9, concurrency, until)
         await store.aclose()
@@ -263,15 +269,18 @@ def ceiling(url: str, args: argparse.Namespace, cluster: bool) -> None:
     asyncio.run(opened())
     nodes = nodes_of(url, cluster)
     context = multiprocessing.get_context("spawn")
+    start_at = time.time() + 3  # every client connected and warm by then
     with context.Pool(args.processes) as pool:
-        before = totals(nodes)
-        started = time.monotonic()
         jobs = [
             pool.apply_async(
-                ceiling_client, (url, cluster, args.seconds, args.concurrency, f"c{index}")
+                ceiling_client,
+                (url, cluster, start_at, args.seconds, args.concurrency, f"c{index}"),
             )
             for index in range(args.processes)
         ]
+        time.sleep(max(start_at - time.time(), 0))
+        before = totals(nodes)
+        started = time.monotonic()
         pairs = sum(job.get() for job in jobs)
         wall = time.monotonic() - started
         moved = delta(totals(nodes), before)
