@@ -41,14 +41,7 @@ local function release_expired(base, account)
       if account then
         redis.call('HINCRBY', base, 'held', istr(-tonumber(held)))
       else
-        local amount = nil
-        for word in string.gmatch(held, '%S+') do
-          if amount == nil then
-            amount = word
-          else
-            adjust(base .. word, -tonumber(amount))
-          end
-        end
+        unreserve(base, held)
       end
       redis.call('HDEL', resv, id)
     end

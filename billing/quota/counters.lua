@@ -13,3 +13,16 @@ local function adjust(spec, amount)
     redis.call('INCRBY', spec, delta)
   end
 end
+
+-- Take a scope's reservation (held: "<tokens> <suffix>...", as admit.lua stores it) back off
+-- the counters it charged.
+local function unreserve(base, held)
+  local amount = nil
+  for word in string.gmatch(held, '%S+') do
+    if amount == nil then
+      amount = word
+    else
+      adjust(base .. word, -tonumber(amount))
+    end
+  end
+end

@@ -11,14 +11,7 @@ for i = 1, nscopes do
   local base = KEYS[i]
   local held = redis.call('HGET', base .. ':resv', rid)
   if held then
-    local amount = nil
-    for word in string.gmatch(held, '%S+') do
-      if amount == nil then
-        amount = word
-      else
-        adjust(base .. word, -tonumber(amount))
-      end
-    end
+    unreserve(base, held)
     redis.call('HDEL', base .. ':resv', rid)
   end
   redis.call('ZREM', base .. ':inflight', rid)
