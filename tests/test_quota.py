@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from billing.idempotency import Claim, IdempotencyConflict
 from billing.quota import (
     MAX_BALANCE_NANOS,
     Admission,
@@ -472,3 +473,25 @@ def test_build_a_cluster_store_from_config() -> None:
     assert store.primary.cluster and store.fallback.planner.tagged  # the same key names
     with pytest.raises(ValueError, match="braces"):
         QuotaConfig(backend="redis", redis_cluster=True, key_prefix="q:{x}:")
+
+
+async def test_a_keyed_top_up_applies_once_and_a_keyed_write_replays(store: QuotaStore) -> None:
+    await store.set_balance("acme", 1_000)
+    claim = Claim("topup-1", "fingerprint-a")
+    assert await store.topup_once("acme", 500, claim) == (1_500, False)
+    assert await store.topup_once("acme", 500, claim) == (1_500, True)  # replayed, not added
+    with pytest.raises(IdempotencyConflict):
+        await store.topup_once("acme", 500, Claim("topup-1", "fingerprint-b"))
+    assert await store.balance("acme") == 1_500
+
+    write = Claim("create-1", "fingerprint-c")
+    assert await store.idempotency_begin(write) is None  # go ahead
+    with pytest.raises(IdempotencyConflict):
+        await store.idempotency_begin(write)  # still running
+    await store.idempotency_finish(write, 201, '{"id": "k1"}')
+    stored = await store.idempotency_begin(write)
+    assert stored is not None and (stored.s, stored.b) == (201, '{"id": "k1"}')
+    failed = Claim("create-2", "fingerprint-d")
+    assert await store.idempotency_begin(failed) is None
+    await store.idempotency_abandon(failed)
+    assert await store.idempotency_begin(failed) is None  # free again after a failure
