@@ -324,7 +324,9 @@ def wait_for_new_master(cluster: RedisClusterServers, tag: str, old: Any) -> flo
         except (redis.RedisError, AssertionError):
             pass
         time.sleep(0.05)
-    raise AssertionError("no replica took over")
+    with cluster.live().client() as client:
+        nodes = client.execute_command("CLUSTER", "NODES")
+    raise AssertionError(f"no replica took over from {old.port}:\n{nodes}")
 
 
 @contextlib.asynccontextmanager
@@ -350,3 +352,42 @@ async def cluster_traffic(
         finally:
             stop.set()
             await asyncio.gather(*tasks)
+
+
+async def test_a_store_whose_slot_map_predates_a_failover_follows_moved(
+    redis_cluster: RedisClusterServers, cluster_url: str
+) -> None:
+    """A gateway idle through a failover still sends to the old master, now back as a
+    replica: it answers MOVED, and the store asks the slot map again and goes on, without
+    an error and without losing the request."""
+    store = cluster_store(cluster_url)
+    await store.set_balance("acme", 10 * WORST_CASE)
+    first = await store.admit(paid("acme", "before"))
+    await store.settle(first, PROMPT + 10, INPUT_COST + 10 * OUT_PRICE)
+    victim = redis_cluster.master_of("acme")
+    await asyncio.to_thread(redis_cluster.kill, victim)
+    try:
+        await asyncio.to_thread(wait_for_new_master, redis_cluster, "acme", victim)
+    finally:
+        await asyncio.to_thread(redis_cluster.restart, victim)
+    await asyncio.to_thread(redis_cluster.wait_healthy)
+    assert redis_cluster.master_of("acme").port != victim.port  # the old master is a replica
+
+    after = await store.admit(paid("acme", "after"))
+    await store.settle(after, PROMPT + 20, INPUT_COST + 20 * OUT_PRICE)
+    spent = 2 * INPUT_COST + 30 * OUT_PRICE
+    assert await store.balance("acme") == 10 * WORST_CASE - spent
+    await store.aclose()
+
+
+def paid(tenant_id: str, request_id: str) -> AdmitRequest:
+    return AdmitRequest(
+        request_id=request_id,
+        scopes=scopes_of(tenant_id, 10**9),
+        prompt_tokens=PROMPT,
+        max_tokens=MAX_OUT,
+        input_cost_nanos=INPUT_COST,
+        output_price_nanos=OUT_PRICE,
+        balance_account=tenant_id,
+        now=NOW,
+    )

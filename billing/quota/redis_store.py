@@ -64,6 +64,7 @@ from billing.idempotency import (
     resolve,
 )
 from billing.money import format_amount
+from billing.quota.cluster_pipeline import ClusterPipelines, Redirected
 from billing.quota.contract import (
     MAX_BALANCE_NANOS,
     Admission,
@@ -141,10 +142,15 @@ DEADLINE_FACTOR = 4
 PENDING_SETTLES_MAX = 100_000
 
 
+def _address(address: str) -> tuple[str, int]:
+    """(host, port) from ``host:port``."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "localhost", int(port)
+
+
 def _cluster_node(address: str) -> ClusterNode:
     """A startup node from ``host:port``."""
-    host, _, port = address.rpartition(":")
-    return ClusterNode(host.strip("[]") or "localhost", int(port))
+    return ClusterNode(*_address(address))
 
 
 class _PipelinedScript:
@@ -162,6 +168,35 @@ class _PipelinedScript:
 
     def __call__(self) -> Awaitable[Any]:
         return self.pipeline.evalsha(self.script, self.keys, self.args)
+
+
+class _ClusterScript:
+    """One script run on the cluster's pipelined connections (replayable), through redis-py
+    when the cluster is moving its slot."""
+
+    __slots__ = ("args", "fallback", "keys", "pipelines", "script", "slot")
+
+    def __init__(
+        self,
+        pipelines: ClusterPipelines,
+        script: LuaScript,
+        keys: list[str],
+        args: list[Any],
+        slot: int,
+        fallback: Callable[..., Awaitable[Any]],
+    ) -> None:
+        self.pipelines = pipelines
+        self.script = script
+        self.keys = keys
+        self.args = args
+        self.slot = slot
+        self.fallback = fallback
+
+    async def __call__(self) -> Any:
+        try:
+            return await self.pipelines.evalsha(self.script, self.keys, self.args, self.slot)
+        except Redirected:
+            return await self.fallback(keys=self.keys, args=self.args)
 
 
 class RedisQuotaStore(QuotaStore):
@@ -238,6 +273,11 @@ class RedisQuotaStore(QuotaStore):
             if not cluster and PipelinedRedis.supports(url)
             else None
         )
+        self._cluster_pipelines = (
+            ClusterPipelines(url, [_address(n) for n in cluster_nodes], timeout_s=self.timeout_s)
+            if cluster and PipelinedRedis.supports(url)
+            else None
+        )
         self._lua = {name: LuaScript(lua_source(name)) for name in ("admit", "settle", "release")}
         self._down_until: dict[int, float] = {}  # slot -> fail fast until (monotonic)
         # (call, slot) of settles and releases waiting for Redis
@@ -259,11 +299,16 @@ class RedisQuotaStore(QuotaStore):
         """Initial balances waiting for Redis to answer again."""
         return len(self._openings)
 
-    def _script(self, name: str, keys: list[str], args: list[Any]) -> Callable[[], Awaitable[Any]]:
-        """A call running one of the Lua scripts (the pipelined connection when there is one)."""
+    def _script(
+        self, name: str, keys: list[str], args: list[Any], slot: int
+    ) -> Callable[[], Awaitable[Any]]:
+        """A call running one of the Lua scripts (pipelined connections when there are)."""
+        registered = self._registered[name]
         if self._pipeline is not None:
             return _PipelinedScript(self._pipeline, self._lua[name], keys, args)
-        registered = self._registered[name]
+        if self._cluster_pipelines is not None:
+            pipelines, script = self._cluster_pipelines, self._lua[name]
+            return _ClusterScript(pipelines, script, keys, args, slot, registered)
         return lambda: registered(keys=keys, args=args)
 
     async def _call(self, what: str, call: Callable[[], Awaitable[T]], slot: int = 0) -> T:
@@ -284,6 +329,9 @@ class RedisQuotaStore(QuotaStore):
         try:
             if isinstance(call, _PipelinedScript):  # it has a deadline per command already
                 result = await call()
+            elif isinstance(call, _ClusterScript):  # pipelined: no pool to wait for
+                async with asyncio.timeout(self.timeout_s * DEADLINE_FACTOR):
+                    result = await call()
             elif self._gate is not None:
                 async with asyncio.timeout(self.timeout_s * DEADLINE_FACTOR), self._gate:
                     result = await call()
@@ -326,7 +374,7 @@ class RedisQuotaStore(QuotaStore):
             args += plan.args
         slot = self._slot(shard)
         try:
-            reply = await self._call("admission", self._script("admit", keys, args), slot)
+            reply = await self._call("admission", self._script("admit", keys, args, slot), slot)
         except QuotaUnavailable as exc:
             if isinstance(exc.__cause__, _TIMEOUTS):  # the script may have run, its reply lost
                 self._pending.append(self._release_call(req, plans, slot))
@@ -381,7 +429,8 @@ class RedisQuotaStore(QuotaStore):
             1 if admission.balance_account is not None else 0,
             *(" ".join(charge.counters) for charge in admission.charges),
         ]
-        return self._script("settle", keys, args), self._slot(admission.shard)
+        slot = self._slot(admission.shard)
+        return self._script("settle", keys, args, slot), slot
 
     def _release_call(
         self, req: AdmitRequest, plans: list[ScopePlan], slot: int
@@ -391,7 +440,7 @@ class RedisQuotaStore(QuotaStore):
         if req.balance_account is not None:
             keys.append(self.planner.account_base(req.balance_account))
         args = [req.request_id, 1 if req.balance_account is not None else 0]
-        return self._script("release", keys, args), slot
+        return self._script("release", keys, args, slot), slot
 
     async def settle(self, admission: Admission, used_tokens: int, cost_nanos: int) -> None:
         """Settle now, or queue the settle for replay if Redis cannot be reached."""
@@ -554,4 +603,6 @@ class RedisQuotaStore(QuotaStore):
                 pass
         if self._pipeline is not None:
             await self._pipeline.aclose()
+        if self._cluster_pipelines is not None:
+            await self._cluster_pipelines.aclose()
         await self._client.aclose()
