@@ -64,7 +64,10 @@ TRANSPARENT: frozenset[tuple[str, str]] = frozenset(
 )
 
 #: Files that are client libraries of our own: charged like redis-py or aiohttp are.
-TRANSPARENT_FILES: tuple[str, ...] = ("billing/quota/pipeline.py",)
+TRANSPARENT_FILES: tuple[str, ...] = (
+    "billing/quota/pipeline.py",
+    "billing/quota/cluster_pipeline.py",
+)
 
 #: Used only when no step frame is on the stack.
 LIBRARY_RULES: list[tuple[str, str]] = [

@@ -2,10 +2,11 @@
 
 `admit` and `settle` are one round trip each (EVALSHA; the script is loaded again on
 NOSCRIPT, e.g. after Redis restarts), sent over one pipelined connection
-(`billing.quota.pipeline`; a ``redis://`` or ``unix://`` URL, else redis-py's pool).
-Python computes key names, calendar periods and TTLs (zoneinfo); the scripts, in the
-``.lua`` files beside this module, do the atomic arithmetic, mirroring
-`billing.quota.policy.decide`.
+(`billing.quota.pipeline`; a ``redis://`` or ``unix://`` URL, else redis-py's pool), or on
+a Redis Cluster over one per master (`billing.quota.cluster_pipeline`). Python computes key
+names, calendar periods and TTLs (zoneinfo), once per scope and second (`Planner`); the
+scripts, in the ``.lua`` files beside this module, do the atomic arithmetic, mirroring
+`billing.quota.policy.decide`. A script gets each scope's key prefix and derives the keys.
 
 Keys (prefix ``maas:quota:`` by default), per scope ``s:<scope id>`` and account ``a:<id>``:
 
@@ -19,19 +20,24 @@ Keys (prefix ``maas:quota:`` by default), per scope ``s:<scope id>`` and account
 - ``done:<request id>`` - settle idempotency marker
 - ``idem:<Idempotency-Key>`` - an admin write's idempotency record (`billing.idempotency`)
 
-Lua counts in doubles: amounts stay below 2**53 (nine million currency units in nanos).
-The scripts touch the keys of expired reservations they find, so the store needs a
-standalone Redis (or one shard), not Redis Cluster.
+On a Redis Cluster (``cluster=True``) every name carries the request's hash tag after the
+prefix, ``maas:quota:{<tenant>}:s:...``, so each script touches the keys of one slot only
+(those of the expired reservations it releases included); a top-up's idempotency record
+is ``{<account>}:idem:<key>``. After a failure, calls fail fast per slot, so a dead master
+does not refuse the tenants of the others.
 
-Availability: every command has a short socket timeout (`timeout_ms`), no retries, and a
-whole-call deadline of four timeouts, so a dead or hung Redis turns into `QuotaUnavailable`
-quickly; after a failure, calls fail fast for
-`retry_interval_ms` and then try again, so the store recovers by itself. A settle that
-cannot reach Redis is queued and replayed once Redis answers (settles are idempotent). An
-admission that was sent but got no answer (a timeout) may still have run: its release is
-queued the same way, so a refused request never keeps a reservation. An initial balance
-(`set_balance`) that cannot be written is kept too, and written before any other call
-once Redis answers, so a settle replayed into a new account never comes first.
+Lua counts in doubles: amounts stay below 2**53 (nine million currency units in nanos).
+
+Availability: every command has a short socket timeout (`timeout_ms`), no retries (redis-py's
+cluster client: one, to reach a promoted master), and a whole-call deadline of four
+timeouts, so a dead or hung Redis turns into `QuotaUnavailable` quickly; after a failure,
+calls fail fast for `retry_interval_ms` and then try again, so the store recovers by
+itself. A settle that cannot reach Redis is queued and replayed once Redis answers
+(settles are idempotent). An admission that was sent but got no answer (a timeout) may
+still have run: its release is queued the same way, so a refused request never keeps a
+reservation. An initial balance (`set_balance`) that cannot be written is kept too, and
+written before any other call once Redis answers, so a settle replayed into a new account
+never comes first.
 """
 
 from __future__ import annotations
