@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import itertools
 from bisect import bisect_right
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any, Literal, Self
+from typing import Any, Literal, Protocol, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -172,14 +172,6 @@ class LatencyModel:
     @property
     def input_slot_ms(self) -> Decimal:
         return Decimal(str(self.prefill_ms_per_token))
-
-    def tokens_per_hour_at_capacity(self) -> tuple[Decimal, Decimal]:
-        """(input, output) tokens per hour with every slot busy on that kind of token."""
-
-        def rate(slot_ms: Decimal) -> Decimal:
-            return _MS_PER_HOUR * self.capacity / slot_ms if slot_ms else Decimal(0)
-
-        return rate(self.input_slot_ms), rate(self.output_slot_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,3 +341,44 @@ class ComputeCosts:
             seconds = Decimal((hi - lo).total_seconds())
             total += apply_multiplier(rate.hourly_cost_nanos, seconds / Decimal(3600))
         return total
+
+
+class _ProviderSpec(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+
+
+class _DeploymentSpec(Protocol):
+    @property
+    def provider(self) -> str: ...
+    @property
+    def resolved_name(self) -> str: ...
+
+
+class _ModelSpec(Protocol):
+    @property
+    def deployments(self) -> Sequence[_DeploymentSpec]: ...
+
+
+class FleetSpec(Protocol):
+    """What `build_compute_costs` reads of the gateway's settings (`gateway.config.Settings`)."""
+
+    @property
+    def compute_costs(self) -> ComputeCostConfig: ...
+    @property
+    def providers(self) -> Sequence[_ProviderSpec]: ...
+    @property
+    def models(self) -> Sequence[_ModelSpec]: ...
+
+
+def build_compute_costs(settings: FleetSpec) -> ComputeCosts:
+    """Compute cost rates for every deployment; simulated ones bring their latency model."""
+    simulated = {p.name: p for p in settings.providers if p.type == "simulated"}
+    deployments: dict[str, LatencyModel | None] = {}
+    for model in settings.models:
+        for d in model.deployments:
+            sim = simulated.get(d.provider)
+            deployments[d.resolved_name] = LatencyModel.of(sim) if sim is not None else None
+    return ComputeCosts(settings.compute_costs, deployments)

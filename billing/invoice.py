@@ -30,17 +30,20 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Table, func, select
-
-from billing.ledger import ROLLUPS, dialect_insert, epoch_seconds, naive_utc
-from billing.models import BUCKET_SECONDS, InvoicedLine, StoredInvoice
 from billing.money import format_price_per_million, round_to_minor, to_nanos
+from billing.store.engine import epoch_seconds
+from billing.store.invoices import (
+    invoice_document,
+    invoice_numbers,
+    invoiced,
+    store_final_invoice,
+)
+from billing.store.schema import BUCKET_SECONDS
+from billing.store.usage import rollup_sums
 
 if TYPE_CHECKING:
     from billing.ledger import Ledger
 
-INVOICES: Table = StoredInvoice.__table__  # type: ignore[attr-defined]
-INVOICED_LINES: Table = InvoicedLine.__table__  # type: ignore[attr-defined]
 
 TOKEN_KINDS: tuple[tuple[str, str, str], ...] = (
     # (token kind, rollup token column, rollup list price column)
@@ -226,36 +229,28 @@ class _LineSpec:
     unit_price_nanos: int
 
 
+_LINE_GROUP = (
+    "model",
+    "price_version",
+    "list_price_input_nanos",
+    "list_price_cached_nanos",
+    "list_price_output_nanos",
+)
+
+
 async def month_amounts(
     ledger: Ledger, tenant: TenantBilling, month: str
 ) -> dict[str, tuple[_LineSpec, _Amount]]:
     """The month's usage and discount amounts from the rollups, by line key (exact)."""
     first, end = month_buckets(month, tenant.timezone)
-    group = (
-        ROLLUPS.c.model,
-        ROLLUPS.c.price_version,
-        ROLLUPS.c.list_price_input_nanos,
-        ROLLUPS.c.list_price_cached_nanos,
-        ROLLUPS.c.list_price_output_nanos,
+    groups = await rollup_sums(
+        ledger.engine,
+        by=_LINE_GROUP,
+        first=first,
+        end=end,
+        tenant_id=tenant.tenant_id,
+        currency=tenant.currency,
     )
-    query = (
-        select(
-            *group,
-            func.sum(ROLLUPS.c.uncached_input),
-            func.sum(ROLLUPS.c.cached_input),
-            func.sum(ROLLUPS.c.output),
-            func.sum(ROLLUPS.c.cost_nanos),
-        )
-        .where(
-            ROLLUPS.c.tenant_id == tenant.tenant_id,
-            ROLLUPS.c.bucket >= first,
-            ROLLUPS.c.bucket < end,
-            ROLLUPS.c.currency == tenant.currency.upper(),
-        )
-        .group_by(*group)
-    )
-    async with ledger.engine.connect() as connection:
-        rows = (await connection.execute(query)).all()
     amounts: dict[str, tuple[_LineSpec, _Amount]] = {}
 
     def add(spec: _LineSpec, quantity: int, nanos: int) -> None:
@@ -266,8 +261,15 @@ async def month_amounts(
         entry[1].quantity += quantity
         entry[1].nanos += nanos
 
-    for model, version, list_in, list_cached, list_out, uncached, cached, out, cost in rows:
-        tokens = {"uncached_input": int(uncached), "cached_input": int(cached), "output": int(out)}
+    for group in groups:
+        model, version, list_in, list_cached, list_out = group.key
+        sums = group.sums
+        cost = sums.cost_nanos
+        tokens = {
+            "uncached_input": sums.uncached_input,
+            "cached_input": sums.cached_input,
+            "output": sums.output,
+        }
         prices = {"uncached_input": list_in, "cached_input": list_cached, "output": list_out}
         listed = 0
         for kind, _column, _price in TOKEN_KINDS:
@@ -327,30 +329,14 @@ def _line_order(line: InvoiceLine) -> tuple[Any, ...]:
 
 
 async def _finalised_months_before(ledger: Ledger, tenant_id: str, month: str) -> list[str]:
-    query = select(INVOICES.c.month).where(
-        INVOICES.c.tenant_id == tenant_id, INVOICES.c.month < month
-    )
-    async with ledger.engine.connect() as connection:
-        return sorted(row[0] for row in (await connection.execute(query)).all())
+    finalised = await invoice_numbers(ledger.engine, tenant_id)
+    return sorted(m for m in finalised if m < month)
 
 
 async def invoiced_amounts(ledger: Ledger, tenant_id: str, usage_month: str) -> dict[str, _Amount]:
     """Everything finalised invoices have charged for a month's usage, by line key."""
-    query = (
-        select(
-            INVOICED_LINES.c.line_key,
-            func.sum(INVOICED_LINES.c.quantity),
-            func.sum(INVOICED_LINES.c.amount_nanos),
-        )
-        .where(
-            INVOICED_LINES.c.tenant_id == tenant_id,
-            INVOICED_LINES.c.usage_month == usage_month,
-        )
-        .group_by(INVOICED_LINES.c.line_key)
-    )
-    async with ledger.engine.connect() as connection:
-        rows = (await connection.execute(query)).all()
-    return {key: _Amount(int(quantity), int(nanos)) for key, quantity, nanos in rows}
+    charged = await invoiced(ledger.engine, tenant_id, usage_month)
+    return {key: _Amount(quantity, nanos) for key, (quantity, nanos) in charged.items()}
 
 
 def spec_from_key(key: str) -> _LineSpec:
@@ -413,11 +399,7 @@ async def _compute(ledger: Ledger, tenant: TenantBilling, month: str) -> Invoice
 
 async def stored_invoice(ledger: Ledger, tenant_id: str, month: str) -> Invoice | None:
     """The finalised invoice for a tenant-month, if there is one."""
-    query = select(INVOICES.c.document).where(
-        INVOICES.c.tenant_id == tenant_id, INVOICES.c.month == month
-    )
-    async with ledger.engine.connect() as connection:
-        document = await connection.scalar(query)
+    document = await invoice_document(ledger.engine, tenant_id, month)
     return None if document is None else Invoice.from_dict(json.loads(document))
 
 
@@ -451,35 +433,15 @@ async def finalize_invoice(
         amount = by_key[(line.usage_month, line.line_key)]
         amount.quantity += line.quantity
         amount.nanos += line.amount_nanos
-    async with ledger.engine.begin() as connection:
-        insert = dialect_insert(connection, INVOICES).on_conflict_do_nothing(
-            index_elements=["tenant_id", "month"]
-        )
-        result = await connection.execute(
-            insert,
-            {
-                "tenant_id": tenant.tenant_id,
-                "month": month,
-                "number": invoice.number,
-                "finalized_at": naive_utc(invoice.issued_at),
-                "document": json.dumps(invoice.to_dict()),
-            },
-        )
-        if result.rowcount == 1 and by_key:
-            await connection.execute(
-                INVOICED_LINES.insert(),
-                [
-                    {
-                        "tenant_id": tenant.tenant_id,
-                        "invoice_month": month,
-                        "usage_month": usage_month,
-                        "line_key": key,
-                        "quantity": amount.quantity,
-                        "amount_nanos": amount.nanos,
-                    }
-                    for (usage_month, key), amount in by_key.items()
-                ],
-            )
+    await store_final_invoice(
+        ledger.engine,
+        tenant.tenant_id,
+        month,
+        number=invoice.number,
+        finalized_at=invoice.issued_at,
+        document=json.dumps(invoice.to_dict()),
+        charged={key: (amount.quantity, amount.nanos) for key, amount in by_key.items()},
+    )
     final = await stored_invoice(ledger, tenant.tenant_id, month)
     assert final is not None
     return final
@@ -491,10 +453,3 @@ def period_label(invoice: Invoice) -> str:
     return (
         f"{invoice.period_start.date().isoformat()} to {last_day.isoformat()} ({invoice.timezone})"
     )
-
-
-def render_invoice(invoice: Invoice, fmt: Literal["json", "csv", "html"]) -> str:
-    """The invoice as JSON, CSV or printable HTML (see `billing.invoice_render`)."""
-    from billing.invoice_render import render_invoice as render  # it imports this module
-
-    return render(invoice, fmt)

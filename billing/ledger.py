@@ -29,52 +29,34 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel
-from sqlalchemy import Table, delete, event, func, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Table, delete, event, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from billing.journal import Journal
-from billing.migrations import upgrade
-from billing.models import BUCKET_SECONDS, LedgerEntry, LedgerState, UsageRollup
 from billing.money import format_amount
 from billing.record import GATEWAY_DIED, UsageRecord
+from billing.store.engine import bucket_of, dialect_insert, naive_utc, sqlite_file
+from billing.store.migrations import upgrade
+from billing.store.schema import (
+    BUCKET_SECONDS,
+    ENTRIES,
+    ROLLUP_KEY,
+    ROLLUP_SUMS,
+    ROLLUPS,
+    STATE,
+)
+from billing.store.usage import rollup_sums
 
 log = logging.getLogger(__name__)
 
-ENTRIES: Table = LedgerEntry.__table__  # type: ignore[attr-defined]
-ROLLUPS: Table = UsageRollup.__table__  # type: ignore[attr-defined]
-STATE: Table = LedgerState.__table__  # type: ignore[attr-defined]
-
-ROLLUP_KEY = (
-    "tenant_id",
-    "bucket",
-    "model",
-    "deployment",
-    "price_version",
-    "currency",
-    "list_price_input_nanos",
-    "list_price_cached_nanos",
-    "list_price_output_nanos",
-)
-ROLLUP_SUMS = (
-    "requests",
-    "error_requests",
-    "uncached_input",
-    "cached_input",
-    "output",
-    "reasoning",
-    "cost_nanos",
-    "list_cost_nanos",
-    "compute_cost_nanos",
-)
 _USAGE_SUMS = ROLLUP_SUMS.index("list_cost_nanos")  # the sums a `UsageRow` carries
 PRUNED_BEFORE_KEY = "pruned_before"
 _RETENTION_CHECK_SECONDS = 3600.0
@@ -144,38 +126,8 @@ class UsageRow:
         }
 
 
-def sqlite_file(url: str) -> Path | None:
-    """The database file of an SQLite URL, or None (not SQLite, or in memory)."""
-    parsed = make_url(url)
-    if not parsed.get_backend_name().startswith("sqlite"):
-        return None
-    if not parsed.database or parsed.database == ":memory:":
-        return None
-    return Path(parsed.database)
-
-
 _EPOCH = datetime(1970, 1, 1)
 _SECOND = timedelta(seconds=1)
-
-
-def naive_utc(moment: datetime) -> datetime:
-    """A datetime as naive UTC (how the ledger stores times); naive input is taken as UTC."""
-    if moment.tzinfo is None:
-        return moment
-    if moment.tzinfo is not UTC:
-        moment = moment.astimezone(UTC)
-    return moment.replace(tzinfo=None)
-
-
-def epoch_seconds(moment: datetime) -> int:
-    """Whole seconds since the epoch (naive input is taken as UTC)."""
-    return (naive_utc(moment) - _EPOCH) // _SECOND
-
-
-def bucket_of(moment: datetime) -> int:
-    """The start (epoch seconds) of the 15-minute UTC bucket holding `moment`."""
-    seconds = epoch_seconds(moment)
-    return seconds - seconds % BUCKET_SECONDS
 
 
 ENTRY_COLUMNS: tuple[str, ...] = tuple(column.name for column in ENTRIES.columns)
@@ -243,11 +195,6 @@ def entry_values(rec: UsageRecord) -> tuple[Any, ...]:
     )
 
 
-def entry_row(rec: UsageRecord) -> dict[str, Any]:
-    """A usage record as a `ledger_entries` row keyed by column name."""
-    return dict(zip(ENTRY_COLUMNS, entry_values(rec), strict=True))
-
-
 def _list_price(rec: UsageRecord, kind: str) -> int:
     value = getattr(rec, f"list_unit_price_{kind}_nanos", None)
     return int(value) if value is not None else int(getattr(rec, f"unit_price_{kind}_nanos"))
@@ -283,13 +230,6 @@ ROLLUP_COLUMNS: tuple[str, ...] = (
     *(name for name in ROLLUP_KEY if name not in ("tenant_id", "bucket")),
     *ROLLUP_SUMS,
 )
-
-
-def dialect_insert(connection: AsyncConnection, table: Table) -> Any:
-    """An INSERT that understands ON CONFLICT for this connection's dialect."""
-    if connection.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
 
 
 _SQLITE_MAX_VARIABLES = 32766  # SQLite's limit on bound parameters in one statement
@@ -755,27 +695,21 @@ class Ledger:
         `end` exclusive; both are taken to the 15-minute bucket holding them.
         """
         zone = ZoneInfo(timezone)
-        query = (
-            select(
-                ROLLUPS.c.tenant_id,
-                ROLLUPS.c.bucket,
-                ROLLUPS.c.model,
-                ROLLUPS.c.currency,
-                *(func.sum(ROLLUPS.c[name]) for name in ROLLUP_SUMS[:_USAGE_SUMS]),
-            )
-            .where(ROLLUPS.c.bucket >= bucket_of(start), ROLLUPS.c.bucket < bucket_of(end))
-            .group_by(ROLLUPS.c.tenant_id, ROLLUPS.c.bucket, ROLLUPS.c.model, ROLLUPS.c.currency)
+        groups = await rollup_sums(
+            self.engine,
+            by=("tenant_id", "bucket", "model", "currency"),
+            first=bucket_of(start),
+            end=bucket_of(end),
+            tenant_id=tenant_id,
         )
-        if tenant_id is not None:
-            query = query.where(ROLLUPS.c.tenant_id == tenant_id)
         totals: dict[tuple[str, date, str, str], list[int]] = {}
-        async with self.engine.connect() as connection:
-            result = await connection.execute(query)
-            for tenant, bucket, model, currency, *sums in result.all():
-                day = datetime.fromtimestamp(bucket, zone).date()
-                acc = totals.setdefault((tenant, day, model, currency), [0] * len(sums))
-                for index, value in enumerate(sums):
-                    acc[index] += int(value or 0)
+        for group in groups:
+            tenant, bucket, model, currency = group.key
+            sums = astuple(group.sums)[:_USAGE_SUMS]
+            day = datetime.fromtimestamp(bucket, zone).date()
+            acc = totals.setdefault((tenant, day, model, currency), [0] * len(sums))
+            for index, value in enumerate(sums):
+                acc[index] += value
         return [
             UsageRow(tenant, day, model, currency, *sums)
             for (tenant, day, model, currency), sums in sorted(totals.items())

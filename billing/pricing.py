@@ -355,10 +355,6 @@ class PriceCatalog:
         self._cache: dict[tuple[Any, ...], Quote] = {}
 
     @property
-    def plan_names(self) -> frozenset[str]:
-        return frozenset(self.config.plans)
-
-    @property
     def models(self) -> frozenset[str]:
         return frozenset(self.config.models)
 

@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select
-
 from billing.invoice import (
     TenantBilling,
     build_invoice,
@@ -28,8 +26,11 @@ from billing.invoice import (
     month_period,
     spec_from_key,
 )
-from billing.ledger import ENTRIES, ROLLUPS, Ledger, naive_utc
+from billing.ledger import Ledger
 from billing.money import round_to_minor, to_nanos
+from billing.store import usage
+from billing.store.engine import naive_utc
+from billing.store.usage import Group
 
 SUM_FIELDS = ("requests", "uncached_input", "cached_input", "output", "cost_nanos", "list_cost")
 
@@ -101,55 +102,38 @@ class ReconciliationReport:
 
 
 Sums = dict[tuple[str, str], dict[str, int]]  # (currency, model) -> field -> value
+_GROUP = ("currency", "model")
 
 
-def _sum_columns(table: Any) -> list[Any]:
-    requests = func.sum(table.c.requests) if "requests" in table.c else func.count()
-    return [
-        requests,
-        func.sum(table.c.uncached_input),
-        func.sum(table.c.cached_input),
-        func.sum(table.c.output),
-        func.sum(table.c.cost_nanos),
-        func.sum(table.c.list_cost_nanos),
-    ]
-
-
-async def _grouped(ledger: Ledger, query: Any) -> Sums:
-    async with ledger.engine.connect() as connection:
-        rows = (await connection.execute(query)).all()
+def _by_currency_and_model(groups: list[Group]) -> Sums:
     return {
-        (currency, model): dict(zip(SUM_FIELDS, (int(v or 0) for v in values), strict=True))
-        for currency, model, *values in rows
+        (currency, model): {
+            "requests": g.sums.requests,
+            "uncached_input": g.sums.uncached_input,
+            "cached_input": g.sums.cached_input,
+            "output": g.sums.output,
+            "cost_nanos": g.sums.cost_nanos,
+            "list_cost": g.sums.list_cost_nanos,
+        }
+        for g in groups
+        for currency, model in [g.key]
     }
 
 
 async def rollup_sums(ledger: Ledger, tenant: TenantBilling, month: str) -> Sums:
     first, end = month_buckets(month, tenant.timezone)
-    query = (
-        select(ROLLUPS.c.currency, ROLLUPS.c.model, *_sum_columns(ROLLUPS))
-        .where(
-            ROLLUPS.c.tenant_id == tenant.tenant_id,
-            ROLLUPS.c.bucket >= first,
-            ROLLUPS.c.bucket < end,
-        )
-        .group_by(ROLLUPS.c.currency, ROLLUPS.c.model)
+    groups = await usage.rollup_sums(
+        ledger.engine, by=_GROUP, first=first, end=end, tenant_id=tenant.tenant_id
     )
-    return await _grouped(ledger, query)
+    return _by_currency_and_model(groups)
 
 
 async def raw_sums(ledger: Ledger, tenant: TenantBilling, month: str) -> Sums:
     start, end = month_period(month, tenant.timezone)
-    query = (
-        select(ENTRIES.c.currency, ENTRIES.c.model, *_sum_columns(ENTRIES))
-        .where(
-            ENTRIES.c.tenant_id == tenant.tenant_id,
-            ENTRIES.c.started_at >= naive_utc(start),
-            ENTRIES.c.started_at < naive_utc(end),
-        )
-        .group_by(ENTRIES.c.currency, ENTRIES.c.model)
+    groups = await usage.entry_sums(
+        ledger.engine, by=_GROUP, tenant_id=tenant.tenant_id, start=start, end=end
     )
-    return await _grouped(ledger, query)
+    return _by_currency_and_model(groups)
 
 
 def _compare(

@@ -1,7 +1,10 @@
 """The admin API (tenants, keys, balances, usage, invoices, health) and tenant usage.
 
-Admin routes take `Authorization: Bearer <admin key>`; the admin key comes from the
-environment variable named by `server.admin_key_env`. Without one the admin API refuses.
+One Litestar controller per resource. Admin routes take `Authorization: Bearer <admin
+key>`, checked by one guard (`AdminGuard`); the admin key comes from the environment
+variable named by `server.admin_key_env`. Without one the admin API refuses. Handlers get
+the services they use (directory, quota store, ledger, ...) injected from the serving
+`gateway.state.AppState`.
 Balances live in the quota store: while it cannot be reached, the routes that read or move
 them answer 503 (creating a prepaid tenant then stores nothing). Writes honour an
 `Idempotency-Key` header (`gateway.admin_idempotency`); a top-up records it in the same
@@ -10,30 +13,36 @@ atomic step as the balance change.
 
 from __future__ import annotations
 
-import functools
 import hmac
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import msgspec
-from litestar import Request, Response, get, post
-from litestar.handlers import HTTPRouteHandler
+from litestar import Controller, Request, Response, Router, get, post
+from litestar.connection import ASGIConnection
+from litestar.di import NamedDependency, Provide
+from litestar.handlers import BaseRouteHandler
+from litestar.params import FromPath
 
 from billing.idempotency import IdempotencyConflict
-from billing.invoice import TenantBilling, build_invoice, finalize_invoice, render_invoice
+from billing.invoice import TenantBilling, build_invoice, finalize_invoice
+from billing.invoice_render import render_invoice
+from billing.ledger import Ledger
 from billing.money import format_amount, to_nanos
-from billing.quota import MAX_BALANCE_NANOS, Limits, QuotaUnavailable
+from billing.quota import MAX_BALANCE_NANOS, Limits, QuotaStore, QuotaUnavailable
 from billing.reconcile import reconcile
-from gateway.admin_idempotency import REPLAYED, claim_of, conflict, idempotent
-from gateway.auth import Tenant
+from gateway.admin_idempotency import REPLAYED, claim_of, conflict, once
+from gateway.auth import Directory, Tenant
+from gateway.config import Settings
 from gateway.errors import ApiError, invalid_request, service_unavailable
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.keystore import DirectorySync
+from gateway.routing import Router as DeploymentRouter
+from gateway.state import AppState
 
 _encode = msgspec.json.Encoder().encode
 _CONTENT_TYPES = {"json": "application/json", "csv": "text/csv", "html": "text/html"}
@@ -71,135 +80,186 @@ def tenant_billing(tenant: Tenant) -> TenantBilling:
     )
 
 
-def admin_routes(gw: Gateway) -> list[HTTPRouteHandler]:
-    """The admin and usage route handlers, bound to one gateway."""
+def admin_routes(state: Callable[[], AppState]) -> list[Router]:
+    """The admin API (behind `AdminGuard`) and the tenants' own usage route, their
+    dependencies drawn from `state()`, the serving state."""
+    dependencies = _dependencies(state)
+    admin = Router(
+        path="/",
+        route_handlers=[
+            TenantsController,
+            KeysController,
+            BalancesController,
+            UsageController,
+            InvoicesController,
+            DeploymentsController,
+        ],
+        guards=[AdminGuard(state)],
+        dependencies=dependencies,
+    )
+    tenants = Router(path="/", route_handlers=[TenantUsageController], dependencies=dependencies)
+    return [admin, tenants]
 
-    def require_admin(request: Request[Any, Any, Any]) -> None:
-        if not gw.admin_key:
+
+def _dependencies(state: Callable[[], AppState]) -> dict[str, Provide]:
+    def settings() -> Settings:
+        return state().settings
+
+    def directory() -> Directory:
+        return state().directory
+
+    def directory_sync() -> DirectorySync:
+        return state().directory_sync
+
+    def quotas() -> QuotaStore:
+        return state().quotas
+
+    def ledger() -> Ledger:
+        return state().ledger
+
+    def deployments() -> DeploymentRouter:
+        return state().router
+
+    found = (settings, directory, directory_sync, quotas, ledger, deployments)
+    return {f.__name__: Provide(f, sync_to_thread=False) for f in found}
+
+
+@dataclass(frozen=True, slots=True)
+class AdminGuard:
+    """Lets a request through only with `Authorization: Bearer <admin key>` (compared in
+    constant time): 401 otherwise, 403 for every request while no admin key is set."""
+
+    state: Callable[[], AppState]
+
+    def __call__(
+        self, connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler
+    ) -> None:
+        admin_key = self.state().admin_key
+        if not admin_key:
             raise ApiError(
                 403,
                 "The admin API is disabled: set the admin key environment variable.",
                 type="permission_error",
             )
-        scheme, _, secret = (request.headers.get("authorization") or "").partition(" ")
+        scheme, _, secret = (connection.headers.get("authorization") or "").partition(" ")
         presented = secret.strip().encode() if scheme.lower() == "bearer" else b""
-        if not hmac.compare_digest(presented, gw.admin_key.encode()):
+        if not hmac.compare_digest(presented, admin_key.encode()):
             raise ApiError(401, "Invalid admin key.", code="invalid_api_key")
 
-    def tenant_or_404(tenant_id: str) -> Tenant:
-        tenant = gw.directory.tenants.get(tenant_id)
-        if tenant is None:
-            raise ApiError(404, f"No tenant {tenant_id!r}.", code="tenant_not_found")
-        return tenant
 
-    async def body_of(request: Request[Any, Any, Any], kind: type[Any]) -> Any:
-        try:
-            return msgspec.json.decode(await request.body(), type=kind)
-        except msgspec.ValidationError as exc:
-            raise invalid_request(str(exc)) from None
-        except msgspec.DecodeError:
-            raise invalid_request("The request body is not valid JSON.") from None
+class TenantsController(Controller):
+    """`/admin/tenants`: list and create tenants."""
 
-    @get("/admin/tenants")
-    async def list_tenants(request: Request[Any, Any, Any]) -> Response[Any]:
-        require_admin(request)
-        return _json({"data": [_tenant_json(t) for t in gw.directory.tenants.values()]})
+    path = "/admin/tenants"
 
-    once = functools.partial(idempotent, lambda: gw.quotas, require_admin)
+    @get("/")
+    async def list_tenants(self, directory: NamedDependency[Directory]) -> Response[Any]:
+        return _json({"data": [_tenant_json(t) for t in directory.tenants.values()]})
 
-    @post("/admin/tenants", status_code=201)
-    @once()
-    async def create_tenant(request: Request[Any, Any, Any]) -> Response[Any]:
-        require_admin(request)
-        new = await body_of(request, NewTenant)
-        if new.id in gw.directory.tenants:
-            raise ApiError(409, f"Tenant {new.id!r} exists.", code="tenant_exists")
-        try:
-            ZoneInfo(new.timezone)
-            limits = Limits(**new.limits)
-            balance = Decimal(new.balance) if new.balance is not None else None
-            balance_nanos = to_nanos(balance) if balance is not None else None
-            tax_rate = Decimal(new.tax_rate)
-        except (ValueError, ArithmeticError, KeyError) as exc:
-            raise invalid_request(f"Invalid tenant: {exc}") from None
-        if balance_nanos is not None and not 0 <= balance_nanos <= MAX_BALANCE_NANOS:
-            raise invalid_request(
-                f"An initial balance must be between 0 and {format_amount(MAX_BALANCE_NANOS)}.",
-                param="balance",
+    @post("/", status_code=201)
+    async def create_tenant(
+        self,
+        request: Request[Any, Any, Any],
+        settings: NamedDependency[Settings],
+        directory: NamedDependency[Directory],
+        directory_sync: NamedDependency[DirectorySync],
+        quotas: NamedDependency[QuotaStore],
+    ) -> Response[Any]:
+        async def create() -> Response[Any]:
+            new = await _body_of(request, NewTenant)
+            tenant, balance_nanos = _new_tenant(new, settings, directory)
+            if balance_nanos is not None:
+                with _quota_errors():  # a 503 now stores nothing, so the call can be repeated
+                    await quotas.balance(tenant.id)
+            await directory_sync.create_tenant(tenant)  # stored first; 409 when taken
+            if balance_nanos is not None:  # kept by the store if it has just become unreachable
+                await quotas.set_balance(tenant.id, balance_nanos)
+            return _json(_tenant_json(tenant), 201)
+
+        return await once(request, quotas, create)
+
+
+class KeysController(Controller):
+    """A tenant's API keys: create, list, revoke."""
+
+    path = "/admin"
+
+    @post("/tenants/{tenant_id:str}/keys", status_code=201)
+    async def create_key(
+        self,
+        request: Request[Any, Any, Any],
+        tenant_id: FromPath[str],
+        settings: NamedDependency[Settings],
+        directory_sync: NamedDependency[DirectorySync],
+        quotas: NamedDependency[QuotaStore],
+    ) -> Response[Any]:
+        async def create() -> Response[Any]:
+            new = await _body_of(request, NewKey)
+            served = {m.name for m in settings.models}
+            for model in new.models or ():
+                if model not in served:
+                    raise invalid_request(f"Unknown model {model!r}.", param="models")
+            try:
+                limits = Limits(**new.limits) if new.limits else None
+            except ValueError as exc:
+                raise invalid_request(f"Invalid key limits: {exc}", param="limits") from None
+            created = await directory_sync.create_key(
+                tenant_id,
+                name=new.name,
+                models=frozenset(new.models) if new.models is not None else None,
+                expires_at=new.expires_at,
+                limits=limits,
+                created_at=datetime.now(UTC),
             )
-        if new.plan is not None and new.plan not in gw.settings.pricing.plans:
-            raise invalid_request(f"Unknown plan {new.plan!r}.", param="plan")
-        tenant = Tenant(
-            id=new.id,
-            name=new.name or new.id,
-            timezone=new.timezone,
-            currency=new.currency,
-            plan=new.plan,
-            limits=limits,
-            prepaid=balance is not None,
-            initial_balance=balance,
-            tax_rate=tax_rate,
-        )
-        if balance_nanos is not None:
-            with _quota_errors():  # a 503 now stores nothing, so the call can be repeated
-                await gw.quotas.balance(tenant.id)
-        await gw.directory_sync.create_tenant(tenant)  # stored first; 409 when taken
-        if balance_nanos is not None:  # kept by the store if it has just become unreachable
-            await gw.quotas.set_balance(tenant.id, balance_nanos)
-        return _json(_tenant_json(tenant), 201)
+            if created is None:
+                raise ApiError(404, f"No tenant {tenant_id!r}.", code="tenant_not_found")
+            key, secret = created
+            return _json({**key.public(), "key": secret}, 201)
 
-    @post("/admin/tenants/{tenant_id:str}/keys", status_code=201)
-    @once(secret_fields=("key",))  # a replay never shows the secret again
-    async def create_key(request: Request[Any, Any, Any]) -> Response[Any]:
-        require_admin(request)
-        tenant_id = request.path_params["tenant_id"]
-        new = await body_of(request, NewKey)
-        served = {m.name for m in gw.settings.models}
-        for model in new.models or ():
-            if model not in served:
-                raise invalid_request(f"Unknown model {model!r}.", param="models")
-        try:
-            limits = Limits(**new.limits) if new.limits else None
-        except ValueError as exc:
-            raise invalid_request(f"Invalid key limits: {exc}", param="limits") from None
-        created = await gw.directory_sync.create_key(
-            tenant_id,
-            name=new.name,
-            models=frozenset(new.models) if new.models is not None else None,
-            expires_at=new.expires_at,
-            limits=limits,
-            created_at=datetime.now(UTC),
-        )
-        if created is None:
-            raise ApiError(404, f"No tenant {tenant_id!r}.", code="tenant_not_found")
-        key, secret = created
-        return _json({**key.public(), "key": secret}, 201)
+        # a replay never shows the secret again
+        return await once(request, quotas, create, secret_fields=("key",))
 
-    @get("/admin/tenants/{tenant_id:str}/keys")
-    async def list_keys(request: Request[Any, Any, Any]) -> Response[Any]:
-        require_admin(request)
-        tenant_id = request.path_params["tenant_id"]
-        tenant_or_404(tenant_id)
-        return _json({"data": [k.public() for k in gw.directory.keys_of(tenant_id)]})
+    @get("/tenants/{tenant_id:str}/keys")
+    async def list_keys(
+        self, tenant_id: FromPath[str], directory: NamedDependency[Directory]
+    ) -> Response[Any]:
+        _tenant_or_404(directory, tenant_id)
+        return _json({"data": [k.public() for k in directory.keys_of(tenant_id)]})
 
-    @post("/admin/keys/{key_id:str}/revoke", status_code=200)
-    @once()
-    async def revoke_key(request: Request[Any, Any, Any]) -> Response[Any]:
-        require_admin(request)
-        key_id = request.path_params["key_id"]
-        revoked = await gw.directory_sync.revoke(key_id)  # stored first; 409 for a file key
-        if revoked is None:
-            raise ApiError(404, f"No key {key_id!r}.", code="key_not_found")
-        return _json(revoked.public())
+    @post("/keys/{key_id:str}/revoke", status_code=200)
+    async def revoke_key(
+        self,
+        request: Request[Any, Any, Any],
+        key_id: FromPath[str],
+        directory_sync: NamedDependency[DirectorySync],
+        quotas: NamedDependency[QuotaStore],
+    ) -> Response[Any]:
+        async def revoke() -> Response[Any]:
+            revoked = await directory_sync.revoke(key_id)  # stored first; 409 for a file key
+            if revoked is None:
+                raise ApiError(404, f"No key {key_id!r}.", code="key_not_found")
+            return _json(revoked.public())
 
-    @post("/admin/tenants/{tenant_id:str}/topup", status_code=200)
-    async def topup(request: Request[Any, Any, Any]) -> Response[Any]:
-        require_admin(request)
-        tenant_id = request.path_params["tenant_id"]
-        tenant = tenant_or_404(tenant_id)
+        return await once(request, quotas, revoke)
+
+
+class BalancesController(Controller):
+    """A prepaid tenant's balance: top-ups and the balance now."""
+
+    path = "/admin/tenants/{tenant_id:str}"
+
+    @post("/topup", status_code=200)
+    async def topup(
+        self,
+        request: Request[Any, Any, Any],
+        tenant_id: FromPath[str],
+        directory: NamedDependency[Directory],
+        quotas: NamedDependency[QuotaStore],
+    ) -> Response[Any]:
+        tenant = _tenant_or_404(directory, tenant_id)
         if not tenant.prepaid:
             raise invalid_request(f"Tenant {tenant_id!r} is not prepaid.")
-        amount = (await body_of(request, TopUp)).amount
+        amount = (await _body_of(request, TopUp)).amount
         try:
             nanos = to_nanos(Decimal(amount))
         except (ValueError, ArithmeticError):  # not a number, finer than 1e-9, infinite
@@ -214,9 +274,9 @@ def admin_routes(gw: Gateway) -> list[HTTPRouteHandler]:
         ):
             try:
                 if claim is None:
-                    balance, again = await gw.quotas.topup(tenant_id, nanos), False
+                    balance, again = await quotas.topup(tenant_id, nanos), False
                 else:  # the key is recorded in the same atomic step as the balance change
-                    balance, again = await gw.quotas.topup_once(tenant_id, nanos, claim)
+                    balance, again = await quotas.topup_once(tenant_id, nanos, claim)
             except ValueError as exc:  # the balance would grow past the largest one
                 raise invalid_request(f"Invalid top-up: {exc}.", param="amount") from None
             except IdempotencyConflict as exc:
@@ -226,90 +286,176 @@ def admin_routes(gw: Gateway) -> list[HTTPRouteHandler]:
             response.headers[REPLAYED] = "true"
         return response
 
-    @get("/admin/tenants/{tenant_id:str}/balance")
-    async def balance(request: Request[Any, Any, Any]) -> Response[Any]:
-        require_admin(request)
-        tenant_id = request.path_params["tenant_id"]
-        tenant_or_404(tenant_id)
+    @get("/balance")
+    async def balance(
+        self,
+        tenant_id: FromPath[str],
+        directory: NamedDependency[Directory],
+        quotas: NamedDependency[QuotaStore],
+    ) -> Response[Any]:
+        _tenant_or_404(directory, tenant_id)
         with _quota_errors():
-            nanos = await gw.quotas.balance(tenant_id)
+            nanos = await quotas.balance(tenant_id)
         value = format_amount(nanos) if nanos is not None else None
         return _json({"tenant": tenant_id, "balance": value})
 
-    @get("/admin/usage")
-    async def admin_usage(request: Request[Any, Any, Any]) -> Response[Any]:
-        require_admin(request)
+
+class UsageController(Controller):
+    """`/admin/usage`: every tenant's usage, or one's (`?tenant=`)."""
+
+    path = "/admin/usage"
+
+    @get("/")
+    async def admin_usage(
+        self,
+        request: Request[Any, Any, Any],
+        directory: NamedDependency[Directory],
+        ledger: NamedDependency[Ledger],
+    ) -> Response[Any]:
         tenant = request.query_params.get("tenant")
-        zone = tenant_or_404(tenant).timezone if tenant else "UTC"
+        zone = _tenant_or_404(directory, tenant).timezone if tenant else "UTC"
         start, end = _dates(request)
-        return _json(await _usage(gw, tenant, start, end, zone))
+        return _json(await _usage(ledger, tenant, start, end, zone))
 
-    @get("/v1/usage")
-    async def tenant_usage(request: Request[Any, Any, Any]) -> Response[Any]:
-        _, tenant = gw.directory.authenticate(
-            request.headers.get("authorization"), datetime.now(UTC)
-        )
+
+class TenantUsageController(Controller):
+    """`/v1/usage`: a tenant's own usage, with its own API key (no admin key)."""
+
+    path = "/v1/usage"
+
+    @get("/")
+    async def tenant_usage(
+        self,
+        request: Request[Any, Any, Any],
+        directory: NamedDependency[Directory],
+        ledger: NamedDependency[Ledger],
+    ) -> Response[Any]:
+        _, tenant = directory.authenticate(request.headers.get("authorization"), datetime.now(UTC))
         start, end = _dates(request)
-        return _json(await _usage(gw, tenant.id, start, end, tenant.timezone))
+        return _json(await _usage(ledger, tenant.id, start, end, tenant.timezone))
 
-    @get("/admin/invoices/{tenant_id:str}/{month:str}")
-    async def invoice(request: Request[Any, Any, Any]) -> Response[Any]:
-        require_admin(request)
+
+class InvoicesController(Controller):
+    """A tenant's monthly invoice (draft or finalised) and the month's reconciliation."""
+
+    path = "/admin"
+
+    @get("/invoices/{tenant_id:str}/{month:str}")
+    async def invoice(
+        self,
+        request: Request[Any, Any, Any],
+        tenant_id: FromPath[str],
+        month: FromPath[str],
+        directory: NamedDependency[Directory],
+        ledger: NamedDependency[Ledger],
+    ) -> Response[Any]:
         fmt = request.query_params.get("format", "json")
         if fmt not in _CONTENT_TYPES:
             raise invalid_request("format must be json, csv or html.", param="format")
-        tenant = tenant_or_404(request.path_params["tenant_id"])
-        month = _month(request.path_params["month"])
-        await gw.ledger.flush()
-        document = await build_invoice(gw.ledger, tenant_billing(tenant), month)
+        tenant = _tenant_or_404(directory, tenant_id)
+        month = _month(month)
+        await ledger.flush()
+        document = await build_invoice(ledger, tenant_billing(tenant), month)
         return Response(render_invoice(document, fmt), media_type=_CONTENT_TYPES[fmt])  # type: ignore[arg-type]
 
-    @post("/admin/invoices/{tenant_id:str}/{month:str}/finalize", status_code=200)
-    @once()
-    async def finalize(request: Request[Any, Any, Any]) -> Response[Any]:
-        require_admin(request)
-        tenant = tenant_or_404(request.path_params["tenant_id"])
-        month = _month(request.path_params["month"])
-        await gw.ledger.flush()
-        try:
-            document = await finalize_invoice(gw.ledger, tenant_billing(tenant), month)
-        except ValueError as exc:
-            raise invalid_request(str(exc), param="month") from None
-        return Response(render_invoice(document, "json"), media_type="application/json")
+    @post("/invoices/{tenant_id:str}/{month:str}/finalize", status_code=200)
+    async def finalize(
+        self,
+        request: Request[Any, Any, Any],
+        tenant_id: FromPath[str],
+        month: FromPath[str],
+        directory: NamedDependency[Directory],
+        ledger: NamedDependency[Ledger],
+        quotas: NamedDependency[QuotaStore],
+    ) -> Response[Any]:
+        async def finalize() -> Response[Any]:
+            tenant = _tenant_or_404(directory, tenant_id)
+            await ledger.flush()
+            try:
+                document = await finalize_invoice(ledger, tenant_billing(tenant), _month(month))
+            except ValueError as exc:
+                raise invalid_request(str(exc), param="month") from None
+            return Response(render_invoice(document, "json"), media_type="application/json")
 
-    @get("/admin/reconcile/{month:str}")
-    async def reconcile_month(request: Request[Any, Any, Any]) -> Response[Any]:
-        require_admin(request)
-        month = _month(request.path_params["month"])
-        await gw.ledger.flush()
-        tenants = [tenant_billing(t) for t in gw.directory.tenants.values()]
-        report = await reconcile(gw.ledger, tenants, month)
+        return await once(request, quotas, finalize)
+
+    @get("/reconcile/{month:str}")
+    async def reconcile_month(
+        self,
+        month: FromPath[str],
+        directory: NamedDependency[Directory],
+        ledger: NamedDependency[Ledger],
+    ) -> Response[Any]:
+        month = _month(month)
+        await ledger.flush()
+        tenants = [tenant_billing(t) for t in directory.tenants.values()]
+        report = await reconcile(ledger, tenants, month)
         return _json(report.to_dict())
 
-    @get("/admin/deployments")
-    async def deployments(request: Request[Any, Any, Any]) -> Response[Any]:
-        require_admin(request)
-        return _json({"data": gw.router.health()})
 
-    return [
-        list_tenants,
-        create_tenant,
-        create_key,
-        list_keys,
-        revoke_key,
-        topup,
-        balance,
-        admin_usage,
-        tenant_usage,
-        invoice,
-        finalize,
-        reconcile_month,
-        deployments,
-    ]
+class DeploymentsController(Controller):
+    """`/admin/deployments`: every deployment's health and load."""
+
+    path = "/admin/deployments"
+
+    @get("/")
+    async def deployments(self, deployments: NamedDependency[DeploymentRouter]) -> Response[Any]:
+        return _json({"data": deployments.health()})
+
+
+def _new_tenant(
+    new: NewTenant, settings: Settings, directory: Directory
+) -> tuple[Tenant, int | None]:
+    """The tenant a creation request describes and its initial balance (nanos); 4xx if bad."""
+    if new.id in directory.tenants:
+        raise ApiError(409, f"Tenant {new.id!r} exists.", code="tenant_exists")
+    try:
+        ZoneInfo(new.timezone)
+        limits = Limits(**new.limits)
+        balance = Decimal(new.balance) if new.balance is not None else None
+        balance_nanos = to_nanos(balance) if balance is not None else None
+        tax_rate = Decimal(new.tax_rate)
+    except (ValueError, ArithmeticError, KeyError) as exc:
+        raise invalid_request(f"Invalid tenant: {exc}") from None
+    if balance_nanos is not None and not 0 <= balance_nanos <= MAX_BALANCE_NANOS:
+        raise invalid_request(
+            f"An initial balance must be between 0 and {format_amount(MAX_BALANCE_NANOS)}.",
+            param="balance",
+        )
+    if new.plan is not None and new.plan not in settings.pricing.plans:
+        raise invalid_request(f"Unknown plan {new.plan!r}.", param="plan")
+    tenant = Tenant(
+        id=new.id,
+        name=new.name or new.id,
+        timezone=new.timezone,
+        currency=new.currency,
+        plan=new.plan,
+        limits=limits,
+        prepaid=balance is not None,
+        initial_balance=balance,
+        tax_rate=tax_rate,
+    )
+    return tenant, balance_nanos
+
+
+def _tenant_or_404(directory: Directory, tenant_id: str) -> Tenant:
+    tenant = directory.tenants.get(tenant_id)
+    if tenant is None:
+        raise ApiError(404, f"No tenant {tenant_id!r}.", code="tenant_not_found")
+    return tenant
+
+
+async def _body_of(request: Request[Any, Any, Any], kind: type[Any]) -> Any:
+    try:
+        return msgspec.json.decode(await request.body(), type=kind)
+    except msgspec.ValidationError as exc:
+        raise invalid_request(str(exc)) from None
+    except msgspec.DecodeError:
+        raise invalid_request("The request body is not valid JSON.") from None
 
 
 async def _usage(
-    gw: Gateway, tenant_id: str | None, start: date | None, end: date | None, zone: str
+    ledger: Ledger, tenant_id: str | None, start: date | None, end: date | None, zone: str
 ) -> dict[str, Any]:
     tz = ZoneInfo(zone)
     today = datetime.now(tz).date()
@@ -319,8 +465,8 @@ async def _usage(
         raise invalid_request("end is before start.", param="end")
     begin = datetime.combine(first, datetime.min.time(), tz)
     finish = datetime.combine(last + timedelta(days=1), datetime.min.time(), tz)
-    await gw.ledger.flush()
-    rows = await gw.ledger.usage(tenant_id, begin, finish, zone)
+    await ledger.flush()
+    rows = await ledger.usage(tenant_id, begin, finish, zone)
     data = [row.as_dict() for row in rows]  # costs as exact nanos and as a decimal string
     return {"object": "list", "start": first.isoformat(), "end": last.isoformat(), "data": data}
 

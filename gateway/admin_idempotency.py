@@ -11,7 +11,6 @@ replayed key creation comes back without its `key` field.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -27,8 +26,6 @@ log = logging.getLogger("maas.admin")
 
 HEADER = "idempotency-key"
 REPLAYED = "idempotent-replayed"
-
-Handler = Callable[[Request[Any, Any, Any]], Awaitable[Response[Any]]]
 
 
 async def claim_of(request: Request[Any, Any, Any]) -> Claim | None:
@@ -63,48 +60,40 @@ def _storable(body: bytes, secret_fields: tuple[str, ...]) -> str:
     return msgspec.json.encode(value).decode()
 
 
-def idempotent(
-    store: Callable[[], QuotaStore],
-    guard: Callable[[Request[Any, Any, Any]], None],
+async def once(
+    request: Request[Any, Any, Any],
+    quotas: QuotaStore,
+    handle: Callable[[], Awaitable[Response[Any]]],
     secret_fields: tuple[str, ...] = (),
-) -> Callable[[Handler], Handler]:
-    """Make an admin write honour `Idempotency-Key`.
+) -> Response[Any]:
+    """Run an admin write, `handle()`, honouring the request's `Idempotency-Key`.
 
-    `guard` authenticates first (an unauthenticated caller learns nothing about keys);
-    `secret_fields` are left out of the stored result (a replay omits them).
+    The admin guard has authenticated the caller already (an unauthenticated caller learns
+    nothing about keys); `secret_fields` are left out of the stored result (a replay omits
+    them).
     """
-
-    def decorate(handler: Handler) -> Handler:
-        @functools.wraps(handler)
-        async def wrapper(request: Request[Any, Any, Any]) -> Response[Any]:
-            if HEADER not in request.headers:
-                return await handler(request)
-            guard(request)
-            claim = await claim_of(request)
-            assert claim is not None
-            quotas = store()
-            stored = await _begin(quotas, claim)
-            if stored is not None:
-                return replayed(stored.s, stored.b.encode())
-            try:
-                response = await handler(request)
-            except BaseException:
-                await _abandon(quotas, claim)
-                raise
-            status = response.status_code or 200
-            if 200 <= status < 300 and isinstance(response.content, bytes):
-                body = _storable(response.content, secret_fields)
-                try:
-                    await quotas.idempotency_finish(claim, status, body)
-                except QuotaUnavailable:
-                    log.warning("the result of an idempotent admin write could not be stored")
-            else:
-                await _abandon(quotas, claim)
-            return response
-
-        return wrapper
-
-    return decorate
+    if HEADER not in request.headers:
+        return await handle()
+    claim = await claim_of(request)
+    assert claim is not None
+    stored = await _begin(quotas, claim)
+    if stored is not None:
+        return replayed(stored.s, stored.b.encode())
+    try:
+        response = await handle()
+    except BaseException:
+        await _abandon(quotas, claim)
+        raise
+    status = response.status_code or 200
+    if 200 <= status < 300 and isinstance(response.content, bytes):
+        body = _storable(response.content, secret_fields)
+        try:
+            await quotas.idempotency_finish(claim, status, body)
+        except QuotaUnavailable:
+            log.warning("the result of an idempotent admin write could not be stored")
+    else:
+        await _abandon(quotas, claim)
+    return response
 
 
 async def _begin(quotas: QuotaStore, claim: Claim) -> Stored | None:

@@ -28,9 +28,14 @@ def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+def secret_digest(secret: str) -> str:
+    """The sha256 of a secret, in hex: how secrets (keys, session cookies) are stored."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
 def hash_key(key: str) -> str:
     """The stored form of a key: `sha256:<hex>`."""
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    return "sha256:" + secret_digest(key)
 
 
 def display_prefix(key: str) -> str:

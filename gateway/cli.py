@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--month", required=True, help="month, e.g. 2026-11")
     rec.set_defaults(run=_reconcile)
 
+    from economics.cli import add_commands
     from gateway.console.cli import add_commands as add_console_commands
-    from gateway.economics.cli import add_commands
 
     add_commands(commands)
     add_console_commands(commands)
@@ -407,10 +407,11 @@ def _invoice(args: argparse.Namespace) -> int:
 
 
 async def _invoice_async(args: argparse.Namespace) -> int:
-    from billing.invoice import build_invoice, finalize_invoice, render_invoice
+    from billing.invoice import build_invoice, finalize_invoice
+    from billing.invoice_render import render_invoice
     from billing.ledger import Ledger
     from gateway.admin import tenant_billing
-    from gateway.app import build_directory
+    from gateway.state import build_directory
 
     settings = settings_from(args.config)
     tenant = build_directory(settings).tenants.get(args.tenant)
@@ -435,7 +436,7 @@ async def _reconcile_async(args: argparse.Namespace) -> int:
     from billing.ledger import Ledger
     from billing.reconcile import reconcile
     from gateway.admin import tenant_billing
-    from gateway.app import build_directory
+    from gateway.state import build_directory
 
     settings = settings_from(args.config)
     tenants = [tenant_billing(t) for t in build_directory(settings).tenants.values()]

@@ -1,7 +1,7 @@
 """Tenants and API keys created through the admin API, kept in the ledger's database.
 
-`KeyStore` reads and writes the `tenants` and `api_keys` tables (Alembic revision
-`0003_tenants_and_keys`) over the ledger's async engine, SQLite or PostgreSQL; every change
+`KeyStore` keeps tenants and keys in the `tenants` and `api_keys` tables through
+`billing.store.keys`, over the ledger's async engine, SQLite or PostgreSQL; every change
 also bumps one version counter in the same transaction. A key is stored as its `sha256:`
 hash and display prefix, never the secret.
 
@@ -18,32 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Boolean,
-    Column,
-    DateTime,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    insert,
-    select,
-    update,
-)
-from sqlalchemy.engine import Row
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.sql import Executable
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing.ledger import naive_utc
 from billing.quota import Limits
+from billing.store import keys
+from billing.store.engine import aware_utc, naive_utc
 from gateway.auth import ApiKey, Directory, Tenant, mint_key
 from gateway.errors import ApiError
 
@@ -51,43 +35,6 @@ log = logging.getLogger(__name__)
 
 #: How often each gateway process looks for tenants and keys changed elsewhere, in seconds.
 REFRESH_SECONDS = 2.0
-
-_metadata = MetaData()
-TENANTS = Table(
-    "tenants",
-    _metadata,
-    Column("id", String(64), primary_key=True),
-    Column("name", String(200), nullable=False),
-    Column("timezone", String(64), nullable=False),
-    Column("currency", String(3), nullable=False),
-    Column("plan", String(128), nullable=True),
-    Column("limits", JSON(), nullable=False),
-    Column("model_limits", JSON(), nullable=False),
-    Column("prepaid", Boolean(), nullable=False),
-    Column("initial_balance", String(64), nullable=True),
-    Column("tax_rate", String(32), nullable=False),
-    Column("created_at", DateTime(timezone=False), nullable=False),
-)
-API_KEYS = Table(
-    "api_keys",
-    _metadata,
-    Column("id", String(128), primary_key=True),
-    Column("tenant_id", String(64), nullable=False),
-    Column("hash", String(80), nullable=False, unique=True),
-    Column("prefix", String(16), nullable=False),
-    Column("name", String(200), nullable=False),
-    Column("models", JSON(), nullable=True),
-    Column("expires_at", DateTime(timezone=False), nullable=True),
-    Column("revoked", Boolean(), nullable=False),
-    Column("limits", JSON(), nullable=True),
-    Column("created_at", DateTime(timezone=False), nullable=False),
-)
-VERSION = Table(
-    "keystore_version",
-    _metadata,
-    Column("id", Integer(), primary_key=True, autoincrement=False),
-    Column("version", BigInteger(), nullable=False),
-)
 
 
 class Conflict(ApiError):
@@ -105,48 +52,26 @@ class KeyStore:
 
     async def version(self) -> int:
         """A number that grows with every stored change (one indexed row read)."""
-        async with self.engine.connect() as connection:
-            result = await connection.execute(select(VERSION.c.version).where(VERSION.c.id == 1))
-            return int(result.scalar_one())
+        return await keys.version(self.engine)
 
     async def load(self) -> tuple[list[Tenant], list[ApiKey]]:
         """Every stored tenant and key, oldest first; unreadable rows are skipped."""
-        async with self.engine.connect() as connection:
-            tenant_rows = await connection.execute(
-                select(TENANTS).order_by(TENANTS.c.created_at, TENANTS.c.id)
-            )
-            key_rows = await connection.execute(
-                select(API_KEYS).order_by(API_KEYS.c.created_at, API_KEYS.c.id)
-            )
-            return _converted(tenant_rows, _tenant_of), _converted(key_rows, _key_of)
+        tenant_rows, key_rows = await keys.load(self.engine)
+        return _converted(tenant_rows, _tenant_of), _converted(key_rows, _key_of)
 
     async def save_tenant(self, tenant: Tenant) -> None:
         """Store a new tenant; `Conflict` when its id is taken."""
-        statement = insert(TENANTS).values(**_tenant_row(tenant))
-        await self._change(statement, Conflict(f"Tenant {tenant.id!r} exists.", "tenant_exists"))
+        if not await keys.insert_tenant(self.engine, _tenant_row(tenant)):
+            raise Conflict(f"Tenant {tenant.id!r} exists.", "tenant_exists")
 
     async def save_key(self, key: ApiKey) -> None:
         """Store a new key (its hash, never the secret); `Conflict` when id or hash is taken."""
-        statement = insert(API_KEYS).values(**_key_row(key))
-        await self._change(statement, Conflict(f"Key {key.id!r} exists.", "key_exists"))
+        if not await keys.insert_key(self.engine, _key_row(key)):
+            raise Conflict(f"Key {key.id!r} exists.", "key_exists")
 
     async def revoke(self, key_id: str) -> bool:
         """Mark a stored key revoked; False when no key has this id."""
-        async with self.engine.begin() as connection:
-            statement = update(API_KEYS).where(API_KEYS.c.id == key_id).values(revoked=True)
-            result = await connection.execute(statement)
-            if result.rowcount == 0:
-                return False
-            await _bump(connection)
-        return True
-
-    async def _change(self, statement: Executable, conflict: Conflict) -> None:
-        async with self.engine.begin() as connection:
-            try:
-                await connection.execute(statement)
-            except IntegrityError:
-                raise conflict from None
-            await _bump(connection)
+        return await keys.revoke_key(self.engine, key_id)
 
 
 class DirectorySync:
@@ -209,7 +134,7 @@ class DirectorySync:
                 if tenant_id not in self.directory.tenants:
                     return None
             if isinstance(fields.get("expires_at"), datetime):
-                fields["expires_at"] = _aware(fields["expires_at"])  # naive input is UTC
+                fields["expires_at"] = aware_utc(fields["expires_at"])  # naive input is UTC
             key, secret = mint_key(tenant_id, **fields)
             await self.store.save_key(key)
             self.directory.add_key(key, stored=True)
@@ -260,19 +185,15 @@ class DirectorySync:
                 failing = False
 
 
-async def _bump(connection: AsyncConnection) -> None:
-    await connection.execute(
-        update(VERSION).where(VERSION.c.id == 1).values(version=VERSION.c.version + 1)
-    )
-
-
-def _converted(rows: Iterable[Row[Any]], convert: Callable[[Row[Any]], Any]) -> list[Any]:
+def _converted(
+    rows: Iterable[Mapping[str, Any]], convert: Callable[[Mapping[str, Any]], Any]
+) -> list[Any]:
     found = []
     for row in rows:
         try:
             found.append(convert(row))
         except (ValueError, TypeError, ArithmeticError) as exc:
-            log.warning("skipping unreadable stored row %r: %s", row[0], exc)
+            log.warning("skipping unreadable stored row %r: %s", row.get("id"), exc)
     return found
 
 
@@ -294,8 +215,7 @@ def _tenant_row(tenant: Tenant) -> dict[str, Any]:
     }
 
 
-def _tenant_of(row: Row[Any]) -> Tenant:
-    m = row._mapping
+def _tenant_of(m: Mapping[str, Any]) -> Tenant:
     return Tenant(
         id=m["id"],
         name=m["name"],
@@ -327,8 +247,7 @@ def _key_row(key: ApiKey) -> dict[str, Any]:
     }
 
 
-def _key_of(row: Row[Any]) -> ApiKey:
-    m = row._mapping
+def _key_of(m: Mapping[str, Any]) -> ApiKey:
     return ApiKey(
         id=m["id"],
         tenant_id=m["tenant_id"],
@@ -336,15 +255,8 @@ def _key_of(row: Row[Any]) -> ApiKey:
         prefix=m["prefix"],
         name=m["name"],
         models=frozenset(m["models"]) if m["models"] is not None else None,
-        expires_at=_aware(m["expires_at"]),
+        expires_at=aware_utc(m["expires_at"]),
         revoked=bool(m["revoked"]),
         limits=Limits(**m["limits"]) if m["limits"] is not None else None,
-        created_at=_aware(m["created_at"]),
+        created_at=aware_utc(m["created_at"]),
     )
-
-
-def _aware(moment: datetime | None) -> datetime | None:
-    """A stored (naive UTC) time as an aware UTC datetime."""
-    if moment is None:
-        return None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

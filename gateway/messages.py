@@ -39,7 +39,7 @@ from gateway.routing import UnknownModel
 from gateway.schemas import ChatRequest, ModelName, Probability, decode_object, validate
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.lifespan import Gateway
 
 log = logging.getLogger("maas.messages")
 _encode = msgspec.json.Encoder().encode

@@ -104,6 +104,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from billing.compute_cost import ComputeCosts
 from billing.record import UsageRecord
+from providers import vllm_metrics as vllm
 
 log = logging.getLogger("maas.metrics")
 
@@ -358,40 +359,21 @@ class VllmStyleMetrics:
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self._published: dict[str, BackendStats] = {}
+
+        def spec(family: vllm.Family) -> tuple[str, str, tuple[str, ...]]:
+            return family.name, family.documentation, family.labels
+
         self.num_requests_running = Gauge(
-            "vllm:num_requests_running",
-            "Number of requests currently running.",
-            ["model_name"],
-            registry=registry,
-            multiprocess_mode="livesum",
+            *spec(vllm.NUM_REQUESTS_RUNNING), registry=registry, multiprocess_mode="livesum"
         )
         self.num_requests_waiting = Gauge(
-            "vllm:num_requests_waiting",
-            "Number of requests waiting to be processed.",
-            ["model_name"],
-            registry=registry,
-            multiprocess_mode="livesum",
+            *spec(vllm.NUM_REQUESTS_WAITING), registry=registry, multiprocess_mode="livesum"
         )
-        self.prompt_tokens = Counter(
-            "vllm:prompt_tokens", "Number of prefill tokens processed.", ["model_name"],
-            registry=registry,
-        )  # fmt: skip
-        self.generation_tokens = Counter(
-            "vllm:generation_tokens", "Number of generation tokens processed.", ["model_name"],
-            registry=registry,
-        )  # fmt: skip
-        self.request_success = Counter(
-            "vllm:request_success",
-            "Count of successfully processed requests.",
-            ["model_name", "finished_reason"],
-            registry=registry,
-        )
+        self.prompt_tokens = Counter(*spec(vllm.PROMPT_TOKENS), registry=registry)
+        self.generation_tokens = Counter(*spec(vllm.GENERATION_TOKENS), registry=registry)
+        self.request_success = Counter(*spec(vllm.REQUEST_SUCCESS), registry=registry)
         self.time_to_first_token = Histogram(
-            "vllm:time_to_first_token_seconds",
-            "Histogram of time to first token in seconds.",
-            ["model_name"],
-            registry=registry,
-            buckets=VLLM_TTFT_BUCKETS,
+            *spec(vllm.TIME_TO_FIRST_TOKEN), registry=registry, buckets=VLLM_TTFT_BUCKETS
         )
 
     def set_load(self, model_name: str, *, running: int, waiting: int) -> None:

@@ -4,7 +4,8 @@ A response made with `store: true` (the API's default) is saved with the convers
 closes, as Chat Completions messages, so that a later request naming it in
 `previous_response_id` continues that conversation. Every read and delete is by id *and*
 tenant: another tenant's response is absent, exactly like one that never existed. Rows past
-their `expires_at` are never returned and are pruned now and then.
+their `expires_at` are never returned and are pruned now and then. The rows live in
+`stored_responses`, through `billing.store.responses`.
 """
 
 from __future__ import annotations
@@ -16,22 +17,10 @@ from typing import Any
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing.ledger import naive_utc
+from billing.store import responses
 
-_metadata = MetaData()
-STORED_RESPONSES = Table(
-    "stored_responses",
-    _metadata,
-    Column("id", String(80), primary_key=True),
-    Column("tenant_id", String(64), nullable=False),
-    Column("created_at", DateTime(timezone=False), nullable=False),
-    Column("expires_at", DateTime(timezone=False), nullable=False),
-    Column("response", Text(), nullable=False),
-    Column("messages", Text(), nullable=False),
-)
 _PRUNE_EVERY_S = 300.0
 
 
@@ -68,51 +57,31 @@ class ResponseStore:
         messages: list[dict[str, Any]],
         now: datetime,
     ) -> None:
-        created = naive_utc(now)
-        async with self.engine.begin() as connection:
-            await connection.execute(
-                insert(STORED_RESPONSES).values(
-                    id=response["id"],
-                    tenant_id=tenant_id,
-                    created_at=created,
-                    expires_at=created + self.retention,
-                    response=msgspec.json.encode(response).decode(),
-                    messages=msgspec.json.encode(messages).decode(),
-                )
-            )
-        await self._prune_now_and_then(created)
+        await responses.save_response(
+            self.engine,
+            response_id=response["id"],
+            tenant_id=tenant_id,
+            created_at=now,
+            expires_at=now + self.retention,
+            response=msgspec.json.encode(response).decode(),
+            messages=msgspec.json.encode(messages).decode(),
+        )
+        await self._prune_now_and_then(now)
 
     async def get(self, tenant_id: str, response_id: str, now: datetime) -> StoredResponse | None:
         """The tenant's live stored response with this id, or None (also for other tenants')."""
-        table = STORED_RESPONSES
-        query = select(table.c.response, table.c.messages).where(
-            table.c.id == response_id,
-            table.c.tenant_id == tenant_id,
-            table.c.expires_at > naive_utc(now),
-        )
-        async with self.engine.connect() as connection:
-            row = (await connection.execute(query)).first()
+        row = await responses.find_response(self.engine, tenant_id, response_id, now)
         if row is None:
             return None
         return StoredResponse(msgspec.json.decode(row[0]), msgspec.json.decode(row[1]))
 
     async def delete(self, tenant_id: str, response_id: str, now: datetime) -> bool:
         """Delete the tenant's stored response; False when it has none by that id."""
-        table = STORED_RESPONSES
-        statement = delete(table).where(
-            table.c.id == response_id,
-            table.c.tenant_id == tenant_id,
-            table.c.expires_at > naive_utc(now),
-        )
-        async with self.engine.begin() as connection:
-            result = await connection.execute(statement)
-        return bool(result.rowcount)
+        return await responses.delete_response(self.engine, tenant_id, response_id, now)
 
     async def _prune_now_and_then(self, now: datetime) -> None:
         moment = time.monotonic()
         if moment - self._last_prune < _PRUNE_EVERY_S:
             return
         self._last_prune = moment
-        table = STORED_RESPONSES
-        async with self.engine.begin() as connection:
-            await connection.execute(delete(table).where(table.c.expires_at <= now))
+        await responses.prune_responses(self.engine, now)

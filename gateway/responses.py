@@ -39,7 +39,7 @@ from gateway.schemas import (
 )
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.lifespan import Gateway
 
 _encode = msgspec.json.Encoder().encode
 

@@ -26,10 +26,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
-from billing.ledger import ENTRIES, Ledger, LedgerConfig, UsageRow
+from billing.ledger import Ledger, LedgerConfig, UsageRow
 from billing.money import format_amount, to_nanos
+from billing.store import usage
+from billing.store.schema import ENTRY_COLUMNS
 from loadtest.workload import ClientRecord
 
 _TOKEN_FIELDS = ("uncached_input", "cached_input", "output", "reasoning")
@@ -167,9 +167,11 @@ async def read_ledger(config: LedgerConfig) -> tuple[list[dict[str, Any]], list[
     """Every raw ledger row, and the rollups by tenant and model (all time, UTC days)."""
     ledger = await Ledger.open(config)
     try:
-        async with ledger.engine.connect() as connection:
-            result = await connection.execute(select(ENTRIES))
-            entries = [dict(row._mapping) for row in result]
+        entries = [
+            dict(row._mapping)
+            async for chunk in usage.entries(ledger.engine, ENTRY_COLUMNS)
+            for row in chunk
+        ]
         now = datetime.now(UTC)
         rollups = await ledger.usage(None, now - timedelta(days=2), now + timedelta(days=1), "UTC")
     finally:

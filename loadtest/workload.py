@@ -11,7 +11,6 @@ JSONL file that the reconciliation compares with the ledger.
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from providers.lengths import Distribution, draw_length
 
 Endpoint = Literal["chat", "completions", "embeddings"]
 
@@ -49,7 +50,7 @@ class Strict(BaseModel):
 class Length(Strict):
     """A length distribution in tokens: lognormal, normal, uniform or fixed, clamped."""
 
-    distribution: Literal["lognormal", "normal", "uniform", "fixed"] = "lognormal"
+    distribution: Distribution = "lognormal"
     mean: float = Field(default=100, gt=0)
     sd: float = Field(default=50, ge=0)
     min: int = Field(default=1, ge=1)
@@ -62,17 +63,7 @@ class Length(Strict):
         return self
 
     def draw(self, rng: random.Random) -> int:
-        if self.distribution == "fixed" or self.sd == 0:
-            value = self.mean
-        elif self.distribution == "normal":
-            value = rng.gauss(self.mean, self.sd)
-        elif self.distribution == "uniform":
-            half = math.sqrt(3) * self.sd
-            value = rng.uniform(self.mean - half, self.mean + half)
-        else:
-            sigma2 = math.log(1 + (self.sd / self.mean) ** 2)
-            value = rng.lognormvariate(math.log(self.mean) - sigma2 / 2, math.sqrt(sigma2))
-        return max(self.min, min(self.max, round(value)))
+        return draw_length(rng, self.distribution, self.mean, self.sd, self.min, self.max)
 
 
 class RequestMix(Strict):

@@ -55,6 +55,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from pydantic import ValidationError
 
+from providers import vllm_metrics as vllm
 from providers.base import Endpoint, ProviderRequest, UpstreamError
 from providers.simulated import SimulatedConfig, SimulatedProvider
 
@@ -259,34 +260,24 @@ class SimulatorCollector(Collector):
         self._providers = providers
 
     def collect(self) -> Iterable[Metric]:
-        labels = ["model_name"]
-        running = GaugeMetricFamily(
-            "vllm:num_requests_running", "Requests holding a capacity slot.", labels=labels
-        )
-        waiting = GaugeMetricFamily(
-            "vllm:num_requests_waiting", "Requests queued for a capacity slot.", labels=labels
-        )
-        prompt = CounterMetricFamily(
-            "vllm:prompt_tokens", "Prompt tokens prefilled.", labels=labels
-        )
-        generation = CounterMetricFamily(
-            "vllm:generation_tokens", "Tokens generated.", labels=labels
-        )
-        success = CounterMetricFamily(
-            "vllm:request_success",
-            "Requests finished successfully, by finish reason.",
-            labels=["model_name", "finished_reason"],
-        )
+        def spec(family: vllm.Family) -> dict[str, Any]:
+            return {
+                "name": family.name,
+                "documentation": family.documentation,
+                "labels": list(family.labels),
+            }
+
+        running = GaugeMetricFamily(**spec(vllm.NUM_REQUESTS_RUNNING))
+        waiting = GaugeMetricFamily(**spec(vllm.NUM_REQUESTS_WAITING))
+        prompt = CounterMetricFamily(**spec(vllm.PROMPT_TOKENS))
+        generation = CounterMetricFamily(**spec(vllm.GENERATION_TOKENS))
+        success = CounterMetricFamily(**spec(vllm.REQUEST_SUCCESS))
         outcomes = CounterMetricFamily(
             "maas_simulator_requests",
             "Requests finished, by outcome.",
             labels=["model_name", "outcome"],
         )
-        ttft = HistogramMetricFamily(
-            "vllm:time_to_first_token_seconds",
-            "Time from arrival to the first token (queueing included).",
-            labels=labels,
-        )
+        ttft = HistogramMetricFamily(**spec(vllm.TIME_TO_FIRST_TOKEN))
         for name, provider in self._providers.items():
             stats = provider.stats()
             running.add_metric([name], stats.running)

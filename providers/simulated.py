@@ -11,7 +11,7 @@ It is the gateway's embedded default and the upstream for load tests (served ove
   FIFO queue; beyond `max_queue` waiting requests it is refused with a 429. Closing a stream
   (`aclose()`) or cancelling the task frees the slot at once and stops generation. An
   `admission` hook, when set (the economics simulator sets one to apply capacity on its
-  simulated clock, `gateway.economics.capacity`), is asked first with the provider's name,
+  simulated clock, `economics.capacity`), is asked first with the provider's name,
   the model and the request's prompt and output tokens; if it says no the request is
   refused with the same 429, not retryable.
 - **Latency.** Time to first token, counted from when the slot is granted, is
@@ -58,6 +58,7 @@ import tiktoken
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from providers.base import Chunk, Provider, ProviderRequest, ProviderResponse, UpstreamError
+from providers.lengths import draw_length
 
 JITTER_CLAMP = (0.5, 2.0)
 """Bounds of the relative jitter factor applied to every delay."""
@@ -625,18 +626,7 @@ class SimulatedProvider(Provider):
 
     def _draw_length(self, rng: random.Random) -> int:
         output = self.config.output
-        mean, sd = output.mean, output.sd
-        if output.distribution == "fixed" or sd == 0:
-            value = mean
-        elif output.distribution == "normal":
-            value = rng.gauss(mean, sd)
-        elif output.distribution == "uniform":
-            half_width = math.sqrt(3) * sd
-            value = rng.uniform(mean - half_width, mean + half_width)
-        else:
-            sigma2 = math.log1p((sd / mean) ** 2)
-            value = rng.lognormvariate(math.log(mean) - sigma2 / 2, math.sqrt(sigma2))
-        return min(max(round(value), output.min), output.max)
+        return draw_length(rng, output.distribution, output.mean, output.sd, output.min, output.max)
 
     def _jitter(self, rng: random.Random) -> float:
         if self.config.jitter == 0:

@@ -39,7 +39,7 @@ python_ok() { .venv/bin/python -c "import llama_cpp.server, gguf, tokenizers" 2>
 python_ok || echo "installing Python packages (llama-cpp-python builds llama.cpp: several minutes)"
 .venv/bin/python -m pip install -q -e '.[test]'
 
-.venv/bin/ruff check gateway billing providers loadtest bench tests
-.venv/bin/ruff format --check gateway billing providers loadtest bench tests
+.venv/bin/ruff check gateway billing providers economics loadtest bench tests
+.venv/bin/ruff format --check gateway billing providers economics loadtest bench tests
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"

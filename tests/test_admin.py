@@ -6,6 +6,7 @@ tenant's usage and balance, and a Redis outage is a clean 503 that changes nothi
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
@@ -163,6 +164,27 @@ async def test_admin_routes_refuse_without_the_admin_key_and_change_nothing(
     assert {t["id"] for t in tenants} == {"acme", "globex"}
     keys = (await admin.get("/admin/tenants/acme/keys")).json()["data"]
     assert "stolen" not in {k["name"] for k in keys}
+
+
+async def test_every_admin_route_the_app_serves_refuses_without_the_admin_key(
+    gateway: RunningGateway,
+) -> None:
+    """Not only the calls listed above: every route under /admin in the app's route table
+    (invoices, reconciliation, keys, console users, ...) answers 401 to a tenant's key."""
+    app = gateway.server.config.app
+    calls = [
+        (method, route.path)
+        for route in app.routes
+        if route.path.startswith("/admin")
+        for method in sorted(route.methods - {"HEAD", "OPTIONS"})
+    ]
+    assert len(calls) >= 15, calls
+    async with as_tenant(gateway, ACME_KEY) as http:
+        for method, template in calls:
+            path = re.sub(r"\{month:str\}", "2026-11", template)
+            path = re.sub(r"\{\w+:str\}", "acme", path)
+            response = await http.request(method, path, json={})
+            assert_openai_error(response, 401, "invalid_api_key")
 
 
 def test_admin_api_is_disabled_when_no_admin_key_is_configured(

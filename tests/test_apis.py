@@ -22,7 +22,7 @@ import pytest
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from billing.models import LedgerEntry
+from billing.store.schema import LedgerEntry
 from gateway.auth import hash_key
 from gateway.config import parse_settings
 from gateway.tokens import TokenCounter, TokenizerConfig

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.economics.scenario import Scenario, load_scenario
-from gateway.economics.simulate import simulate_month
-from gateway.economics.traffic import plan_month
+from economics.scenario import Scenario, load_scenario
+from economics.simulate import simulate_month
+from economics.traffic import plan_month
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MONTH_HOURS = 30 * 24  # November

@@ -21,9 +21,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 import gateway.cli
-from gateway.economics.scenario import Scenario, ScenarioError, load_scenario
-from gateway.economics.simulate import MonthOutcome, simulate_month
-from gateway.economics.traffic import plan_month
+from economics.scenario import Scenario, ScenarioError, load_scenario
+from economics.simulate import MonthOutcome, simulate_month
+from economics.traffic import plan_month
 from tests.test_economics import PROJECT_ROOT, small_scenario
 
 SMALL = "gpu-a/s1"

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from billing.models import LedgerEntry
+from billing.store.schema import LedgerEntry
 from gateway.auth import hash_key
 from gateway.config import parse_settings
 from gateway.schemas import MAX_JSON_DEPTH, json_depth_exceeds

@@ -237,12 +237,12 @@ async def test_background_writer_commits_without_flush(tmp_path: Path) -> None:
 
 
 def _head_revision() -> str:
-    """The newest migration in billing/migrations/versions, read from the files."""
+    """The newest migration in billing/store/migrations/versions, read from the files."""
     from alembic.script import ScriptDirectory
 
-    import billing.migrations
+    import billing.store.migrations
 
-    scripts = ScriptDirectory(str(Path(billing.migrations.__file__).parent))
+    scripts = ScriptDirectory(str(Path(billing.store.migrations.__file__).parent))
     heads = scripts.get_heads()
     assert len(heads) == 1, f"migrations have several heads: {heads}"
     return str(heads[0])

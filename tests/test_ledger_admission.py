@@ -29,8 +29,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from billing.ledger import ENTRIES, Ledger, LedgerConfig, merge_replayed
-from billing.models import LedgerEntry
 from billing.record import GATEWAY_DIED, UsageRecord
+from billing.store.schema import LedgerEntry
 from billing.usage import Usage
 from gateway.app import create_app
 from tests.harness import ACME_KEY, SLOW_SIMULATOR, base_config, gateway_process, running_gateway

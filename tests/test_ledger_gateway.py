@@ -43,9 +43,9 @@ import yaml
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from billing.ledger import ENTRIES, ROLLUPS
 from billing.money import to_nanos
 from billing.record import GATEWAY_DIED
+from billing.store.schema import ENTRIES, ROLLUPS
 from gateway.config import parse_settings
 from gateway.tokens import TokenCounter, TokenizerConfig
 from tests.harness import (

@@ -32,7 +32,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
-from billing.ledger import ENTRIES
+from billing.store.schema import ENTRIES
 from gateway.auth import hash_key
 from gateway.config import parse_settings
 from tests.fixtures.prometheus_server import (

@@ -9,7 +9,7 @@ from pathlib import Path
 _MIGRATE = """
 import asyncio, sys
 from billing.ledger import create_ledger_engine
-from billing.migrations import upgrade
+from billing.store.migrations import upgrade
 
 async def main() -> None:
     engine = create_ledger_engine(sys.argv[1])

@@ -14,9 +14,10 @@ import pytest
 from sqlalchemy import func, select, update
 
 from billing.invoice import TenantBilling, build_invoice, finalize_invoice
-from billing.ledger import ENTRIES, ROLLUPS, Ledger, LedgerConfig
+from billing.ledger import Ledger, LedgerConfig
 from billing.reconcile import reconcile
 from billing.record import UsageRecord
+from billing.store.schema import ENTRIES, ROLLUPS
 from billing.usage import Usage
 from tests.test_ledger import make_record, sqlite_config
 

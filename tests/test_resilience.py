@@ -27,7 +27,7 @@ import yaml
 from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
-from billing.ledger import sqlite_file
+from billing.store.engine import sqlite_file
 from gateway.config import parse_settings
 from gateway.tokens import TokenCounter, TokenizerConfig
 from tests.harness import ACME_KEY, PROJECT_ROOT, RunningGateway, base_config, free_port

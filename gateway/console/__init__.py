@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.lifespan import Gateway
 
 
 def console_routes(gw: Gateway) -> list[Any]:

@@ -27,11 +27,9 @@ from litestar.datastructures import Cookie
 from litestar.handlers import HTTPRouteHandler
 from litestar.response import Redirect, Stream
 from litestar.static_files import create_static_files_router
-from sqlalchemy import func, select
 
 from billing.idempotency import Claim, IdempotencyConflict, check_key, fingerprint
 from billing.invoice import (
-    INVOICES,
     Invoice,
     TenantBilling,
     build_invoice,
@@ -39,12 +37,13 @@ from billing.invoice import (
     month_of,
     next_month,
     parse_month,
-    render_invoice,
 )
-from billing.ledger import ROLLUPS
+from billing.invoice_render import render_invoice
 from billing.money import format_amount, to_nanos
 from billing.quota import QuotaUnavailable, Scope
 from billing.reconcile import reconcile
+from billing.store.invoices import invoice_numbers
+from billing.store.usage import Sums, first_bucket, rollup_sums
 from gateway.auth import Tenant
 from gateway.console import charts, data
 from gateway.console.render import invoice_html, invoice_pdf, invoice_view, render
@@ -52,7 +51,7 @@ from gateway.console.security import LoginLimiter, csrf_ok
 from gateway.console.users import Session, User, UserError, UserStore
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.lifespan import Gateway
 
 log = logging.getLogger("maas.console")
 
@@ -336,10 +335,8 @@ def console_router(console: Console) -> Router:
         days = data.month_days(month)
         limits = _limit_rows(tenant, remaining, peak)
         models = sorted(usage.by_model.items(), key=lambda kv: -kv[1].cost_nanos)
-        day_tokens = [(d.strftime("%d"), usage.by_day.get(d, data.Totals()).tokens) for d in days]
-        day_cost = [
-            (d.strftime("%d"), usage.by_day.get(d, data.Totals()).cost_nanos / 1e9) for d in days
-        ]
+        day_tokens = [(d.strftime("%d"), usage.by_day.get(d, Sums()).tokens) for d in days]
+        day_cost = [(d.strftime("%d"), usage.by_day.get(d, Sums()).cost_nanos / 1e9) for d in days]
         return console.page(
             "overview.html",
             session,
@@ -433,11 +430,7 @@ def console_router(console: Console) -> Router:
         session = await console.session(request)
         tenant = console.tenant_for(session, tenant_id, _INVOICE_ROLES)
         months = await _invoice_months(gw, tenant)
-        async with gw.ledger.engine.connect() as connection:
-            rows = await connection.execute(
-                select(INVOICES.c.month, INVOICES.c.number).where(INVOICES.c.tenant_id == tenant.id)
-            )
-            final = {row.month: row.number for row in rows}
+        final = await invoice_numbers(gw.ledger.engine, tenant.id)
         return console.page("invoices.html", session, tenant=tenant, months=months, final=final)
 
     async def tenant_invoice(request: AnyRequest) -> tuple[Session, Tenant, str, Invoice]:
@@ -678,17 +671,8 @@ def console_router(console: Console) -> Router:
         live = await data.live_stats(gw.ledger, list(gw.directory.tenants))
         since = int(time.time()) - 3600
         first = since - since % 900
-        async with gw.ledger.engine.connect() as connection:
-            rows = await connection.execute(
-                select(
-                    ROLLUPS.c.deployment,
-                    func.sum(ROLLUPS.c.requests),
-                    func.sum(ROLLUPS.c.error_requests),
-                )
-                .where(ROLLUPS.c.bucket >= first)
-                .group_by(ROLLUPS.c.deployment)
-            )
-            hour = {row[0]: (int(row[1] or 0), int(row[2] or 0)) for row in rows}
+        groups = await rollup_sums(gw.ledger.engine, by=("deployment",), first=first)
+        hour = {g.key[0]: (g.sums.requests, g.sums.error_requests) for g in groups}
         dashboards = []
         if console.config.grafana_url:
             base = console.config.grafana_url.rstrip("/")
@@ -775,14 +759,11 @@ async def _invoice(console: Console, session: Session, tenant: Tenant, month: st
 
 async def _invoice_months(gw: Gateway, tenant: Tenant) -> list[str]:
     """From the tenant's first month with usage (or this one) to this month, newest first."""
-    async with gw.ledger.engine.connect() as connection:
-        first_bucket = await connection.scalar(
-            select(func.min(ROLLUPS.c.bucket)).where(ROLLUPS.c.tenant_id == tenant.id)
-        )
+    oldest = await first_bucket(gw.ledger.engine, tenant.id)
     now = month_of(datetime.now(UTC), tenant.timezone)
     month = now
-    if first_bucket is not None:
-        month = month_of(datetime.fromtimestamp(int(first_bucket), UTC), tenant.timezone)
+    if oldest is not None:
+        month = month_of(datetime.fromtimestamp(oldest, UTC), tenant.timezone)
     months: list[str] = []
     while month <= now and len(months) < 120:
         months.append(month)

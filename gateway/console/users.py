@@ -1,15 +1,14 @@
 """Console users and server-side sessions, stored in the ledger's database.
 
 Passwords are hashed with argon2id (`argon2-cffi`); a session is a random cookie value
-stored only as its sha256, with its own CSRF token. Tables: Alembic revision
-`0005_console_users`.
+stored only as its sha256 (as API keys are), with its own CSRF token. Tables:
+`console_users` and `console_sessions`, through `billing.store.console_users`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import re
 import secrets
 from dataclasses import dataclass
@@ -17,33 +16,15 @@ from datetime import UTC, datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Column, DateTime, MetaData, String, Table, delete, insert, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from billing.store import console_users
+from gateway.auth import secret_digest
 
 TENANT_ROLES = ("owner", "member", "finance")
 OPERATOR_ROLES = ("admin", "finance")
 USERNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 MIN_PASSWORD = 8
-
-_metadata = MetaData()
-USERS = Table(
-    "console_users",
-    _metadata,
-    Column("username", String(64), primary_key=True),
-    Column("password_hash", String(200), nullable=False),
-    Column("tenant_id", String(64), nullable=True),
-    Column("role", String(16), nullable=False),
-    Column("created_at", DateTime(timezone=False), nullable=False),
-)
-SESSIONS = Table(
-    "console_sessions",
-    _metadata,
-    Column("id_hash", String(64), primary_key=True),
-    Column("username", String(64), nullable=False),
-    Column("csrf", String(64), nullable=False),
-    Column("expires_at", DateTime(timezone=False), nullable=False),
-)
 
 _hasher = PasswordHasher()
 
@@ -95,14 +76,6 @@ def generate_password() -> str:
     return secrets.token_urlsafe(12)
 
 
-def _session_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _naive(moment: datetime) -> datetime:
-    return moment.astimezone(UTC).replace(tzinfo=None)
-
-
 class UserStore:
     """Users and sessions over an async SQLAlchemy engine (the ledger's)."""
 
@@ -115,93 +88,64 @@ class UserStore:
         """Store a user (argon2 hash of `password`); `replace` overwrites one with that name."""
         check_new_user(username, role, tenant_id, password)
         hashed = await asyncio.to_thread(_hasher.hash, password)
-        row = {
-            "username": username,
-            "password_hash": hashed,
-            "tenant_id": tenant_id,
-            "role": role,
-            "created_at": _naive(datetime.now(UTC)),
-        }
-        async with self.engine.begin() as connection:
-            if replace:
-                await connection.execute(delete(USERS).where(USERS.c.username == username))
-                await connection.execute(delete(SESSIONS).where(SESSIONS.c.username == username))
-            try:
-                await connection.execute(insert(USERS), row)
-            except IntegrityError:
-                raise UserError(f"username: {username!r} is taken") from None
+        stored = await console_users.insert_user(
+            self.engine,
+            username=username,
+            password_hash=hashed,
+            role=role,
+            tenant_id=tenant_id,
+            created_at=datetime.now(UTC),
+            replace=replace,
+        )
+        if not stored:
+            raise UserError(f"username: {username!r} is taken")
         return User(username, tenant_id, role)
 
     async def list(self) -> list[User]:
-        async with self.engine.connect() as connection:
-            rows = await connection.execute(select(USERS).order_by(USERS.c.username))
-            return [User(r.username, r.tenant_id, r.role) for r in rows]
+        rows = await console_users.users(self.engine)
+        return [User(r["username"], r["tenant_id"], r["role"]) for r in rows]
 
     async def delete(self, username: str) -> bool:
-        async with self.engine.begin() as connection:
-            await connection.execute(delete(SESSIONS).where(SESSIONS.c.username == username))
-            result = await connection.execute(delete(USERS).where(USERS.c.username == username))
-        return bool(result.rowcount)
+        return await console_users.delete_user(self.engine, username)
 
     async def authenticate(self, username: str, password: str) -> User | None:
         """The user when the password is right, else None (equal work either way)."""
-        async with self.engine.connect() as connection:
-            row = (
-                await connection.execute(select(USERS).where(USERS.c.username == username))
-            ).first()
-        stored = row.password_hash if row is not None else _dummy_hash()
+        row = await console_users.find_user(self.engine, username)
+        stored = row["password_hash"] if row is not None else _dummy_hash()
         try:
             await asyncio.to_thread(_hasher.verify, stored, password)
         except (VerificationError, InvalidHashError):
             return None
         if row is None:
             return None
-        return User(row.username, row.tenant_id, row.role)
+        return User(row["username"], row["tenant_id"], row["role"])
 
     async def open_session(self, user: User, ttl: timedelta) -> tuple[str, str]:
         """A new session for `user`: (cookie value, CSRF token)."""
         token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         now = datetime.now(UTC)
-        async with self.engine.begin() as connection:
-            await connection.execute(delete(SESSIONS).where(SESSIONS.c.expires_at < _naive(now)))
-            await connection.execute(
-                insert(SESSIONS),
-                {
-                    "id_hash": _session_hash(token),
-                    "username": user.username,
-                    "csrf": csrf,
-                    "expires_at": _naive(now + ttl),
-                },
-            )
+        await console_users.insert_session(
+            self.engine,
+            id_hash=secret_digest(token),
+            username=user.username,
+            csrf=csrf,
+            expires_at=now + ttl,
+            now=now,
+        )
         return token, csrf
 
     async def session(self, token: str | None) -> Session | None:
         """The live session behind a cookie value, or None."""
         if not token:
             return None
-        query = (
-            select(USERS.c.username, USERS.c.tenant_id, USERS.c.role, SESSIONS.c.csrf)
-            .select_from(SESSIONS.join(USERS, USERS.c.username == SESSIONS.c.username))
-            .where(
-                SESSIONS.c.id_hash == _session_hash(token),
-                SESSIONS.c.expires_at > _naive(datetime.now(UTC)),
-            )
-        )
-        async with self.engine.connect() as connection:
-            row = (await connection.execute(query)).first()
+        row = await console_users.find_session(self.engine, secret_digest(token), datetime.now(UTC))
         if row is None:
             return None
-        return Session(User(row.username, row.tenant_id, row.role), row.csrf)
+        return Session(User(row["username"], row["tenant_id"], row["role"]), row["csrf"])
 
     async def close_session(self, token: str) -> None:
-        async with self.engine.begin() as connection:
-            await connection.execute(
-                delete(SESSIONS).where(SESSIONS.c.id_hash == _session_hash(token))
-            )
+        await console_users.delete_session(self.engine, secret_digest(token))
 
     async def set_password(self, username: str, password: str) -> None:
         hashed = await asyncio.to_thread(_hasher.hash, password)
-        async with self.engine.begin() as connection:
-            await connection.execute(
-                update(USERS).where(USERS.c.username == username).values(password_hash=hashed)
-            )
+        await console_users.set_password_hash(self.engine, username, hashed)

@@ -7,18 +7,19 @@ scenario file. `tenants` gives each tenant of that configuration a traffic profi
 `variants` are named changes for what-if comparisons: each deep-merges its `gateway` into
 the configuration (mappings merge, lists are replaced) and may replace top-level settings
 such as `requests`. `months`, `trends` and `events` make it a projection over several
-months (`gateway.economics.projection`); `capacity` says what a saturated deployment does
-(`gateway.economics.capacity`).
+months (`economics.projection`); `capacity` says what a saturated deployment does
+(`economics.capacity`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from economics.capacity import CapacityConfig
 from gateway.config import (
     ConfigError,
     Settings,
@@ -27,7 +28,7 @@ from gateway.config import (
     parse_settings,
     read_yaml_mapping,
 )
-from gateway.economics.capacity import CapacityConfig
+from providers.lengths import Distribution
 
 __all__ = [
     "DIURNAL_SHAPES",
@@ -72,7 +73,7 @@ class LengthDistribution(_Strict):
     """A token count per request: lognormal or normal (`mean`, `sd`), fixed (`mean`), or
     uniform: over [`min`, `max`], or over `mean` +- sqrt(3) x `sd` when `mean` is given."""
 
-    distribution: Literal["lognormal", "normal", "uniform", "fixed"] = "lognormal"
+    distribution: Distribution = "lognormal"
     mean: float | None = Field(default=None, gt=0)
     sd: float = Field(default=0, ge=0)
     min: int = Field(default=1, ge=1)

@@ -1,7 +1,7 @@
 """`maas-gateway what-if`: one scenario under two configurations, side by side.
 
 Each configuration (the scenario itself, "baseline", or one of its `variants`) runs the
-same seeded month in its own directory (`<out>/<name>/`, see `gateway.economics.simulate`;
+same seeded month in its own directory (`<out>/<name>/`, see `economics.simulate`;
 a name compared with itself runs twice, the second time in `<out>/<name>-again/`);
 the comparison (`comparison.txt|.json`, `comparison.svg`) sets their revenue, compute cost,
 idle capacity, gross margin, modelled latency and refusals side by side with the
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.economics.charts import comparison_chart
-from gateway.economics.report import DeploymentCost, MarginReport
-from gateway.economics.scenario import Scenario
-from gateway.economics.simulate import MonthOutcome, simulate_month
+from economics.charts import comparison_chart
+from economics.report import DeploymentCost, MarginReport
+from economics.scenario import Scenario
+from economics.simulate import MonthOutcome, simulate_month
 
 __all__ = ["Comparison", "compare", "what_if"]
 

@@ -19,17 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
-
-from billing.invoice import Invoice, TenantBilling, finalize_invoice, month_buckets, render_invoice
-from billing.ledger import ROLLUPS, Ledger
+from billing.invoice import Invoice, TenantBilling, finalize_invoice, month_buckets
+from billing.invoice_render import render_invoice
+from billing.ledger import Ledger
 from billing.reconcile import ReconciliationReport, reconcile
+from billing.store.usage import rollup_sums
+from economics.charts import margin_chart
+from economics.report import MarginReport, MarginRow, build_margin_report
+from economics.runner import RunResult, run_month
+from economics.scenario import Scenario
+from economics.unit import prometheus_text
 from gateway.config import Settings
-from gateway.economics.charts import margin_chart
-from gateway.economics.report import MarginReport, MarginRow, build_margin_report
-from gateway.economics.runner import RunResult, run_month
-from gateway.economics.scenario import Scenario
-from gateway.economics.unit import prometheus_text
 
 __all__ = ["MonthOutcome", "internal_view", "simulate_month", "tenant_billing"]
 
@@ -61,42 +61,20 @@ async def internal_view(ledger: Ledger, tenant: TenantBilling, month: str) -> di
     margin by model and deployment, from the same rollups as the invoice. Never part of
     the tenant's copy."""
     first, end = month_buckets(month, tenant.timezone)
-    sums = ("requests", "uncached_input", "cached_input", "output", "cost_nanos")
-    query = (
-        select(
-            ROLLUPS.c.model,
-            ROLLUPS.c.deployment,
-            func.sum(ROLLUPS.c.requests),
-            func.sum(ROLLUPS.c.error_requests),
-            *(func.sum(ROLLUPS.c[name]) for name in sums[1:]),
-            func.sum(ROLLUPS.c.compute_cost_nanos),
-        )
-        .where(
-            ROLLUPS.c.tenant_id == tenant.tenant_id,
-            ROLLUPS.c.bucket >= first,
-            ROLLUPS.c.bucket < end,
-            ROLLUPS.c.currency == tenant.currency.upper(),
-        )
-        .group_by(ROLLUPS.c.model, ROLLUPS.c.deployment)
-        .order_by(ROLLUPS.c.model, ROLLUPS.c.deployment)
+    groups = await rollup_sums(
+        ledger.engine,
+        by=("model", "deployment"),
+        first=first,
+        end=end,
+        tenant_id=tenant.tenant_id,
+        currency=tenant.currency,
+        ordered=True,
     )
-    async with ledger.engine.connect() as connection:
-        rows = (await connection.execute(query)).all()
     lines = []
     total = MarginRow("total")
-    for row_values in rows:
-        model, deployment, requests, errors, uncached, cached, output, cost, compute = tuple(
-            row_values
-        )
-        values = {
-            "requests": int(requests),
-            "error_requests": int(errors),
-            "uncached_input": int(uncached),
-            "cached_input": int(cached),
-            "output": int(output),
-            "cost_nanos": int(cost),
-            "compute_cost_nanos": int(compute),
-        }
+    for group in groups:
+        model, deployment = group.key
+        values = group.sums
         row = MarginRow(f"{model} via {deployment or '(not served)'}")
         row.add(values)
         total.add(values)

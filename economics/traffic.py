@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from billing.invoice import month_period
-from gateway.economics.scenario import LengthDistribution, Scenario, TenantProfile
+from economics.scenario import LengthDistribution, Scenario, TenantProfile
+from providers.lengths import draw_length
 
 __all__ = ["PlannedRequest", "plan_month", "prompt_text"]
 
@@ -105,20 +106,7 @@ def _poisson(rng: random.Random, mean: float) -> int:
 
 
 def _draw(rng: random.Random, spec: LengthDistribution) -> int:
-    mean = spec.mean
-    if mean is None:  # uniform over [min, max] (the only distribution without a mean)
-        value = rng.uniform(spec.min, spec.max)
-    elif spec.distribution == "fixed":
-        value = mean
-    elif spec.distribution == "normal":
-        value = rng.gauss(mean, spec.sd)
-    elif spec.distribution == "uniform":
-        half = math.sqrt(3) * spec.sd
-        value = rng.uniform(mean - half, mean + half)
-    else:
-        sigma2 = math.log(1 + (spec.sd / mean) ** 2)
-        value = rng.lognormvariate(math.log(mean) - sigma2 / 2, math.sqrt(sigma2))
-    return min(spec.max, max(spec.min, round(value)))
+    return draw_length(rng, spec.distribution, spec.mean, spec.sd, spec.min, spec.max)
 
 
 _WORDS = (

@@ -1,5 +1,6 @@
-"""Alembic environment: uses the connection handed over by `billing.migrations.upgrade`,
-or, from the alembic command line, the `sqlalchemy.url` option (async URLs welcome)."""
+"""Alembic environment: uses the connection handed over by
+`billing.store.migrations.upgrade`, or, from the alembic command line, the `sqlalchemy.url`
+option (async URLs welcome)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from billing.models import SQLModel
+from billing.store.schema import METADATA
 
-target_metadata = SQLModel.metadata
+target_metadata = METADATA
 
 
 def _run(connection: Connection) -> None:

@@ -72,7 +72,7 @@ def add_commands(commands: Any) -> None:
 
 def _load(args: argparse.Namespace) -> Any:
     """The scenario with --requests applied; `ScenarioError` for any misuse."""
-    from gateway.economics.scenario import ScenarioError, load_scenario
+    from economics.scenario import ScenarioError, load_scenario
 
     for noisy in ("httpx", "alembic"):  # one line per request or migration step otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -103,8 +103,8 @@ def _progress(done: int, total: int) -> None:
 
 
 def _simulate_month(args: argparse.Namespace) -> int:
-    from gateway.economics.scenario import ScenarioError
-    from gateway.economics.simulate import simulate_month
+    from economics.scenario import ScenarioError
+    from economics.simulate import simulate_month
 
     try:
         scenario = _load(args).variant(args.variant)
@@ -125,8 +125,8 @@ def _simulate_month(args: argparse.Namespace) -> int:
 
 
 def _what_if(args: argparse.Namespace) -> int:
-    from gateway.economics.scenario import ScenarioError
-    from gateway.economics.whatif import what_if
+    from economics.scenario import ScenarioError
+    from economics.whatif import what_if
 
     try:
         scenario = _load(args)
@@ -152,8 +152,8 @@ def _what_if(args: argparse.Namespace) -> int:
 
 
 def _simulate_months(args: argparse.Namespace) -> int:
-    from gateway.economics.projection import simulate_months
-    from gateway.economics.scenario import ScenarioError
+    from economics.projection import simulate_months
+    from economics.scenario import ScenarioError
 
     try:
         scenario = _load(args)

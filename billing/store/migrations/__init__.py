@@ -1,4 +1,5 @@
-"""Alembic migrations for the ledger schema; run them with `billing.migrations.upgrade`."""
+"""Alembic migrations that make the gateway database (`billing.store.schema`); run them
+with `billing.store.migrations.upgrade`."""
 
 from __future__ import annotations
 

@@ -28,18 +28,25 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-from sqlalchemy import func, select
-
 from billing.compute_cost import ComputeCosts
-from billing.ledger import ROLLUPS, Ledger
+from billing.ledger import Ledger
 from billing.pricing import OffPeakWindow
+from billing.store.usage import rollup_sums
 
 __all__ = ["MEASURES", "UnitEconomics", "unit_economics"]
 
 MEASURES = ("list_price", "realised_price", "compute_cost", "gross_margin")
 
-_SUMS = ("uncached_input", "cached_input", "output", "cost_nanos", "list_cost_nanos",
-         "compute_cost_nanos")  # fmt: skip
+_KEYS = (
+    "tenant_id",
+    "model",
+    "deployment",
+    "bucket",
+    "price_version",
+    "list_price_input_nanos",
+    "list_price_cached_nanos",
+    "list_price_output_nanos",
+)
 
 
 @dataclass(slots=True)
@@ -105,29 +112,16 @@ async def unit_economics(
     labels = {w.label(): Fraction(w.multiplier) for w in off_peak if w.multiplier}
     first = min(lo for lo, _ in windows.values())
     last = max(hi for _, hi in windows.values())
-    keys = (
-        ROLLUPS.c.tenant_id,
-        ROLLUPS.c.model,
-        ROLLUPS.c.deployment,
-        ROLLUPS.c.bucket,
-        ROLLUPS.c.price_version,
-        ROLLUPS.c.list_price_input_nanos,
-        ROLLUPS.c.list_price_cached_nanos,
-        ROLLUPS.c.list_price_output_nanos,
-    )
-    query = (
-        select(*keys, *(func.sum(ROLLUPS.c[name]) for name in _SUMS))
-        .where(ROLLUPS.c.bucket >= first, ROLLUPS.c.bucket < last)
-        .group_by(*keys)
-    )
-    async with ledger.engine.connect() as connection:
-        rows = (await connection.execute(query)).all()
+    groups = await rollup_sums(ledger.engine, by=_KEYS, first=first, end=last)
     pairs: dict[tuple[str, str], UnitEconomics] = {}
-    for tenant, model, deployment, bucket, version, lp_in, lp_cached, lp_out, *sums in rows:
+    for group in groups:
+        tenant, model, deployment, bucket, version, lp_in, lp_cached, lp_out = group.key
         lo, hi = windows.get(tenant, (first, last))
         if not lo <= bucket < hi or not deployment:
             continue  # another month of this tenant, or never served (no tokens)
-        uncached, cached, output, cost, list_cost, compute = (int(v or 0) for v in sums)
+        sums = group.sums
+        uncached, cached, output = sums.uncached_input, sums.cached_input, sums.output
+        cost, list_cost, compute = sums.cost_nanos, sums.list_cost_nanos, sums.compute_cost_nanos
         row = UnitEconomics(model, deployment, uncached + cached, output)
         list_input = Fraction(uncached * lp_in + cached * lp_cached)
         hours = next((m for label, m in labels.items() if label in version), Fraction(1))

@@ -9,7 +9,7 @@ under uvicorn, on a loopback socket), with these changes for the simulation:
   pricing versions, off-peak windows, quota windows and ledger times all follow the
   simulated month.
 - **Capacity.** With the scenario's `capacity.on_saturation: refuse`, each simulated
-  backend asks a `FleetGate` (`gateway.economics.capacity`) whether its queue on the
+  backend asks a `FleetGate` (`economics.capacity`) whether its queue on the
   simulated clock has room, and requests are sent one at a time so that the answer does not
   depend on timing; with `queue` (the default) nothing changes here and the margin report
   models the queue.
@@ -41,12 +41,12 @@ from typing import Any
 import httpx
 import uvicorn
 
+from economics.capacity import FleetGate, fleet_queues
+from economics.scenario import Scenario
+from economics.traffic import PlannedRequest, plan_month, prompt_text
 from gateway.app import Gateway, create_app
 from gateway.auth import hash_key
 from gateway.config import Settings, deep_merge
-from gateway.economics.capacity import FleetGate, fleet_queues
-from gateway.economics.scenario import Scenario
-from gateway.economics.traffic import PlannedRequest, plan_month, prompt_text
 
 __all__ = ["SIMULATED_TIME_HEADER", "RunResult", "run_month", "run_settings", "tenant_secret"]
 
@@ -204,7 +204,7 @@ async def run_month(
 
 def _install_gate(scenario: Scenario, settings: Settings, gateway: Gateway) -> FleetGate | None:
     """With `capacity.on_saturation: refuse`, let the simulated backends refuse on the
-    simulated clock (`gateway.economics.capacity`); with `queue` nothing is refused."""
+    simulated clock (`economics.capacity`); with `queue` nothing is refused."""
     if scenario.capacity.on_saturation != "refuse":
         return None
     names = {(d.provider, d.model): d.resolved_name for m in settings.models for d in m.deployments}

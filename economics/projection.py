@@ -16,7 +16,7 @@ Month k of a projection (k = 0 for the scenario's `month`) is the scenario with:
 
 Each month runs through the real gateway on the compressed clock, with its own ledger,
 invoices, reconciliation and margin report (`<out>/<YYYY-MM>/`, see
-`gateway.economics.simulate`). The trajectory (`trajectory.txt|.json`, `trajectory.svg`)
+`economics.simulate`). The trajectory (`trajectory.txt|.json`, `trajectory.svg`)
 sets out per month and model revenue, compute cost, margin and margin per million tokens,
 and names the months where a model's margin per million tokens turns, with the reason:
 a list price change (its date and prices), the cost trend, or the traffic mix.
@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from billing.invoice import next_month
+from economics.charts import trajectory_chart
+from economics.scenario import Scenario
+from economics.simulate import MonthOutcome, simulate_month
 from gateway.config import deep_merge
-from gateway.economics.charts import trajectory_chart
-from gateway.economics.scenario import Scenario
-from gateway.economics.simulate import MonthOutcome, simulate_month
 
 __all__ = [
     "ModelMonth",

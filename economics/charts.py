@@ -15,10 +15,10 @@ from __future__ import annotations
 from html import escape
 from typing import TYPE_CHECKING
 
-from gateway.economics.report import MarginReport
+from economics.report import MarginReport
 
 if TYPE_CHECKING:
-    from gateway.economics.projection import Trajectory
+    from economics.projection import Trajectory
 
 __all__ = ["comparison_chart", "margin_chart", "trajectory_chart"]
 

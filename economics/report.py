@@ -10,7 +10,7 @@ compute cost minus idle capacity (by tenant and model, revenue minus compute cos
 capacity is a row of its own).
 
 Idle capacity is never negative: a deployment offered more work than it can serve is 100%
-utilised, and the excess waits in its queue (`gateway.economics.capacity`).
+utilised, and the excess waits in its queue (`economics.capacity`).
 
 Latency is *modelled*: the simulated backends run with `time_scale: 0`, so each successful
 request's time to first token and total time are computed from its deployment's latency
@@ -32,16 +32,14 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select
-
-from billing.compute_cost import ComputeCosts
+from billing.compute_cost import ComputeCosts, build_compute_costs
 from billing.invoice import month_buckets
-from billing.ledger import ENTRIES, ROLLUPS, Ledger
-from gateway.app import build_compute_costs
+from billing.ledger import Ledger
+from billing.store.usage import Sums, entries, rollup_sums
+from economics.capacity import BUCKET_SECONDS as QUEUE_SECONDS
+from economics.capacity import fleet_queues, offered_work
+from economics.unit import UnitEconomics, unit_economics, unit_table
 from gateway.config import Settings
-from gateway.economics.capacity import BUCKET_SECONDS as QUEUE_SECONDS
-from gateway.economics.capacity import fleet_queues, offered_work
-from gateway.economics.unit import UnitEconomics, unit_economics, unit_table
 
 __all__ = [
     "IDLE",
@@ -77,13 +75,13 @@ class MarginRow:
     def margin_pct(self) -> float | None:
         return 100 * self.margin_nanos / self.revenue_nanos if self.revenue_nanos else None
 
-    def add(self, values: dict[str, int]) -> None:
-        self.requests += values["requests"]
-        self.error_requests += values["error_requests"]
-        self.input_tokens += values["uncached_input"] + values["cached_input"]
-        self.output_tokens += values["output"]
-        self.revenue_nanos += values["cost_nanos"]
-        self.compute_nanos += values["compute_cost_nanos"]
+    def add(self, sums: Sums) -> None:
+        self.requests += sums.requests
+        self.error_requests += sums.error_requests
+        self.input_tokens += sums.input_tokens
+        self.output_tokens += sums.output
+        self.revenue_nanos += sums.cost_nanos
+        self.compute_nanos += sums.compute_cost_nanos
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -399,17 +397,6 @@ def _row_line(r: MarginRow) -> str:
     )
 
 
-_SUMS = (
-    "requests",
-    "error_requests",
-    "uncached_input",
-    "cached_input",
-    "output",
-    "cost_nanos",
-    "compute_cost_nanos",
-)
-
-
 async def build_margin_report(
     ledger: Ledger, settings: Settings, month: str, scenario: str = ""
 ) -> MarginReport:
@@ -422,19 +409,9 @@ async def build_margin_report(
     last = max(w[1] for w in windows.values())
     window_start = datetime.fromtimestamp(first, UTC)
     window_end = datetime.fromtimestamp(last, UTC)
-    query = (
-        select(
-            ROLLUPS.c.tenant_id,
-            ROLLUPS.c.model,
-            ROLLUPS.c.deployment,
-            ROLLUPS.c.bucket,
-            *(func.sum(ROLLUPS.c[name]) for name in _SUMS),
-        )
-        .where(ROLLUPS.c.bucket >= first, ROLLUPS.c.bucket < last)
-        .group_by(ROLLUPS.c.tenant_id, ROLLUPS.c.model, ROLLUPS.c.deployment, ROLLUPS.c.bucket)
+    groups = await rollup_sums(
+        ledger.engine, by=("tenant_id", "model", "deployment", "bucket"), first=first, end=last
     )
-    async with ledger.engine.connect() as connection:
-        rows = (await connection.execute(query)).all()
     by_tenant: dict[str, MarginRow] = {t: MarginRow(t) for t in tenants}
     by_model: dict[str, MarginRow] = {}
     by_deployment: dict[str, MarginRow] = {}
@@ -442,11 +419,12 @@ async def build_margin_report(
     day_of = _day_index(window_start, window_end)
     daily = {d: DailyPoint(d) for d in day_of.values()}
     hardware = {d for d in costs.deployments if _kind(costs, d, window_start) == "hardware"}
-    for tenant_id, model, deployment, bucket, *sums in rows:
+    for group in groups:
+        tenant_id, model, deployment, bucket = group.key
         lo, hi = windows.get(tenant_id, (first, last))
         if not lo <= bucket < hi:
             continue  # another month of this tenant
-        values = dict(zip(_SUMS, (int(v or 0) for v in sums), strict=True))
+        values = group.sums
         by_tenant.setdefault(tenant_id, MarginRow(tenant_id)).add(values)
         by_model.setdefault(model, MarginRow(model)).add(values)
         served_by = deployment or "(not served)"
@@ -454,10 +432,10 @@ async def build_margin_report(
         key = f"{tenant_id} / {model}"
         by_tenant_model.setdefault(key, MarginRow(key)).add(values)
         point = daily[day_of[bucket - bucket % 86400]]
-        point.revenue_nanos += values["cost_nanos"]
-        point.compute_nanos += values["compute_cost_nanos"]
+        point.revenue_nanos += values.cost_nanos
+        point.compute_nanos += values.compute_cost_nanos
         if deployment in hardware:
-            point.hardware_compute_nanos += values["compute_cost_nanos"]
+            point.hardware_compute_nanos += values.compute_cost_nanos
     for name in sorted(set(by_deployment) - {"(not served)"} | costs.deployments):
         by_deployment.setdefault(name, MarginRow(name))
     report = MarginReport(
@@ -521,6 +499,7 @@ def _day_index(start: datetime, end: datetime) -> dict[int, date]:
 
 
 _Sample = tuple[str, int, float, int, int]  # deployment, bucket, fraction into it, in, out
+_SAMPLED = ("started_at", "deployment", "status_code", "uncached_input", "cached_input", "output")
 
 
 async def _refusals_and_latency(
@@ -535,22 +514,13 @@ async def _refusals_and_latency(
     failures = 0
     samples: list[_Sample] = []
     for tenant_id, (lo, hi) in windows.items():
-        start = datetime.fromtimestamp(lo, UTC).replace(tzinfo=None)
-        end = datetime.fromtimestamp(hi, UTC).replace(tzinfo=None)
-        query = select(
-            ENTRIES.c.started_at,
-            ENTRIES.c.deployment,
-            ENTRIES.c.status_code,
-            ENTRIES.c.uncached_input + ENTRIES.c.cached_input,
-            ENTRIES.c.output,
-        ).where(
-            ENTRIES.c.tenant_id == tenant_id,
-            ENTRIES.c.started_at >= start,
-            ENTRIES.c.started_at < end,
-        )
-        async with ledger.engine.connect() as connection:
-            result = await connection.execute(query)
-            for started_at, deployment, status, tokens_in, tokens_out in result:
+        start = datetime.fromtimestamp(lo, UTC)
+        end = datetime.fromtimestamp(hi, UTC)
+        rows = entries(ledger.engine, _SAMPLED, tenant_id=tenant_id, start=start, end=end)
+        async for chunk in rows:
+            for row in chunk:
+                started_at, deployment, status, uncached, cached, tokens_out = tuple(row)
+                tokens_in = uncached + cached
                 if status == 429:
                     refusals[tenant_id] += 1
                     if deployment:
@@ -576,7 +546,7 @@ def _modelled_latency(
 ) -> tuple[LatencySummary, dict[str, Saturation]]:
     """Each request's latency from its deployment's latency model and queue.
 
-    The queue (`gateway.economics.capacity`) gives each request's wait before its first
+    The queue (`economics.capacity`) gives each request's wait before its first
     token; the decode slowdown grows from 1 to `slowdown_at_capacity` with its bucket's
     utilisation (at most 1). A request in a bucket that ends with work waiting is counted
     as saturated.
