@@ -27,12 +27,15 @@ STEP_RULES: list[tuple[str, str, frozenset[str] | None]] = [
     ("count prompt tokens", "gateway/relay.py", frozenset({"_count_prompt"})),
     ("count prompt tokens", "gateway/tokens.py", None),
     ("price (quote)", "billing/pricing.py", None),
-    ("quota admit (Redis)", "billing/quota_redis.py", frozenset({"admit"})),
-    ("quota settle (Redis)", "billing/quota_redis.py", frozenset({"settle", "_settle_call"})),
+    ("quota admit (Redis)", "billing/quota/redis_store.py", frozenset({"admit"})),
+    (
+        "quota settle (Redis)",
+        "billing/quota/redis_store.py",
+        frozenset({"settle", "_settle_call"}),
+    ),
     ("quota admit (Redis)", "gateway/relay.py", frozenset({"_admit"})),
     ("quota settle (Redis)", "gateway/relay.py", frozenset({"_settle", "_settle_later"})),
-    ("quota planning + headers (Python)", "billing/quota.py", None),
-    ("quota planning + headers (Python)", "billing/quota_redis.py", None),
+    ("quota planning + headers (Python)", "billing/quota/", None),
     ("ledger record (journal + queue)", "billing/ledger.py", frozenset({"record"})),
     ("ledger record (journal + queue)", "billing/journal.py", None),
     ("ledger writer (batches, SQLite)", "billing/ledger.py", None),
@@ -63,19 +66,22 @@ STEP_RULES: list[tuple[str, str, frozenset[str] | None]] = [
 #: Frames skipped when looking for a step: shared wrappers whose callers name the step.
 TRANSPARENT: frozenset[tuple[str, str]] = frozenset(
     {
-        ("billing/quota_redis.py", "_call"),
-        ("billing/quota_redis.py", "<lambda>"),
+        ("billing/quota/redis_store.py", "_call"),
+        ("billing/quota/redis_store.py", "<lambda>"),
         ("gateway/relay.py", "_settle_later"),
         ("gateway/relay.py", "_settle_task"),
     }
 )
 
 #: Files that are client libraries of our own: charged like redis-py or aiohttp are.
-TRANSPARENT_FILES: tuple[str, ...] = ("billing/redis_pipeline.py",)
+TRANSPARENT_FILES: tuple[str, ...] = (
+    "billing/quota/pipeline.py",
+    "billing/quota/cluster_pipeline.py",
+)
 
 #: Used only when no step frame is on the stack.
 LIBRARY_RULES: list[tuple[str, str]] = [
-    ("redis I/O (quota pipeline writes, replies)", "billing/redis_pipeline.py"),
+    ("redis I/O (quota pipeline writes, replies)", "billing/quota/pipeline.py"),
     ("aiohttp client I/O callbacks", "aiohttp/"),
     ("aiohttp client I/O callbacks", "httpx_aiohttp/"),
     ("aiohttp client I/O callbacks", "httpx/"),

@@ -10,6 +10,7 @@ import pytest
 
 pytest_plugins = [
     "tests.fixtures.redis_server",
+    "tests.fixtures.redis_cluster",
     "tests.fixtures.postgres_server",
     "tests.fixtures.prometheus_server",
 ]

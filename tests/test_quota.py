@@ -1,4 +1,5 @@
-"""The quota contract, run against both stores: in-process memory and a real redis-server."""
+"""The quota contract, run against both stores: in-process memory, a real redis-server and a
+real Redis Cluster."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from billing.idempotency import Claim, IdempotencyConflict
 from billing.quota import (
     MAX_BALANCE_NANOS,
     Admission,
@@ -20,25 +22,30 @@ from billing.quota import (
     QuotaConfig,
     QuotaExceeded,
     QuotaStore,
+    RedisQuotaStore,
     Scope,
     build_quota_store,
     format_reset,
-    periods,
 )
-from billing.quota_redis import RedisQuotaStore
+from billing.quota.plan import periods
 
 RESERVATION_TTL_S = 60
 NOW = datetime(2025, 6, 10, 12, 0, 0, tzinfo=UTC)
 _ids = itertools.count()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[QuotaStore]:
     if request.param == "memory":
         quota: QuotaStore = MemoryQuotaStore(reservation_ttl_s=RESERVATION_TTL_S)
-    else:
+    elif request.param == "redis":
         url = request.getfixturevalue("redis_url")
         quota = RedisQuotaStore(url, reservation_ttl_s=RESERVATION_TTL_S)
+    else:  # a Redis Cluster of three masters (keys hash-tagged by tenant)
+        cluster = request.getfixturevalue("redis_cluster")
+        await asyncio.to_thread(cluster.wait_healthy)
+        await asyncio.to_thread(cluster.flush)
+        quota = RedisQuotaStore(cluster.url, reservation_ttl_s=RESERVATION_TTL_S, cluster=True)
     yield quota
     await quota.aclose()
 
@@ -169,7 +176,8 @@ async def test_refuses_an_exhausted_balance_as_insufficient_quota(store: QuotaSt
     assert (error.kind, error.reason) == ("insufficient_quota", "balance")
     assert "0.000001019" in error.message and "Top up" in error.message
 
-    unknown = ask(tenant(), input_cost_nanos=1, output_price_nanos=1, balance_account="nobody")
+    nobody = Scope("tenant:nobody", Limits())
+    unknown = ask(nobody, input_cost_nanos=1, output_price_nanos=1, balance_account="nobody")
     assert (await refused(store, unknown)).reason == "balance"
 
 
@@ -449,3 +457,41 @@ def test_build_quota_store_from_config(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(closed, RedisQuotaStore) and closed.url == "redis://127.0.0.1:1/0"
     opened = build_quota_store(QuotaConfig(backend="redis", on_unavailable="open"))
     assert isinstance(opened, FailOpenQuotaStore)
+
+
+def test_build_a_cluster_store_from_config() -> None:
+    config = QuotaConfig(
+        backend="redis",
+        redis_url="redis://127.0.0.1:7000/0",
+        redis_url_env=None,
+        redis_cluster=True,
+        redis_cluster_nodes=["127.0.0.1:7001"],
+        on_unavailable="open",
+    )
+    store = build_quota_store(config)
+    assert isinstance(store, FailOpenQuotaStore) and isinstance(store.primary, RedisQuotaStore)
+    assert store.primary.cluster and store.fallback.planner.tagged  # the same key names
+    with pytest.raises(ValueError, match="braces"):
+        QuotaConfig(backend="redis", redis_cluster=True, key_prefix="q:{x}:")
+
+
+async def test_a_keyed_top_up_applies_once_and_a_keyed_write_replays(store: QuotaStore) -> None:
+    await store.set_balance("acme", 1_000)
+    claim = Claim("topup-1", "fingerprint-a")
+    assert await store.topup_once("acme", 500, claim) == (1_500, False)
+    assert await store.topup_once("acme", 500, claim) == (1_500, True)  # replayed, not added
+    with pytest.raises(IdempotencyConflict):
+        await store.topup_once("acme", 500, Claim("topup-1", "fingerprint-b"))
+    assert await store.balance("acme") == 1_500
+
+    write = Claim("create-1", "fingerprint-c")
+    assert await store.idempotency_begin(write) is None  # go ahead
+    with pytest.raises(IdempotencyConflict):
+        await store.idempotency_begin(write)  # still running
+    await store.idempotency_finish(write, 201, '{"id": "k1"}')
+    stored = await store.idempotency_begin(write)
+    assert stored is not None and (stored.s, stored.b) == (201, '{"id": "k1"}')
+    failed = Claim("create-2", "fingerprint-d")
+    assert await store.idempotency_begin(failed) is None
+    await store.idempotency_abandon(failed)
+    assert await store.idempotency_begin(failed) is None  # free again after a failure

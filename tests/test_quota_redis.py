@@ -23,10 +23,10 @@ from billing.quota import (
     QuotaExceeded,
     QuotaStore,
     QuotaUnavailable,
+    RedisQuotaStore,
     Scope,
     build_quota_store,
 )
-from billing.quota_redis import RedisQuotaStore
 from tests.fixtures.redis_server import RedisServer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
