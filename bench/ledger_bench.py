@@ -34,6 +34,7 @@ from sqlalchemy import func, select, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import billing.ledger
 from billing.ids import new_request_id
 from billing.invoice import TenantBilling, build_invoice
 from billing.journal import encode_record
@@ -512,7 +513,8 @@ async def bench_scale(args: argparse.Namespace, workdir: Path) -> None:
             cpus.append(cpu)
         after = await ledger_size(url)
         print(
-            f"write cost {engine_name}, {label} ({args.ids} ids):"
+            f"write cost {engine_name}, {label} ({args.ids} ids"
+            f"{', baseline writer' if args.baseline else ''}):"
             f" median {statistics.median(walls):.1f} µs wall,"
             f" {statistics.median(cpus):.1f} µs CPU of this process per request"
             f" (runs: {', '.join(f'{w:.1f}' for w in walls)} µs wall;"
@@ -648,6 +650,12 @@ def main() -> None:
         default="ordered",
         help="request ids: time-ordered (billing.ids, the default) or random (uuid4, as before)",
     )
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="the writer as before billing.ids: random ids and SQLite's default page cache,"
+        " memory map and checkpoint interval",
+    )
     parser.add_argument("--write-batches", type=int, default=100, help="1000-row batches per run")
     parser.add_argument("--write-repeat", type=int, default=3, help="write-cost runs per ledger")
     parser.add_argument("--reuse", action="store_true", help="reuse prefilled SQLite files")
@@ -664,6 +672,9 @@ def main() -> None:
         help="concurrent writer connections, e.g. 1,2,4",
     )
     args = parser.parse_args()
+    if args.baseline:
+        args.ids = "random"
+        billing.ledger._SQLITE_WRITER_PRAGMAS = ()  # the writer before this change
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ledger-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:

@@ -393,7 +393,7 @@ async def write_entries_postgres(engine: AsyncEngine, records: list[UsageRecord]
 #: size, kept in a 64 MiB page cache. Reads go through a memory map (no read system calls);
 #: the WAL is checkpointed every 8,000 pages (32 MiB) rather than 1,000, so a page written
 #: by many batches (a rollup, an index edge) is copied back into the file once, not each time.
-_SQLITE_WRITER_PRAGMAS = (
+_SQLITE_WRITER_PRAGMAS: tuple[str, ...] = (
     "PRAGMA cache_size=-65536",
     "PRAGMA mmap_size=1073741824",
     "PRAGMA wal_autocheckpoint=8000",
