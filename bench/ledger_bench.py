@@ -482,7 +482,8 @@ async def bench_scale(args: argparse.Namespace, workdir: Path) -> None:
     targets: list[tuple[str, str, str]] = []
     for label, rows in (("fresh", 0), (f"{args.prefill:,} rows", args.prefill)):
         path = workdir / f"scale-{args.ids}-{rows}.db"
-        targets.append(("sqlite", label, f"sqlite+aiosqlite:///{path}"))
+        if not args.postgres_only:
+            targets.append(("sqlite", label, f"sqlite+aiosqlite:///{path}"))
     if args.postgres_url:
         targets.append(("postgres", "fresh", args.postgres_url))
         targets.append(("postgres", f"{args.prefill:,} rows", args.postgres_url))
@@ -658,6 +659,7 @@ def main() -> None:
     )
     parser.add_argument("--write-batches", type=int, default=100, help="1000-row batches per run")
     parser.add_argument("--write-repeat", type=int, default=3, help="write-cost runs per ledger")
+    parser.add_argument("--postgres-only", action="store_true", help="--prefill: skip SQLite")
     parser.add_argument("--reuse", action="store_true", help="reuse prefilled SQLite files")
     parser.add_argument(
         "--ceiling-seconds",
