@@ -364,8 +364,20 @@ def live_records(count: int, ids: str) -> list[UsageRecord]:
     return records
 
 
-async def write_cost(url: str, batches: int, batch_size: int, ids: str) -> tuple[float, float]:
-    """The real writer's cost per request: (wall µs, this process's CPU µs) per row.
+def _io_bytes() -> tuple[int, int]:
+    """Bytes this process has read and written through system calls (Linux), else zeros."""
+    try:
+        fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    except OSError:
+        return 0, 0
+    return int(fields["rchar"]), int(fields["wchar"])
+
+
+async def write_cost(
+    url: str, batches: int, batch_size: int, ids: str
+) -> tuple[float, float, float, float]:
+    """The real writer's cost per request: wall µs, this process's CPU µs, and bytes this
+    process read and wrote through system calls (SQLite's page reads, WAL, checkpoints).
 
     `batches` batches of `batch_size` new records go through the writer `Ledger` uses
     (`SqliteWriter` or `write_entries_postgres`), one transaction each, with rollups.
@@ -375,6 +387,7 @@ async def write_cost(url: str, batches: int, batch_size: int, ids: str) -> tuple
     writer = SqliteWriter(db_file) if db_file is not None else None
     engine = None if writer is not None else create_ledger_engine(url)
     try:
+        read_before, written_before = _io_bytes()
         wall = time.perf_counter()
         cpu = time.process_time()
         for start in range(0, len(records), batch_size):
@@ -387,13 +400,19 @@ async def write_cost(url: str, batches: int, batch_size: int, ids: str) -> tuple
             assert written == len(batch), (written, len(batch))
         wall = time.perf_counter() - wall
         cpu = time.process_time() - cpu
+        read_after, written_after = _io_bytes()
     finally:
         if writer is not None:
             await writer.close()
         if engine is not None:
             await engine.dispose()
     rows = len(records)
-    return wall / rows * 1e6, cpu / rows * 1e6
+    return (
+        wall / rows * 1e6,
+        cpu / rows * 1e6,
+        (read_after - read_before) / rows,
+        (written_after - written_before) / rows,
+    )
 
 
 async def ledger_size(url: str) -> dict[str, int]:
@@ -507,17 +526,21 @@ async def bench_scale(args: argparse.Namespace, workdir: Path) -> None:
                 print(f"  prefilled postgres with {rows:,} rows in {seconds:.0f} s")
         prepared.add(url)
         before = await ledger_size(url)
-        walls, cpus = [], []
+        walls, cpus, reads, writes = [], [], [], []
         for _ in range(args.write_repeat):
-            wall, cpu = await write_cost(url, args.write_batches, 1000, args.ids)
+            wall, cpu, read, written = await write_cost(url, args.write_batches, 1000, args.ids)
             walls.append(wall)
             cpus.append(cpu)
+            reads.append(read)
+            writes.append(written)
         after = await ledger_size(url)
         print(
             f"write cost {engine_name}, {label} ({args.ids} ids"
             f"{', baseline writer' if args.baseline else ''}):"
             f" median {statistics.median(walls):.1f} µs wall,"
-            f" {statistics.median(cpus):.1f} µs CPU of this process per request"
+            f" {statistics.median(cpus):.1f} µs CPU of this process,"
+            f" {statistics.median(reads):,.0f} B read + {statistics.median(writes):,.0f} B"
+            " written by it per request"
             f" (runs: {', '.join(f'{w:.1f}' for w in walls)} µs wall;"
             f" {args.write_batches} batches of 1000 each)"
         )
