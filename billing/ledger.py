@@ -380,7 +380,9 @@ async def write_entries_postgres(engine: AsyncEngine, records: list[UsageRecord]
         result = await connection.exec_driver_sql(_pg_entries_sql(), columns)
         inserted_ids = {request_id for (request_id,) in result.all()}
         inserted = [row for row in batch if row[0] in inserted_ids]
-        deltas = rollup_deltas(inserted)
+        # In key order: writers of several gateways then lock shared rollup rows in one
+        # order and wait for each other instead of deadlocking.
+        deltas = sorted(rollup_deltas(inserted))
         if deltas:
             columns = tuple(list(column) for column in zip(*deltas, strict=True))
             await connection.exec_driver_sql(_pg_rollups_sql(), columns)
