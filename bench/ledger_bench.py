@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select, text
 
@@ -377,7 +378,8 @@ async def write_cost(
     url: str, batches: int, batch_size: int, ids: str
 ) -> tuple[float, float, float, float]:
     """The real writer's cost per request: wall µs, this process's CPU µs, and bytes this
-    process read and wrote through system calls (SQLite's page reads, WAL, checkpoints).
+    process read and wrote through system calls (SQLite's page reads, WAL, checkpoints);
+    on PostgreSQL, 0 and the bytes of WAL the server generated (full-page images included).
 
     `batches` batches of `batch_size` new records go through the writer `Ledger` uses
     (`SqliteWriter` or `write_entries_postgres`), one transaction each, with rollups.
@@ -388,6 +390,8 @@ async def write_cost(
     engine = None if writer is not None else create_ledger_engine(url)
     try:
         read_before, written_before = _io_bytes()
+        if engine is not None:
+            written_before = await _wal_position(engine)
         wall = time.perf_counter()
         cpu = time.process_time()
         for start in range(0, len(records), batch_size):
@@ -401,6 +405,8 @@ async def write_cost(
         wall = time.perf_counter() - wall
         cpu = time.process_time() - cpu
         read_after, written_after = _io_bytes()
+        if engine is not None:
+            read_after, written_after = read_before, await _wal_position(engine)
     finally:
         if writer is not None:
             await writer.close()
@@ -413,6 +419,13 @@ async def write_cost(
         (read_after - read_before) / rows,
         (written_after - written_before) / rows,
     )
+
+
+async def _wal_position(engine: Any) -> int:
+    async with engine.connect() as connection:
+        return int(
+            await connection.scalar(text("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')"))
+        )
 
 
 async def ledger_size(url: str) -> dict[str, int]:
@@ -539,9 +552,13 @@ async def bench_scale(args: argparse.Namespace, workdir: Path) -> None:
             f"{', baseline writer' if args.baseline else ''}):"
             f" median {statistics.median(walls):.1f} µs wall,"
             f" {statistics.median(cpus):.1f} µs CPU of this process,"
-            f" {statistics.median(reads):,.0f} B read + {statistics.median(writes):,.0f} B"
-            " written by it per request"
-            f" (runs: {', '.join(f'{w:.1f}' for w in walls)} µs wall;"
+            + (
+                f" {statistics.median(writes):,.0f} B of WAL per request"
+                if engine_name == "postgres"
+                else f" {statistics.median(reads):,.0f} B read + {statistics.median(writes):,.0f}"
+                " B written by it per request"
+            )
+            + f" (runs: {', '.join(f'{w:.1f}' for w in walls)} µs wall;"
             f" {args.write_batches} batches of 1000 each)"
         )
         _print_size("size before the writes", before)
@@ -704,12 +721,12 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         if args.initdb:
-            args.postgres_url = stack.enter_context(durable_postgres(workdir / "pg"))
+            args.postgres_url = stack.enter_context(durable_postgres())
         asyncio.run(run(args, workdir))
 
 
 @contextlib.contextmanager
-def durable_postgres(base: Path) -> Iterator[str]:
+def durable_postgres() -> Iterator[str]:
     """A throwaway PostgreSQL with production durability (fsync, synchronous_commit and
     full_page_writes on), `shared_buffers=1GB`, `max_wal_size=8GB`; yields its URL."""
     from tests.fixtures.postgres_server import PostgresServer, find_postgres_bin
@@ -717,8 +734,9 @@ def durable_postgres(base: Path) -> Iterator[str]:
     bin_dir = find_postgres_bin()
     if bin_dir is None:
         raise SystemExit("--initdb needs PostgreSQL's initdb and postgres")
-    shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True)
+    base = Path(
+        tempfile.mkdtemp(prefix="ledger-bench-pg-")
+    )  # in /tmp: the server user can reach it
     server = PostgresServer(bin_dir, base, durable=True)
     server.start()
     try:
