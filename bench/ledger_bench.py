@@ -4,6 +4,10 @@ one tenant-month holding 10 million ledger rows (synthetic, bulk-loaded in SQL).
     python bench/ledger_bench.py                         # SQLite, 10M-row invoice
     python bench/ledger_bench.py --postgres-url postgresql+asyncpg://user@127.0.0.1:5432/db
     python bench/ledger_bench.py --invoice-rows 1000000  # a quicker run
+    python bench/ledger_bench.py --prefill 10000000      # write cost: fresh vs 10M rows
+    python bench/ledger_bench.py --prefill 10000000 --baseline  # the same, writer as before
+    python bench/ledger_bench.py --initdb --postgres-only --prefill 10000000
+    python bench/ledger_bench.py --initdb --ceiling-seconds 15  # one PostgreSQL's ceiling
 
 Ingest: records are built first, then recorded in a loop that yields to the event loop
 every 100 records (as a busy server would), while the background writer commits batches;
@@ -11,6 +15,12 @@ the rate is records / (time from the first record() to the end of the final flus
 Invoice: raw rows are generated in SQL (a recursive CTE on SQLite, generate_series on
 PostgreSQL) and their 15-minute rollups are built with one GROUP BY, as the ledger keeps
 them; then `build_invoice` is timed (best and median of 5).
+Write cost (`--prefill N`): a ledger of N realistic rows is bulk-loaded in SQL (minutes for
+10 million), then batches of new records go through the real writer on a fresh ledger and on
+the prefilled one; the medians per request of wall time, process CPU and bytes read/written
+(PostgreSQL: WAL bytes) are printed, with the ledger's bytes per row. Ceiling
+(`--ceiling-seconds`): rows/s that 1, 2, 4 concurrent writers get into one PostgreSQL.
+`--initdb` starts a throwaway PostgreSQL with production durability for any of these.
 """
 
 from __future__ import annotations
