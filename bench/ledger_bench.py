@@ -579,8 +579,6 @@ async def bench_scale(args: argparse.Namespace, workdir: Path) -> None:
             f" ({(after['rollup_rows'] - before['rollup_rows']) / added:.3f} per request),"
             f" {(after['file_bytes'] - before['file_bytes']) / added:.0f} bytes per request"
         )
-    if not args.workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def bench_ceiling(url: str, writers: int, seconds: float, ids: str) -> float:
@@ -663,8 +661,6 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
                 f"invoice {name}: one tenant-month of {args.invoice_rows:,} ledger rows:"
                 f" best {best * 1000:.1f} ms, median {median * 1000:.1f} ms"
             )
-    if not args.workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def _reset_postgres(url: str) -> None:
@@ -732,7 +728,11 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         if args.initdb:
             args.postgres_url = stack.enter_context(durable_postgres())
-        asyncio.run(run(args, workdir))
+        try:
+            asyncio.run(run(args, workdir))
+        finally:
+            if not args.workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
 
 
 @contextlib.contextmanager
