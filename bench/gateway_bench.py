@@ -273,6 +273,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         self.args = args
         self.tmp = tmp
+        self.ledger_file = (args.ledger_path or tmp / "ledger.db").resolve()  # e.g. 10M rows
+        self.started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())  # as the ledger stores
         self.procs = Processes(tmp)
         self.proxy_core = args.proxy_core
         self.load_core = args.load_core
@@ -376,7 +378,7 @@ class Bench:
             ],
             "pricing": {"currency": "USD", "models": {name: price for name in models}},
             "quotas": {"backend": "redis", "redis_url": redis_url, "redis_url_env": None},
-            "ledger": {"url": f"sqlite+aiosqlite:///{self.tmp / 'ledger.db'}", "url_env": None},
+            "ledger": {"url": f"sqlite+aiosqlite:///{self.ledger_file}", "url_env": None},
             "metrics": {"enabled": True, "port": 0},  # the listener on any free port
             "tenants": [
                 {
@@ -715,10 +717,13 @@ class Bench:
         self.count_ledger_rows()
 
     def count_ledger_rows(self) -> None:
-        path = self.tmp / "ledger.db"
-        try:
-            with contextlib.closing(sqlite3.connect(path)) as db:
-                rows = db.execute("select count(*) from ledger_entries").fetchone()[0]
+        try:  # this run's rows (a --ledger-path file may hold others)
+            with contextlib.closing(sqlite3.connect(self.ledger_file)) as db:
+                rows = db.execute(
+                    "select count(*) from ledger_entries where tenant_id = 'bench'"
+                    " and started_at >= ?",
+                    (self.started,),
+                ).fetchone()[0]
         except sqlite3.Error as exc:
             self.notes.append(f"could not count ledger rows: {exc}")
             return
@@ -933,6 +938,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proxy-core", type=int, default=0)
     parser.add_argument("--load-core", type=int, default=1)
     parser.add_argument("--tokenizer-dir", type=Path, default=None)
+    parser.add_argument(
+        "--ledger-path",
+        type=Path,
+        default=None,
+        help="the gateway's SQLite ledger file (default: a fresh one in the temp folder)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write raw figures here")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs)")
     parser.add_argument("--report", type=Path, help="print the report of a --json file and exit")

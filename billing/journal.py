@@ -82,6 +82,7 @@ class Journal:
         self._fd = -1
         self._path: Path | None = None
         self._closed_segments: list[Path] = []
+        self._line = bytearray()  # `append`'s encoding buffer
 
     def open(self) -> None:
         """Create the directory and start a fresh segment."""
@@ -109,16 +110,19 @@ class Journal:
 
     def append(self, rec: UsageRecord) -> None:
         """Write one record with a single system call; raises if it could not be written."""
-        data = encode_record(rec)
-        written = os.write(self._fd, data)
-        if written != len(data):  # a full disk; the line is torn and will be skipped
-            raise OSError(f"journal write to {self._path} was short ({written}/{len(data)})")
+        # Encoded into one reused buffer, newline included: no intermediate bytes objects.
+        line = self._line
+        _encoder.encode_into(rec, line)
+        line += b"\n"
+        written = os.write(self._fd, line)
+        if written != len(line):  # a full disk; the line is torn and will be skipped
+            raise OSError(f"journal write to {self._path} was short ({written}/{len(line)})")
 
     def append_many(self, records: list[UsageRecord]) -> None:
         """Write several records with one system call (nothing when the list is empty)."""
         if not records:
             return
-        data = b"".join(encode_record(rec) for rec in records)
+        data = _encoder.encode_lines(records)
         written = os.write(self._fd, data)
         if written != len(data):
             raise OSError(f"journal write to {self._path} was short ({written}/{len(data)})")

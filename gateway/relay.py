@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +31,7 @@ from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
 from billing.compute_cost import ComputeCosts
+from billing.ids import new_request_id as _time_ordered_request_id
 from billing.ledger import Ledger
 from billing.money import format_amount
 from billing.pricing import PriceCatalog, Quote, Unpriced
@@ -84,7 +84,7 @@ _KIND_OF_ENDPOINT = {"chat.completions": "chat", "completions": "chat", "embeddi
 
 
 def new_request_id() -> str:
-    return "req_" + uuid.uuid4().hex
+    return _time_ordered_request_id()
 
 
 @dataclass(slots=True)

@@ -15,7 +15,7 @@ from sqlalchemy import Table, func, select, text
 
 from billing.invoice import TenantBilling, build_invoice
 from billing.invoice_render import render_invoice
-from billing.ledger import ENTRIES, ROLLUPS, Ledger, LedgerConfig
+from billing.ledger import ENTRIES, ROLLUPS, Ledger, LedgerConfig, write_entries_postgres
 from billing.record import UsageRecord
 from billing.usage import Usage
 
@@ -263,3 +263,31 @@ def test_env_url_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     config = LedgerConfig()
     assert config.resolved_url().endswith("/env.db")
     assert config.resolved_journal_dir() == tmp_path / "env.journal"
+
+
+async def test_gateways_writing_the_same_rollups_at_once_do_not_deadlock(
+    postgres_database: str, tmp_path: Path
+) -> None:
+    """Two gateways' writers commit batches touching the same rollup rows, met in opposite
+    orders; PostgreSQL must not abort either as a deadlock, and the rollups add up."""
+    config = LedgerConfig(url=postgres_database, url_env=None, journal_dir=tmp_path / "j")
+    ledger = await Ledger.open(config)
+    try:
+        tenants = [f"tenant-{index:03d}" for index in range(300)]
+        for round_ in range(4):
+            forward = [
+                make_record(f"f{round_}-{tenant}", NOV_3, tenant=tenant) for tenant in tenants
+            ]
+            backward = [
+                make_record(f"b{round_}-{tenant}", NOV_3, tenant=tenant)
+                for tenant in reversed(tenants)
+            ]
+            written = await asyncio.gather(
+                write_entries_postgres(ledger.engine, forward),
+                write_entries_postgres(ledger.engine, backward),
+            )
+            assert written == [300, 300]
+        assert await count_rows(ledger) == 2400
+        assert await table_sums(ledger, ROLLUPS) == await table_sums(ledger, ENTRIES)
+    finally:
+        await ledger.aclose()
