@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -395,7 +396,7 @@ def _refusal(error: ApiError) -> Outcome:
 
 
 def _tool_id(call_id: Any) -> str:
-    return call_id if isinstance(call_id, str) and call_id else "toolu_" + new_request_id()[4:28]
+    return call_id if isinstance(call_id, str) and call_id else "toolu_" + uuid.uuid4().hex[:24]
 
 
 def _arguments(arguments: Any) -> dict[str, Any]:
