@@ -365,6 +365,10 @@ async def test_a_store_whose_slot_map_predates_a_failover_follows_moved(
     first = await store.admit(paid("acme", "before"))
     await store.settle(first, PROMPT + 10, INPUT_COST + 10 * OUT_PRICE)
     victim = redis_cluster.master_of("acme")
+    # Replication is asynchronous: a write acknowledged just before its master dies can be
+    # lost with it. Wait until the replica has these, so the test is about MOVED alone.
+    with victim.client() as client:
+        assert client.execute_command("WAIT", 1, 5000) >= 1
     await asyncio.to_thread(redis_cluster.kill, victim)
     try:
         await asyncio.to_thread(wait_for_new_master, redis_cluster, "acme", victim)
