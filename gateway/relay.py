@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -83,8 +83,14 @@ PENDING_CHUNKS = 256
 _KIND_OF_ENDPOINT = {"chat.completions": "chat", "completions": "chat", "embeddings": "embedding"}
 
 
+#: A random 128-bit number's version and variant bits, set as a UUID4's (RFC 9562).
+_UUID4_MASK = ~((0xC000 << 48) | (0xF000 << 64)) & ((1 << 128) - 1)
+_UUID4_BITS = (0x8000 << 48) | (0x4000 << 64)
+
+
 def new_request_id() -> str:
-    return "req_" + uuid.uuid4().hex
+    """`req_` and a random UUID4's 32 hex digits (built without a `uuid.UUID`: half the cost)."""
+    return "req_%032x" % (int.from_bytes(os.urandom(16)) & _UUID4_MASK | _UUID4_BITS)
 
 
 @dataclass(slots=True)
@@ -421,7 +427,10 @@ class Relay:
         step: Step = who
         served = _NOT_SERVED
         try:
-            raw = await _body(request)
+            try:  # awaited here, not in a helper coroutine: one frame less to resume
+                raw = await request.body()
+            except HTTPException as exc:
+                raise _body_error(request, exc) from None
             body, typed = (
                 await dialect.decode(raw, who, s.max_json_depth)
                 if dialect is not None
@@ -512,9 +521,8 @@ class Relay:
             await self._settle(admitted, rec)
             return edge.error_response(server_error(request_id), request_id)
         await self._settle(admitted, rec)
-        return Response(
-            content, media_type="application/json", headers={**headers, **bill.headers()}
-        )
+        headers.update(bill.headers())  # after the admission's, as before: one dict, no copy
+        return Response(content, media_type="application/json", headers=headers)
 
     async def _refused(
         self, edge: Any, step: Step, served: Served, error: ApiError
@@ -779,15 +787,12 @@ class Relay:
         await asyncio.shield(task)
 
 
-async def _body(request: Request[Any, Any, Any]) -> bytes:
-    """The request body; over `server.max_body_bytes` (or unreadable), the 4xx to answer."""
-    try:
-        return await request.body()
-    except HTTPException as exc:
-        if exc.status_code == 413:
-            size = request.app.request_max_body_size
-            raise body_too_large(size if isinstance(size, int) else 0) from None
-        raise invalid_request(exc.detail) from None
+def _body_error(request: Request[Any, Any, Any], exc: HTTPException) -> ApiError:
+    """The 4xx for a body over `server.max_body_bytes` (or unreadable)."""
+    if exc.status_code == 413:
+        size = request.app.request_max_body_size
+        return body_too_large(size if isinstance(size, int) else 0)
+    return invalid_request(exc.detail)
 
 
 async def _started(stream: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
