@@ -45,6 +45,7 @@ from billing.quota import (
 )
 from billing.record import GATEWAY_DIED, GATEWAY_DIED_STATUS, UsageRecord
 from billing.usage import Usage
+from gateway.answers import JSONAnswer
 from gateway.auth import ApiKey, Directory, Tenant
 from gateway.errors import (
     ApiError,
@@ -522,7 +523,7 @@ class Relay:
             return edge.error_response(server_error(request_id), request_id)
         await self._settle(admitted, rec)
         headers.update(bill.headers())  # after the admission's, as before: one dict, no copy
-        return Response(content, media_type="application/json", headers=headers)
+        return JSONAnswer(content, media_type="application/json", headers=headers)
 
     async def _refused(
         self, edge: Any, step: Step, served: Served, error: ApiError
@@ -944,7 +945,7 @@ def error_response(
     error: ApiError, request_id: str, limits: dict[str, str] | None = None
 ) -> Response[Any]:
     """An OpenAI-shaped error answer; `limits` are rate-limit headers to carry along."""
-    return Response(
+    return JSONAnswer(
         error.encode(),
         status_code=error.status_code,
         media_type="application/json",
