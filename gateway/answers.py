@@ -24,6 +24,17 @@ if TYPE_CHECKING:
 __all__ = ["JSONAnswer"]
 
 _JSON = b"application/json"
+#: Header names as they go on the wire (lower case, latin-1), kept for the few the gateway
+#: sends (the request id, the rate-limit and cost headers); at most `_MAX_NAMES`.
+_NAMES: dict[str, bytes] = {}
+_MAX_NAMES = 256
+
+
+def _encoded_name(name: str) -> bytes:
+    encoded = name.lower().encode("latin-1")
+    if len(_NAMES) < _MAX_NAMES:
+        _NAMES[name] = encoded
+    return encoded
 
 
 class JSONAnswer(Response[bytes]):
@@ -72,8 +83,9 @@ class JSONAnswer(Response[bytes]):
                 status_code=status_code,
                 type_encoders=type_encoders,
             )
+        names = _NAMES
         raw = [
-            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            (names.get(name) or _encoded_name(name), value.encode("latin-1"))
             for name, value in self.headers.items()
         ]
         raw.append((b"content-type", _JSON))
