@@ -40,6 +40,27 @@ def _encoded_name(name: str) -> bytes:
 class JSONAnswer(Response[bytes]):
     """An `application/json` `Response` of encoded bytes, with string headers."""
 
+    __slots__ = ()
+
+    def __init__(
+        self,
+        content: bytes,
+        *,
+        status_code: int | None = None,
+        media_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        # What `Response.__init__` sets, for the one shape used here (no cookies, no
+        # background task, no type encoders): the headers dict is taken, not copied.
+        self.content = content
+        self.background = None
+        self.cookies = []
+        self.encoding = "utf-8"
+        self.headers = headers if headers is not None else {}
+        self.media_type = media_type
+        self.status_code = status_code
+        self.response_type_encoders = {}
+
     def to_asgi_response(  # type: ignore[override]
         self,
         app: Any,

@@ -20,13 +20,12 @@ HEADERS = {
 def _app(response_class: type[Response[Any]], status: int, cookies: bool) -> Litestar:
     @post("/", status_code=200)
     async def handler(request: Request[Any, Any, Any]) -> Response[Any]:
-        return response_class(
-            b'{"a":1}',
-            status_code=status,
-            media_type="application/json",
-            headers=HEADERS,
-            cookies={"c": "v"} if cookies else None,
+        response = response_class(
+            b'{"a":1}', status_code=status, media_type="application/json", headers=dict(HEADERS)
         )
+        if cookies:
+            response.set_cookie("c", "v")
+        return response
 
     return Litestar([handler])
 
