@@ -12,6 +12,11 @@ app, `Relay.handle` and the metering, plus the simulator's answer (the same befo
 after a change). The figure is the best of `--rounds` rounds of `--requests` requests, in
 CPU time of this process (all threads, so the ledger writer's included): other load on the
 machine matters little, which makes it the figure to compare commits by.
+
+`--parts` times, in isolation (`timeit`), the pieces issue 16's request-path work replaced:
+a JSON answer with the relay's fourteen headers through Litestar's `Response` and
+`ASGIResponse` against `gateway.answers.JSONAnswer` (the same header bytes, checked), and
+a request id from `uuid.uuid4()` against `new_request_id()`.
 """
 
 from __future__ import annotations
@@ -23,15 +28,21 @@ import pstats
 import sys
 import tempfile
 import time
+import timeit
+import uuid
 from pathlib import Path
 from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
+from litestar import Response  # noqa: E402
+
+from gateway.answers import JSONAnswer  # noqa: E402
 from gateway.app import Gateway, create_app  # noqa: E402
 from gateway.auth import hash_key  # noqa: E402
 from gateway.config import parse_settings  # noqa: E402
+from gateway.relay import new_request_id  # noqa: E402
 
 KEY = "sk-bench-relay-path-0000"
 BODY = (
@@ -132,6 +143,54 @@ async def main_async(args: argparse.Namespace) -> None:
                 pstats.Stats(profile).sort_stats("tottime").print_stats(40)
 
 
+#: The headers of a metered JSON answer: the request id, six rate-limit and six cost headers.
+ANSWER_HEADERS = {
+    "x-request-id": "req_0123456789abcdef0123456789abcdef",
+    **{
+        f"x-ratelimit-{name}": "1000000"
+        for name in (
+            "limit-requests",
+            "remaining-requests",
+            "reset-requests",
+            "limit-tokens",
+            "remaining-tokens",
+            "reset-tokens",
+        )
+    },
+    "x-maas-cost": "0.000012",
+    "x-maas-currency": "USD",
+    "x-maas-prompt-tokens": "20",
+    "x-maas-cached-tokens": "0",
+    "x-maas-completion-tokens": "64",
+    "x-maas-price-version": "bench@2020-01-01",
+}
+
+
+def _wire_headers(response_class: type[Response[Any]]) -> list[tuple[bytes, bytes]]:
+    response = response_class(
+        b'{"object":"chat.completion"}', media_type="application/json", headers=dict(ANSWER_HEADERS)
+    )
+    no_request: Any = None  # neither response reads the request for a body of bytes
+    asgi = response.to_asgi_response(
+        None, no_request, headers={}, cookies=[], media_type="application/json", status_code=200
+    )
+    return asgi.encode_headers()
+
+
+def parts() -> None:
+    """Time the replaced pieces one by one (best of 7 runs of 20,000 calls)."""
+    assert _wire_headers(Response) == _wire_headers(JSONAnswer)
+    pieces = (
+        ("answer: Response + ASGIResponse", lambda: _wire_headers(Response)),
+        ("answer: JSONAnswer", lambda: _wire_headers(JSONAnswer)),
+        ("request id: uuid.uuid4()", lambda: "req_" + uuid.uuid4().hex),
+        ("request id: new_request_id()", new_request_id),
+    )
+    for name, piece in pieces:
+        best = min(timeit.repeat(piece, number=20000, repeat=7)) / 20000
+        print(f"{name:34s}{best * 1e6:6.2f} µs")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizers", type=Path, required=True, help="tokenizer directory")
@@ -139,7 +198,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one round")
-    asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--parts", action="store_true", help="time the replaced pieces only")
+    args = parser.parse_args()
+    if args.parts:
+        parts()
+        return
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":
