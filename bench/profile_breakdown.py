@@ -59,6 +59,7 @@ STEP_RULES: list[tuple[str, str, frozenset[str] | None]] = [
     ),
     ("relay glue + response encode", "gateway/relay.py", None),
     ("relay glue + response encode", "gateway/app.py", None),
+    ("relay glue + response encode", "gateway/answers.py", None),
     ("litestar (routing, request, response)", "litestar/", None),
     ("uvicorn + httptools (HTTP server)", "uvicorn/", None),
 ]

@@ -31,7 +31,7 @@ from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
 from billing.compute_cost import ComputeCosts
-from billing.ids import new_request_id as _time_ordered_request_id
+from billing.ids import new_request_id
 from billing.ledger import Ledger
 from billing.money import format_amount
 from billing.pricing import PriceCatalog, Quote, Unpriced
@@ -45,6 +45,7 @@ from billing.quota import (
 )
 from billing.record import GATEWAY_DIED, GATEWAY_DIED_STATUS, UsageRecord
 from billing.usage import Usage
+from gateway.answers import JSONAnswer
 from gateway.auth import ApiKey, Directory, Tenant
 from gateway.errors import (
     ApiError,
@@ -81,10 +82,6 @@ PROVISIONAL_RECOUNT_S = 1.0
 #: At most this many chunks relayed untouched are held before their text is taken out.
 PENDING_CHUNKS = 256
 _KIND_OF_ENDPOINT = {"chat.completions": "chat", "completions": "chat", "embeddings": "embedding"}
-
-
-def new_request_id() -> str:
-    return _time_ordered_request_id()
 
 
 @dataclass(slots=True)
@@ -421,7 +418,10 @@ class Relay:
         step: Step = who
         served = _NOT_SERVED
         try:
-            raw = await _body(request)
+            try:  # awaited here, not in a helper coroutine: one frame less to resume
+                raw = await request.body()
+            except HTTPException as exc:
+                raise _body_error(request, exc) from None
             body, typed = (
                 await dialect.decode(raw, who, s.max_json_depth)
                 if dialect is not None
@@ -512,9 +512,8 @@ class Relay:
             await self._settle(admitted, rec)
             return edge.error_response(server_error(request_id), request_id)
         await self._settle(admitted, rec)
-        return Response(
-            content, media_type="application/json", headers={**headers, **bill.headers()}
-        )
+        headers.update(bill.headers())  # after the admission's, as before: one dict, no copy
+        return JSONAnswer(content, media_type="application/json", headers=headers)
 
     async def _refused(
         self, edge: Any, step: Step, served: Served, error: ApiError
@@ -779,15 +778,12 @@ class Relay:
         await asyncio.shield(task)
 
 
-async def _body(request: Request[Any, Any, Any]) -> bytes:
-    """The request body; over `server.max_body_bytes` (or unreadable), the 4xx to answer."""
-    try:
-        return await request.body()
-    except HTTPException as exc:
-        if exc.status_code == 413:
-            size = request.app.request_max_body_size
-            raise body_too_large(size if isinstance(size, int) else 0) from None
-        raise invalid_request(exc.detail) from None
+def _body_error(request: Request[Any, Any, Any], exc: HTTPException) -> ApiError:
+    """The 4xx for a body over `server.max_body_bytes` (or unreadable)."""
+    if exc.status_code == 413:
+        size = request.app.request_max_body_size
+        return body_too_large(size if isinstance(size, int) else 0)
+    return invalid_request(exc.detail)
 
 
 async def _started(stream: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
@@ -939,7 +935,7 @@ def error_response(
     error: ApiError, request_id: str, limits: dict[str, str] | None = None
 ) -> Response[Any]:
     """An OpenAI-shaped error answer; `limits` are rate-limit headers to carry along."""
-    return Response(
+    return JSONAnswer(
         error.encode(),
         status_code=error.status_code,
         media_type="application/json",

@@ -457,48 +457,39 @@ class Router:
         is healthy; always as a `ForwardFailed`, which names the deployment tried last.
         """
         tried: list[Deployment] = []
+        # One coroutine (no inner one): every upstream wake-up passes through each frame.
+        last_error: UpstreamError | None = None
         try:
-            return await self._forward(model, tenant_id, make_request, tried)
+            started = asyncio.get_running_loop().time()
+            self._budget.record_request()
+            retry = self._retry
+            for attempt in range(1, retry.max_attempts + 1):
+                deployment = self._pick(model.name, tenant_id, tried, self._clock())
+                if deployment is None:
+                    raise last_error or self._no_healthy(model)
+                if last_error is not None:
+                    if not self._budget.try_retry():
+                        raise last_error
+                    if deployment in tried:
+                        await self._sleep(self._backoff(attempt - 1))
+                        deployment = self._pick(model.name, tenant_id, tried, self._clock())
+                        if deployment is None:
+                            raise last_error
+                tried.append(deployment)
+                try:
+                    response, ttft = await self._attempt(deployment, make_request, started)
+                except UpstreamError as error:
+                    if not error.retryable:
+                        raise
+                    last_error = error
+                    continue
+                return Forwarded(response, deployment, attempt, ttft, [d.name for d in tried])
+            assert last_error is not None
+            raise last_error
         except ForwardFailed:
             raise
         except UpstreamError as error:
             raise ForwardFailed(error, tried[-1] if tried else None, len(tried)) from error
-
-    async def _forward(
-        self,
-        model: ModelConfig,
-        tenant_id: str,
-        make_request: Callable[[Deployment], ProviderRequest],
-        tried: list[Deployment],
-    ) -> Forwarded:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        self._budget.record_request()
-        retry = self._retry
-        last_error: UpstreamError | None = None
-        for attempt in range(1, retry.max_attempts + 1):
-            deployment = self._pick(model.name, tenant_id, tried, self._clock())
-            if deployment is None:
-                raise last_error or self._no_healthy(model)
-            if last_error is not None:
-                if not self._budget.try_retry():
-                    raise last_error
-                if deployment in tried:
-                    await self._sleep(self._backoff(attempt - 1))
-                    deployment = self._pick(model.name, tenant_id, tried, self._clock())
-                    if deployment is None:
-                        raise last_error
-            tried.append(deployment)
-            try:
-                response, ttft = await self._attempt(deployment, make_request, started)
-            except UpstreamError as error:
-                if not error.retryable:
-                    raise
-                last_error = error
-                continue
-            return Forwarded(response, deployment, attempt, ttft, [d.name for d in tried])
-        assert last_error is not None
-        raise last_error
 
     def _backoff(self, retry_number: int) -> float:
         """Equal jitter: half the exponential step fixed, half random."""

@@ -1,0 +1,210 @@
+"""CPU of the gateway's own request path per JSON request, measured in-process.
+
+    python bench/relay_path_bench.py --tokenizers DIR [--requests 4000] [--rounds 5]
+        [--concurrency 64] [--profile]
+
+The gateway's app (`gateway.app.create_app`, its services opened: key check, body
+validation, routing, prompt counting, pricing, in-memory quotas, the SQLite ledger with its
+crash journal, metrics) is called as an ASGI app in-process for `/v1/chat/completions`,
+`--concurrency` requests at a time, against the in-process `simulated` provider answering
+at once (`time_scale: 0`). No sockets, no HTTP server, no HTTP client: what is left is the
+app, `Relay.handle` and the metering, plus the simulator's answer (the same before and
+after a change). The figure is the best of `--rounds` rounds of `--requests` requests, in
+CPU time of this process (all threads, so the ledger writer's included): other load on the
+machine matters little, which makes it the figure to compare commits by.
+
+`--parts` times, in isolation (`timeit`), the pieces issue 16's request-path work replaced:
+a JSON answer with the relay's fourteen headers through Litestar's `Response` and
+`ASGIResponse` against `gateway.answers.JSONAnswer` (the same header bytes, checked), and
+a request id from `uuid.uuid4()` against `new_request_id()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import sys
+import tempfile
+import time
+import timeit
+import uuid
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from litestar import Response  # noqa: E402
+
+from gateway.answers import JSONAnswer  # noqa: E402
+from gateway.app import Gateway, create_app  # noqa: E402
+from gateway.auth import hash_key  # noqa: E402
+from gateway.config import parse_settings  # noqa: E402
+from gateway.relay import new_request_id  # noqa: E402
+
+KEY = "sk-bench-relay-path-0000"
+BODY = (
+    b'{"model":"bench","max_tokens":64,"messages":[{"role":"system","content":"Be brief."},'
+    b'{"role":"user","content":"Say hello in five words."}]}'
+)
+
+
+def settings_for(tokenizers: Path, workdir: Path) -> Any:
+    return parse_settings(
+        {
+            "tokenizers": {"dir": str(tokenizers)},
+            "metrics": {"port": None},
+            "providers": [{"name": "sim", "type": "simulated", "time_scale": 0}],
+            "models": [{"name": "bench", "deployments": [{"provider": "sim", "model": "m"}]}],
+            "pricing": {
+                "currency": "USD",
+                "models": {
+                    "bench": [
+                        {"effective_from": "2020-01-01", "prices": {"input": "1", "output": "1"}}
+                    ]
+                },
+            },
+            "ledger": {"url": f"sqlite+aiosqlite:///{workdir / 'ledger.db'}", "url_env": None},
+            "tenants": [
+                {
+                    "id": "bench",
+                    "keys": [{"id": "bench-key", "hash": hash_key(KEY)}],
+                    "limits": {"rpm": 10**9, "tpm": 10**12},
+                }
+            ],
+        }
+    )
+
+
+def _scope() -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"127.0.0.1:8080"),
+            (b"authorization", b"Bearer " + KEY.encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(BODY)).encode()),
+        ],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8080),
+        "state": {},
+    }
+
+
+async def one(app: Any) -> int:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": BODY, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(_scope(), receive, send)
+    return int(sent[0]["status"])
+
+
+async def run(app: Any, requests: int, concurrency: int) -> None:
+    for _ in range(requests // concurrency):
+        statuses = await asyncio.gather(*(one(app) for _ in range(concurrency)))
+        assert all(status == 200 for status in statuses), statuses
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = settings_for(args.tokenizers, Path(tmp))
+        gateway = Gateway(settings)
+        app = create_app(settings, gateway=gateway)
+        async with gateway.serving():
+            await run(app, args.concurrency * 4, args.concurrency)  # warm up
+            best = float("inf")
+            for _ in range(args.rounds):
+                started = time.process_time()
+                await run(app, args.requests, args.concurrency)
+                await asyncio.sleep(0.05)  # let the ledger writer catch up inside the round
+                spent = time.process_time() - started
+                best = min(best, spent / (args.requests // args.concurrency * args.concurrency))
+            print(f"request path, JSON, concurrency {args.concurrency}: {best * 1e6:.1f} µs CPU")
+            if args.profile:
+                profile = cProfile.Profile()
+                profile.enable()
+                await run(app, args.requests, args.concurrency)
+                profile.disable()
+                pstats.Stats(profile).sort_stats("tottime").print_stats(40)
+
+
+#: The headers of a metered JSON answer: the request id, six rate-limit and six cost headers.
+ANSWER_HEADERS = {
+    "x-request-id": "req_0123456789abcdef0123456789abcdef",
+    **{
+        f"x-ratelimit-{name}": "1000000"
+        for name in (
+            "limit-requests",
+            "remaining-requests",
+            "reset-requests",
+            "limit-tokens",
+            "remaining-tokens",
+            "reset-tokens",
+        )
+    },
+    "x-maas-cost": "0.000012",
+    "x-maas-currency": "USD",
+    "x-maas-prompt-tokens": "20",
+    "x-maas-cached-tokens": "0",
+    "x-maas-completion-tokens": "64",
+    "x-maas-price-version": "bench@2020-01-01",
+}
+
+
+def _wire_headers(response_class: type[Response[Any]]) -> list[tuple[bytes, bytes]]:
+    response = response_class(
+        b'{"object":"chat.completion"}', media_type="application/json", headers=dict(ANSWER_HEADERS)
+    )
+    no_request: Any = None  # neither response reads the request for a body of bytes
+    asgi = response.to_asgi_response(
+        None, no_request, headers={}, cookies=[], media_type="application/json", status_code=200
+    )
+    return asgi.encode_headers()
+
+
+def parts() -> None:
+    """Time the replaced pieces one by one (best of 7 runs of 20,000 calls)."""
+    assert _wire_headers(Response) == _wire_headers(JSONAnswer)
+    pieces = (
+        ("answer: Response + ASGIResponse", lambda: _wire_headers(Response)),
+        ("answer: JSONAnswer", lambda: _wire_headers(JSONAnswer)),
+        ("request id: uuid.uuid4()", lambda: "req_" + uuid.uuid4().hex),
+        ("request id: new_request_id()", new_request_id),
+    )
+    for name, piece in pieces:
+        best = min(timeit.repeat(piece, number=20000, repeat=7)) / 20000
+        print(f"{name:34s}{best * 1e6:6.2f} µs")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizers", type=Path, required=True, help="tokenizer directory")
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of one round")
+    parser.add_argument("--parts", action="store_true", help="time the replaced pieces only")
+    args = parser.parse_args()
+    if args.parts:
+        parts()
+        return
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
