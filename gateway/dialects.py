@@ -20,7 +20,7 @@ from litestar import Request, Response
 from gateway.errors import ApiError
 
 if TYPE_CHECKING:
-    from gateway.relay import Admitted, Authenticated, Bill
+    from gateway.steps import Admitted, Authenticated, Bill
 
 _decode = msgspec.json.decode
 

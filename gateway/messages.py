@@ -36,19 +36,10 @@ from gateway.errors import (
     model_not_found,
     server_error,
 )
-from gateway.relay import (
-    Admitted,
-    Authenticated,
-    Bill,
-    Outcome,
-    Routed,
-    Step,
-    authenticate,
-    new_request_id,
-    record_usage,
-)
+from gateway.relay import authenticate, new_request_id, record_usage
 from gateway.routing import UnknownModel
 from gateway.schemas import ChatRequest, ModelName, Probability, decode_object, validate
+from gateway.steps import Admitted, Authenticated, Bill, Outcome, Routed, Step
 
 if TYPE_CHECKING:
     from gateway.lifespan import Gateway

@@ -27,7 +27,7 @@ from msgspec import Meta, Struct
 
 from gateway.dialects import relayed_chunks, sse_event
 from gateway.errors import ApiError, invalid_request
-from gateway.relay import Admitted, Authenticated, Bill, error_response, new_request_id
+from gateway.relay import error_response, new_request_id
 from gateway.response_store import ResponseStore
 from gateway.schemas import (
     ChatRequest,
@@ -37,6 +37,7 @@ from gateway.schemas import (
     decode_object,
     validate,
 )
+from gateway.steps import Admitted, Authenticated, Bill
 
 if TYPE_CHECKING:
     from gateway.lifespan import Gateway
