@@ -57,6 +57,16 @@ class Dialect(Protocol):
         """An error answer in the API's own shape, with the rate-limit headers given."""
 
 
+async def translated(
+    sse: AsyncIterator[bytes],
+    events: Callable[[AsyncIterator[dict[str, Any]]], AsyncGenerator[bytes, None]],
+) -> AsyncIterator[bytes]:
+    """A dialect's event stream: `events` run over the relay's chunks, both closed on exit."""
+    async with relayed_chunks(sse) as chunks, contextlib.aclosing(events(chunks)) as out:
+        async for piece in out:
+            yield piece
+
+
 @contextlib.asynccontextmanager
 async def relayed_chunks(
     sse: AsyncIterator[bytes],

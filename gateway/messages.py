@@ -18,7 +18,6 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import aclosing
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
@@ -28,7 +27,7 @@ from litestar.handlers import HTTPRouteHandler
 from msgspec import Meta, Struct
 
 from billing.usage import Usage
-from gateway.dialects import bearer_of, relayed_chunks, sse_event
+from gateway.dialects import bearer_of, sse_event, translated
 from gateway.errors import (
     ApiError,
     body_too_large,
@@ -200,15 +199,10 @@ class MessagesDialect:
             "usage": _usage(bill),
         }
 
-    async def stream(
+    def stream(
         self, sse: AsyncIterator[bytes], admitted: Admitted, bill: Callable[[], Bill]
     ) -> AsyncIterator[bytes]:
-        async with (
-            relayed_chunks(sse) as chunks,
-            aclosing(self._events(chunks, admitted, bill)) as events,
-        ):
-            async for piece in events:
-                yield piece
+        return translated(sse, lambda chunks: self._events(chunks, admitted, bill))
 
     async def _events(
         self, chunks: AsyncIterator[dict[str, Any]], admitted: Admitted, bill: Callable[[], Bill]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import aclosing
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
@@ -25,7 +24,7 @@ from litestar import Request, Response, delete, get, post
 from litestar.handlers import HTTPRouteHandler
 from msgspec import Meta, Struct
 
-from gateway.dialects import relayed_chunks, sse_event
+from gateway.dialects import sse_event, translated
 from gateway.errors import ApiError, invalid_request
 from gateway.relay import error_response, new_request_id
 from gateway.response_store import ResponseStore
@@ -169,15 +168,10 @@ class ResponsesDialect:
         await self._store(admitted, response, message)
         return response
 
-    async def stream(
+    def stream(
         self, sse: AsyncIterator[bytes], admitted: Admitted, bill: Callable[[], Bill]
     ) -> AsyncIterator[bytes]:
-        async with (
-            relayed_chunks(sse) as chunks,
-            aclosing(self._events(chunks, admitted, bill)) as events,
-        ):
-            async for piece in events:
-                yield piece
+        return translated(sse, lambda chunks: self._events(chunks, admitted, bill))
 
     async def _events(
         self, chunks: AsyncIterator[dict[str, Any]], admitted: Admitted, bill: Callable[[], Bill]
