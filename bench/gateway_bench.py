@@ -696,7 +696,8 @@ class Bench:
                 f"profile: py-spy for {self.args.profile} s, {self.args.profile_kind} at "
                 f"concurrency {self.args.profile_concurrency}:"
             )
-            self.run_profile(gw_target, gw.pid)
+            profiled = bare_target if self.args.profile_target == "bare" else gw_target
+            self.run_profile(profiled, profiled.pid or 0)
 
         if self.args.profile_only or self.args.no_paced:
             self.procs.stop(gw)
@@ -928,6 +929,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=int, default=0, help="py-spy seconds (0: none)")
     parser.add_argument("--profile-concurrency", type=int, default=64, help="wrk connections")
     parser.add_argument("--profile-kind", choices=KINDS, default="json")
+    parser.add_argument(
+        "--profile-target",
+        choices=("gateway", "bare"),
+        default="gateway",
+        help="which proxy py-spy samples (bare: the bare relay, to compare step by step)",
+    )
     parser.add_argument("--targets", help="subset, e.g. bare,gateway (default: all)")
     parser.add_argument("--kinds", help="subset of json,stream (default: both)")
     parser.add_argument("--concurrency", help="subset, e.g. 64 (default: 1,16,64)")

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
-from litestar.response import Stream
 
 from billing.compute_cost import ComputeCosts
 from billing.ids import new_request_id
@@ -44,7 +43,7 @@ from billing.quota import (
 )
 from billing.record import GATEWAY_DIED, GATEWAY_DIED_STATUS, UsageRecord
 from billing.usage import Usage
-from gateway.answers import JSONAnswer
+from gateway.answers import JSONAnswer, StreamAnswer
 from gateway.auth import Directory
 from gateway.errors import (
     ApiError,
@@ -368,10 +367,9 @@ class Relay:
                 log.exception("request %s failed", request_id)
                 return edge.error_response(server_error(request_id), request_id)
             s.ledger.journal_admitted()  # before the caller can see this request's id
-            return Stream(
-                dialect.stream(sse, admitted, progress.bill) if dialect else sse,
-                media_type="text/event-stream",
-                headers={**headers, "cache-control": "no-cache"},
+            headers["cache-control"] = "no-cache"
+            return StreamAnswer(
+                dialect.stream(sse, admitted, progress.bill) if dialect else sse, headers=headers
             )
         result = response.body or {}
         reported = response.usage

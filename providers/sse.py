@@ -24,10 +24,13 @@ Most upstreams send `data: {json}\\n\\n` events; those take one `bytes.find` and
 
 from __future__ import annotations
 
+from typing import cast
+
 __all__ = ["Event", "SSEDecoder"]
 
 _BOM = b"\xef\xbb\xbf"
 _MESSAGE = b""  # the default event type ("message")
+_BETWEEN = b"\n\ndata: "  # the end of one plain event and the start of the next
 
 
 Event = bytes | tuple[bytes, bytes]
@@ -85,9 +88,17 @@ class SSEDecoder:
         if end + 2 == len(buffer) and buffer.find(b"\n") == end and buffer.startswith(b"data: "):
             self._buffer = b""  # one plain event, the most common read of a live stream
             return [buffer[6:end]] if end > 6 else _NOTHING
-        # A read of plain one-line `data: ` events (the common case) is split at C speed.
+        # A read of plain one-line `data: ` events (the common case) is split at C speed:
+        # when every line end in it belongs to a `\n\ndata: ` between two events, a split
+        # at those is the events' data.
         last = buffer.rfind(b"\n\n")
-        blocks = buffer[:last].split(b"\n\n")
+        head = buffer[:last]
+        if head.startswith(b"data: "):
+            datas = cast(list[Event], head[6:].split(_BETWEEN))
+            if head.count(b"\n") == 2 * len(datas) - 2:
+                self._buffer = buffer[last + 2 :]
+                return [data for data in datas if data] if b"" in datas else datas
+        blocks = head.split(b"\n\n")
         datas = [b[6:] for b in blocks if b[:6] == b"data: " and b"\n" not in b]
         if len(datas) == len(blocks):
             self._buffer = buffer[last + 2 :]

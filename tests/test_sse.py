@@ -109,3 +109,35 @@ def test_only_a_leading_bom_is_skipped() -> None:
     assert events == [b"1"]
     events, _ = feed_all([b"data: 1\n\n\xef\xbb\xbfdata: 2\n\n"])
     assert events == [b"1"]  # a BOM later is part of a field name: ignored
+
+
+BLOCKS = [
+    b'data: {"a":1}\n\n',
+    b"data: \n\n",  # empty data: not dispatched
+    b"data: [DONE]\n\n",
+    b"\n\n",  # extra blank lines
+    b'event: error\ndata: {"error":"x"}\n\n',
+    b'data: {\n"a":1}\n\n',  # the second line is a field named `"a"`: the data is `{`
+    b"data: one\ndata: two\n\n",
+    b": comment\n\n",
+    b"data:tight\n\n",
+    b"data: data: nested\n\n",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(picks=st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=12))
+def test_a_read_of_many_events_parses_as_the_events_one_byte_at_a_time(
+    picks: list[bytes],
+) -> None:
+    """The one-read fast path for plain `data: ` events gives what the line-by-line rules
+    give, whatever else is mixed in the read."""
+    data = b'data: {"first":0}\n\n' + b"".join(picks)
+    whole, _ = feed_all([data])
+    bytewise, _ = feed_all([data[i : i + 1] for i in range(len(data))])
+    assert whole == bytewise
+
+
+def test_a_line_end_inside_an_event_is_not_taken_for_one_event() -> None:
+    events, _ = feed_all([b'data: {"first":0}\n\ndata: {\n"a":1}\n\nevent: error\ndata: e\n\n'])
+    assert events == [b'{"first":0}', b"{", (b"error", b"e")]
