@@ -542,6 +542,9 @@ class Relay:
         # A chunk naming the upstream model in compact JSON gets the public name spliced in.
         named = b'"model":' + _encode(upstream)
         renamed = b'"model":' + _encode(public)
+        # What splicing the name in adds to each chunk (None: nothing to splice); when it
+        # changes the length, the length of the result counts the chunks that named it.
+        rename = None if named == renamed else len(renamed) - len(named)
         usage_chunk: bytes | None = None
         usage_seen: dict[str, Any] | None = None
         carried: list[bytes] = []
@@ -562,14 +565,20 @@ class Relay:
                     tail: list[bytes] = raws
                     if n:
                         head = raws if n == len(raws) else raws[:n]
-                        sse = b"data: " + b"\n\ndata: ".join(head) + b"\n\n"
+                        flat = b"".join(head)
                         if (
-                            b'"usage"' not in sse
-                            and sse.count(b"\n") == 2 * n
-                            and sse.count(b'"choices":[{') == n
+                            b"\n" not in flat  # a memchr, where a count would scan it all
+                            and b'"usage"' not in flat
+                            and flat.count(b'"choices":[{') == n
                         ):
-                            if sse.count(renamed) == n:
-                                out.append(sse)
+                            sse = b"data: " + b"\n\ndata: ".join(head) + b"\n\n"
+                            if rename is None:  # the upstream's name is the public one
+                                if sse.count(renamed) == n:
+                                    out.append(sse)
+                            elif rename:  # each chunk named the model once: n splices
+                                spliced = sse.replace(named, renamed)
+                                if len(spliced) - len(sse) == rename * n:
+                                    out.append(spliced)
                             elif sse.count(named) == n:
                                 out.append(sse.replace(named, renamed))
                         if out:
