@@ -199,20 +199,20 @@ class OpenAICompatProvider(Provider):
                     except ValueError:
                         raw, done = plain, False
                 if raw:
-                    # One pass over the whole read checks that every chunk is JSON; only a
-                    # chunk that names usage or an error is decoded here.
+                    # One pass over the whole read checks that every chunk is JSON and
+                    # finds the chunks that name usage or an error; only those are decoded.
                     joined = b"[" + b",".join(raw) + b"]"
-                    _check_json(joined)
+                    facts = _facts_of(joined)
                     views: list[ChunkView] | None = None
-                    if b'"error"' in joined:
+                    if facts is None or any(f.error is not _UNSET for f in facts):
                         views = _decode_views(joined)
                         for at, view in enumerate(views):
-                            if view.error is not msgspec.UNSET and view.choices is None:
+                            if view.error is not _UNSET and view.choices is None:
                                 failed = raw[at]
                                 raw, views = raw[:at], views[:at]
                                 break
                     if raw:
-                        usage = _usage_of(raw) if b'"usage"' in joined else None
+                        usage = _usage_of(raw, facts)
                         last = raw[-1]
                         yield Chunks(raw, usage, views, done and failed is None)
                 if failed is not None:
@@ -265,11 +265,41 @@ def _payloads(events: list[Event]) -> tuple[list[bytes], bool, bytes | None]:
     return raw, False, None
 
 
-def _usage_of(raw: list[bytes]) -> TokenUsage | None:
-    """The usage the last chunk reporting one says."""
-    for payload in reversed(raw):
-        if b'"usage"' in payload:
-            usage = _view(payload).usage
+class _Facts(msgspec.Struct, gc=False):
+    """What one pass over a read takes of each chunk: its `usage` and `error`, undecoded."""
+
+    usage: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    error: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
+_decode_facts = msgspec.json.Decoder(list[_Facts]).decode
+_decode_usage = msgspec.json.Decoder(dict[str, Any] | None).decode
+_UNSET: Any = msgspec.UNSET
+
+
+def _facts_of(joined: bytes) -> list[_Facts] | None:
+    """The facts of each chunk of a read (`joined`, a JSON array of them); None when a chunk
+    is JSON but not an object. Raises `msgspec.DecodeError` when one is not JSON."""
+    try:
+        return _decode_facts(joined)
+    except msgspec.ValidationError:  # valid JSON perhaps, but not all objects
+        _check_json(joined)
+        return None
+
+
+def _usage_of(raw: list[bytes], facts: list[_Facts] | None) -> TokenUsage | None:
+    """The usage the last chunk reporting one says (of the first `len(raw)` chunks)."""
+    if facts is None:
+        for payload in reversed(raw):
+            if b'"usage"' in payload:
+                usage = _view(payload).usage
+                if usage:
+                    return TokenUsage.from_openai(usage)
+        return None
+    for at in range(len(raw) - 1, -1, -1):
+        reported = facts[at].usage
+        if isinstance(reported, msgspec.Raw):
+            usage = _decode_usage(reported)
             if usage:
                 return TokenUsage.from_openai(usage)
     return None
