@@ -13,6 +13,11 @@ divides the gateway's figures by.
 
 A request whose body asks for `"stream": true` goes to `--stream-url` and is relayed as a
 stream; any other goes to `--json-url` and is relayed as one body.
+
+`--answers gateway` sends the answers with the gateway's own response classes
+(`gateway.answers.JSONAnswer` and `StreamAnswer`) instead of Litestar's `Response` and
+`Stream`: the floor of the gateway's stack as it is now, to tell what the gateway saves on
+its answers from what its metering costs.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.response import Stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gateway.answers import JSONAnswer, StreamAnswer
 from providers.openai_compat import CookielessAsyncClient  # the gateway provider's client
 
 _STREAM_MARKERS = (b'"stream":true', b'"stream": true')
@@ -41,8 +47,12 @@ def wants_stream(body: bytes) -> bool:
     return any(marker in body for marker in _STREAM_MARKERS)
 
 
-def create_bare_relay(json_url: str, stream_url: str, max_connections: int = 512) -> Litestar:
-    """A Litestar app relaying `POST /v1/chat/completions` to the upstream, unmetered."""
+def create_bare_relay(
+    json_url: str, stream_url: str, max_connections: int = 512, answers: str = "litestar"
+) -> Litestar:
+    """A Litestar app relaying `POST /v1/chat/completions` to the upstream, unmetered;
+    `answers="gateway"` answers with the gateway's `JSONAnswer` and `StreamAnswer`."""
+    lean = answers == "gateway"
     state: dict[str, httpx.AsyncClient] = {}
     urls = {False: httpx.URL(json_url), True: httpx.URL(stream_url)}  # parsed once
 
@@ -70,6 +80,8 @@ def create_bare_relay(json_url: str, stream_url: str, max_connections: int = 512
         upstream = client.build_request("POST", urls[stream], content=raw)
         answer = await client.send(upstream, stream=stream)
         if not stream:
+            if lean:
+                return JSONAnswer(answer.content, status_code=answer.status_code, headers={})
             return Response(
                 answer.content, status_code=answer.status_code, media_type="application/json"
             )
@@ -81,6 +93,8 @@ def create_bare_relay(json_url: str, stream_url: str, max_connections: int = 512
             finally:
                 await answer.aclose()
 
+        if lean and answer.status_code == 200:
+            return StreamAnswer(relay(), headers={"cache-control": "no-cache"})
         return Stream(
             relay(),
             status_code=answer.status_code,
@@ -106,9 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--json-url", required=True, help="upstream URL for JSON requests")
     parser.add_argument("--stream-url", required=True, help="upstream URL for stream requests")
+    parser.add_argument(
+        "--answers",
+        choices=("litestar", "gateway"),
+        default="litestar",
+        help="answer with Litestar's Response and Stream, or the gateway's JSONAnswer and "
+        "StreamAnswer (default: litestar)",
+    )
     args = parser.parse_args(argv)
     uvicorn.run(
-        create_bare_relay(args.json_url, args.stream_url),
+        create_bare_relay(args.json_url, args.stream_url, answers=args.answers),
         host=args.host,
         port=args.port,
         loop="uvloop",

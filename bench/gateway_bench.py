@@ -344,6 +344,7 @@ class Bench:
         port = free_port()
         command = [sys.executable, str(BENCH_DIR / "bare_relay.py"), "--port", str(port)]
         command += ["--json-url", json_url, "--stream-url", stream_url]
+        command += ["--answers", self.args.bare_answers]
         process = self.procs.start("bare", pinned(self.proxy_core, command))
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/healthz", process)
@@ -934,6 +935,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=("gateway", "bare"),
         default="gateway",
         help="which proxy py-spy samples (bare: the bare relay, to compare step by step)",
+    )
+    parser.add_argument(
+        "--bare-answers",
+        choices=("litestar", "gateway"),
+        default="litestar",
+        help="the bare relay answers with Litestar's Response and Stream (the baseline), "
+        "or with the gateway's JSONAnswer and StreamAnswer",
     )
     parser.add_argument("--targets", help="subset, e.g. bare,gateway (default: all)")
     parser.add_argument("--kinds", help="subset of json,stream (default: both)")
