@@ -507,19 +507,36 @@ class Bench:
             self.notes.append(f"{target.name} {kind} c={concurrency}: {result.errors} errors")
 
     def run_paced(
-        self, name: str, url: str, model: str, headers: dict[str, str], herd: bool = False
+        self,
+        name: str,
+        url: str,
+        model: str,
+        headers: dict[str, str],
+        herd: bool = False,
+        pid: int | None = None,
     ) -> None:
         """64 concurrent paced streams: started evenly over one stream's length (a steady
-        load, the target), or all at once (`herd`, shown for information)."""
+        load, the target), or all at once (`herd`, shown for information). With the
+        proxy's `pid`, its CPU per stream too: each chunk is then its own upstream read and
+        its own write to the client, as at a real model's pace."""
         body = self.tmp / f"paced-{model}.json"
         body.write_text(request_body(model, True))
         stagger = 0.0 if herd else PACED_STREAM_S
         name = f"{name} (herd)" if herd else name
         command = [sys.executable, str(BENCH_DIR / "loadgen.py"), "paced", "--url", url]
-        command += ["--body-file", str(body), "--concurrency", "64", "--stagger-s", str(stagger)]
+        concurrency = str(self.args.paced_concurrency)
+        command += [
+            "--body-file",
+            str(body),
+            "--concurrency",
+            concurrency,
+            "--stagger-s",
+            str(stagger),
+        ]
         command += ["--streams-per-worker", str(self.args.paced_streams), "--deadline-s", "120"]
         for key, value in headers.items():
             command += ["--header", f"{key}:{value}"]
+        cpu0 = cpu_seconds(pid) if pid else None
         done = subprocess.run(
             pinned(self.load_core, command),
             capture_output=True,
@@ -528,15 +545,23 @@ class Bench:
             check=False,
             cwd=PROJECT_ROOT,
         )
+        cpu = cpu_seconds(pid) - cpu0 if pid and cpu0 is not None else None
         for line in done.stdout.splitlines():
             if line.startswith("PACED_RESULT "):
                 result = json.loads(line[len("PACED_RESULT ") :])
+                if cpu is not None and result["streams"]:
+                    result["cpu_us_per_stream"] = cpu / result["streams"] * 1e6
                 self.paced_runs.setdefault(name, []).append(result)
                 print(
                     f"  {name:14} streams {result['streams']:4}  "
                     f"TTFT p50 {result['ttft_p50_ms']:6.2f} p99 {result['ttft_p99_ms']:6.2f} ms  "
                     f"gap p50 {result['gap_p50_ms']:6.2f} p99 {result['gap_p99_ms']:6.2f} ms  "
-                    f"errors {result['errors']}",
+                    f"errors {result['errors']}"
+                    + (
+                        f", {result['cpu_us_per_stream']:.0f} µs CPU/stream"
+                        if "cpu_us_per_stream" in result
+                        else ""
+                    ),
                     flush=True,
                 )
                 if result["errors"]:
@@ -668,7 +693,7 @@ class Bench:
             "upstream-stream",
             pid=bare.pid,
         )
-        paced_bare_url, _ = self.start_bare(sim_chat, sim_chat)
+        paced_bare_url, paced_bare = self.start_bare(sim_chat, sim_chat)
         gw_url, gw = self.start_gateway(self.gateway_config(nginx, redis_url, simulator))
         auth = {"Authorization": f"Bearer {API_KEY}"}
         gw_target = Target(
@@ -703,14 +728,17 @@ class Bench:
         if self.args.profile_only or self.args.no_paced:
             self.procs.stop(gw)
             return
-        print("paced upstream (simulator, 20 ms between chunks), 64 concurrent streams:")
+        print(
+            "paced upstream (simulator, 20 ms between chunks), "
+            f"{self.args.paced_concurrency} concurrent streams:"
+        )
         for herd in (False, True):
             for _ in range(self.args.repeat):
                 self.run_paced("direct", sim_chat, "sim-paced", {}, herd)
                 bare_chat = paced_bare_url + "/v1/chat/completions"
-                self.run_paced("bare relay", bare_chat, "sim-paced", {}, herd)
+                self.run_paced("bare relay", bare_chat, "sim-paced", {}, herd, paced_bare.pid)
                 self.run_paced(
-                    "gateway", gw_url + "/v1/chat/completions", "bench-paced", auth, herd
+                    "gateway", gw_url + "/v1/chat/completions", "bench-paced", auth, herd, gw.pid
                 )
         if self.args.soak_seconds > 0:
             print("memory soak (gateway, alternating JSON and stream requests):", flush=True)
@@ -748,8 +776,9 @@ def best_paced(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not runs:
         return None
     best = dict(runs[0])
-    for key in ("ttft_p50_ms", "ttft_p99_ms", "gap_p50_ms", "gap_p99_ms"):
-        best[key] = min(r[key] for r in runs)
+    for key in ("ttft_p50_ms", "ttft_p99_ms", "gap_p50_ms", "gap_p99_ms", "cpu_us_per_stream"):
+        if all(key in r for r in runs):
+            best[key] = min(r[key] for r in runs)
     best["streams"] = sum(r["streams"] for r in runs)
     best["errors"] = sum(r["errors"] for r in runs)
     return best
@@ -789,7 +818,7 @@ def report(bench: Bench) -> list[tuple[str, str, str, bool | None]]:
         if base is None:
             continue
         print(
-            "paced, 64 streams"
+            f"paced, {bench.args.paced_concurrency} streams"
             + (" started at once" if suffix else ", steady")
             + "   TTFT p50  TTFT p99   gap p50   gap p99  (ms; added vs direct)"
         )
@@ -804,11 +833,25 @@ def report(bench: Bench) -> list[tuple[str, str, str, bool | None]]:
                     f"+{r['ttft_p99_ms'] - base['ttft_p99_ms']:.2f} TTFT, "
                     f"+{r['gap_p99_ms'] - base['gap_p99_ms']:.2f} gap p99)"
                 )
+            cpu = r.get("cpu_us_per_stream")
             print(
                 f"  {name:16} {r['ttft_p50_ms']:8.2f}  {r['ttft_p99_ms']:8.2f}  "
                 f"{r['gap_p50_ms']:8.2f}  {r['gap_p99_ms']:8.2f}{added}"
+                + (f"  {cpu:.0f} µs CPU/stream" if cpu is not None else "")
             )
         print()
+    paced_cpu = {
+        n: (paced.get(n) or {}).get("cpu_us_per_stream") for n in ("bare relay", "gateway")
+    }
+    for name, cpu in paced_cpu.items():
+        one = _point(points, name, "json", 64)
+        json_cpu = one.cpu_us_per_request if one is not None else None
+        if cpu is not None and json_cpu is not None:
+            print(
+                f"paced {name}: {(cpu - json_cpu) / CHUNKS:.1f} µs CPU per further chunk "
+                f"(({cpu:.0f} µs per paced stream - {json_cpu:.0f} per JSON request at "
+                f"concurrency 64) / {CHUNKS}), each chunk its own read and write"
+            )
 
     checks: list[tuple[str, str, str, bool | None]] = []
 
@@ -853,7 +896,7 @@ def report(bench: Bench) -> list[tuple[str, str, str, bool | None]]:
     if gws16 and bares16:
         _per_cpu_s(checks, "  (streams per CPU-second, conc. 16)", gws16, bares16)
     gw_paced = paced.get("gateway")
-    if direct and gw_paced:
+    if direct and gw_paced and bench.args.paced_concurrency == 64:  # the targets' load
         ttft = gw_paced["ttft_p99_ms"] - direct["ttft_p99_ms"]
         gap = gw_paced["gap_p99_ms"] - direct["gap_p99_ms"]
         add_check("paced added TTFT p99, 64 streams", ttft, "< 3 ms", ttft < 3, "ms")
@@ -926,6 +969,12 @@ def main(argv: list[str] | None = None) -> int:
         "--repeat", type=int, default=3, help="runs per point, best kept (default 3)"
     )
     parser.add_argument("--paced-streams", type=int, default=6, help="streams per paced worker")
+    parser.add_argument(
+        "--paced-concurrency",
+        type=int,
+        default=64,
+        help="concurrent paced streams (default 64; the paced targets are for 64)",
+    )
     parser.add_argument("--soak-seconds", type=int, default=0, help="memory soak (0: none)")
     parser.add_argument("--profile", type=int, default=0, help="py-spy seconds (0: none)")
     parser.add_argument("--profile-concurrency", type=int, default=64, help="wrk connections")

@@ -193,11 +193,8 @@ class OpenAICompatProvider(Provider):
                     raw, done, failed = _payloads(events)
                 else:
                     plain = cast(list[bytes], events)  # no typed event: all are data
-                    try:
-                        end = plain.index(b"[DONE]")
-                        raw, done = plain[:end], True
-                    except ValueError:
-                        raw, done = plain, False
+                    done = b"[DONE]" in plain  # no exception raised for the reads without it
+                    raw = plain[: plain.index(b"[DONE]")] if done else plain
                 if raw:
                     # One pass over the whole read checks that every chunk is JSON and
                     # finds the chunks that name usage or an error; only those are decoded.
