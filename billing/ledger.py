@@ -418,7 +418,7 @@ class SqliteWriter:
             batch = [row for row in batch if row[0] not in existing]
             if not batch:
                 return 0
-        for chunk in _statement_sized(batch, _SQLITE_ENTRY_ROWS):
+        for chunk in _chunks(batch, _SQLITE_ENTRY_ROWS):
             params = tuple(
                 itertools.chain.from_iterable(
                     (row[0], _sqlite_time(row[1]), *row[2:]) for row in chunk
@@ -430,7 +430,7 @@ class SqliteWriter:
                     raise _DuplicatesInBatch
                 raise RuntimeError("ledger rows appeared during a write; it will be retried")
         deltas = rollup_deltas(batch)
-        for chunk in _statement_sized(deltas, _SQLITE_MAX_VARIABLES // len(ROLLUP_COLUMNS)):
+        for chunk in _chunks(deltas, _SQLITE_MAX_VARIABLES // len(ROLLUP_COLUMNS)):
             params = tuple(itertools.chain.from_iterable(chunk))
             connection.execute(_sqlite_rollups_sql(len(chunk)), params)
         return len(batch)
@@ -448,19 +448,6 @@ def merge_replayed(records: Iterable[UsageRecord]) -> list[UsageRecord]:
         if seen is None or seen.error_type == GATEWAY_DIED or rec.error_type != GATEWAY_DIED:
             merged[rec.request_id] = rec
     return list(merged.values())
-
-
-def _statement_sized(rows: list[Any], most: int) -> Iterable[list[Any]]:
-    """`rows` in chunks of a few fixed sizes (powers of two, at most `most` rows, `most`
-    being one too), so that SQLite's statement cache keeps the handful of multi-row
-    statements they need: a batch of any other size would be a new statement, parsed and
-    planned for that batch alone (about 3 µs a row at a few hundred rows)."""
-    start, left = 0, len(rows)
-    while left:
-        size = most if left >= most else 1 << (left.bit_length() - 1)
-        yield rows[start : start + size]
-        start += size
-        left -= size
 
 
 def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
