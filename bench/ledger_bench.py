@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
+import random
 import shutil
 import sqlite3
 import statistics
@@ -385,16 +387,20 @@ def _io_bytes() -> tuple[int, int]:
 
 
 async def write_cost(
-    url: str, batches: int, batch_size: int, ids: str
+    url: str, batches: int, batch_size: int, ids: str, varied: bool = False
 ) -> tuple[float, float, float, float]:
     """The real writer's cost per request: wall µs, this process's CPU µs, and bytes this
     process read and wrote through system calls (SQLite's page reads, WAL, checkpoints);
     on PostgreSQL, 0 and the bytes of WAL the server generated (full-page images included).
 
     `batches` batches of `batch_size` new records go through the writer `Ledger` uses
-    (`SqliteWriter` or `write_entries_postgres`), one transaction each, with rollups.
+    (`SqliteWriter` or `write_entries_postgres`), one transaction each, with rollups;
+    `varied`: batches of 50 to 250 records instead (a fixed random sequence), as a gateway's
+    flushes are at a few thousand requests a second.
     """
-    records = live_records(batches * batch_size, ids)
+    rng = random.Random(7)
+    sizes = [rng.randint(50, 250) if varied else batch_size for _ in range(batches)]
+    records = live_records(sum(sizes), ids)
     db_file = sqlite_file(url)
     writer = SqliteWriter(db_file) if db_file is not None else None
     engine = None if writer is not None else create_ledger_engine(url)
@@ -404,8 +410,9 @@ async def write_cost(
             written_before = await _wal_position(engine)
         wall = time.perf_counter()
         cpu = time.process_time()
-        for start in range(0, len(records), batch_size):
-            batch = records[start : start + batch_size]
+        starts = itertools.accumulate(sizes, initial=0)
+        for start, size in zip(starts, sizes, strict=False):
+            batch = records[start : start + size]
             if writer is not None:
                 written = await writer.write(batch)
             else:
@@ -551,7 +558,9 @@ async def bench_scale(args: argparse.Namespace, workdir: Path) -> None:
         before = await ledger_size(url)
         walls, cpus, reads, writes = [], [], [], []
         for _ in range(args.write_repeat):
-            wall, cpu, read, written = await write_cost(url, args.write_batches, 1000, args.ids)
+            wall, cpu, read, written = await write_cost(
+                url, args.write_batches, 1000, args.ids, args.varied_batches
+            )
             walls.append(wall)
             cpus.append(cpu)
             reads.append(read)
@@ -569,7 +578,9 @@ async def bench_scale(args: argparse.Namespace, workdir: Path) -> None:
                 " B written by it per request"
             )
             + f" (runs: {', '.join(f'{w:.1f}' for w in walls)} µs wall;"
-            f" {args.write_batches} batches of 1000 each)"
+            f" {args.write_batches} batches of "
+            + ("50 to 250" if args.varied_batches else "1000")
+            + " each)"
         )
         _print_size("size before the writes", before)
         added = max(1, after["rows"] - before["rows"])
@@ -704,6 +715,11 @@ def main() -> None:
         " memory map and checkpoint interval",
     )
     parser.add_argument("--write-batches", type=int, default=100, help="1000-row batches per run")
+    parser.add_argument(
+        "--varied-batches",
+        action="store_true",
+        help="write batches of 50 to 250 rows (as a gateway flushes) instead of 1000",
+    )
     parser.add_argument("--write-repeat", type=int, default=3, help="write-cost runs per ledger")
     parser.add_argument("--postgres-only", action="store_true", help="--prefill: skip SQLite")
     parser.add_argument("--reuse", action="store_true", help="reuse prefilled SQLite files")

@@ -16,7 +16,11 @@ machine matters little, which makes it the figure to compare commits by.
 `--parts` times, in isolation (`timeit`), the pieces issue 16's request-path work replaced:
 a JSON answer with the relay's fourteen headers through Litestar's `Response` and
 `ASGIResponse` against `gateway.answers.JSONAnswer` (the same header bytes, checked), and
-a request id from `uuid.uuid4()` against `new_request_id()`.
+a request id from `uuid.uuid4()` against `new_request_id()`; a one-read stream answer with
+the same headers through Litestar's `Stream` against `gateway.answers.StreamAnswer` (the
+same messages, checked); and one upstream read of 64 chunks, a usage chunk and `[DONE]`
+(the benchmark's stream) through the SSE parser, then the JSON check as a `list[Raw]`
+decode plus two substring scans against the provider's one pass (`_facts_of`).
 """
 
 from __future__ import annotations
@@ -36,13 +40,17 @@ from typing import Any
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
+import msgspec  # noqa: E402
 from litestar import Response  # noqa: E402
+from litestar.response import Stream  # noqa: E402
 
-from gateway.answers import JSONAnswer  # noqa: E402
+from gateway.answers import JSONAnswer, StreamAnswer  # noqa: E402
 from gateway.app import Gateway, create_app  # noqa: E402
 from gateway.auth import hash_key  # noqa: E402
 from gateway.config import parse_settings  # noqa: E402
 from gateway.relay import new_request_id  # noqa: E402
+from providers.openai_compat import _facts_of  # noqa: E402
+from providers.sse import SSEDecoder  # noqa: E402
 
 KEY = "sk-bench-relay-path-0000"
 BODY = (
@@ -177,18 +185,97 @@ def _wire_headers(response_class: type[Response[Any]]) -> list[tuple[bytes, byte
     return asgi.encode_headers()
 
 
+async def _stream_answer(answer: str, calls: int) -> list[Any]:
+    """Send a one-read stream `calls` times as the relay does; the messages of the last."""
+    sent: list[Any] = []
+    ended: asyncio.Future[None] | None = None
+
+    async def receive() -> dict[str, Any]:  # as uvicorn: `http.disconnect` once complete
+        nonlocal ended
+        ended = asyncio.get_running_loop().create_future()
+        await ended
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message["more_body"]:
+            if ended is not None and not ended.done():
+                ended.set_result(None)
+
+    async def one_read() -> Any:
+        yield b"data: {}\n\n" * 64
+
+    scope: Any = {"type": "http", "method": "POST", "headers": [], "state": {}}
+    request: Any = None  # neither answer reads the request
+    for _ in range(calls):
+        sent.clear()
+        headers = {**ANSWER_HEADERS, "cache-control": "no-cache"}
+        if answer == "litestar":
+            response: Any = Stream(one_read(), media_type="text/event-stream", headers=headers)
+        else:
+            response = StreamAnswer(one_read(), headers=headers)
+        await response.to_asgi_response(None, request)(scope, receive, send)
+    return sent
+
+
+def _timed_stream_answer(answer: str) -> float:
+    """Best of 7 runs of 5,000 stream answers, µs per answer (CPU time)."""
+    best = float("inf")
+    for _ in range(7):
+        started = time.process_time()
+        asyncio.run(_stream_answer(answer, 5000))
+        best = min(best, (time.process_time() - started) / 5000)
+    return best * 1e6
+
+
+def _upstream_read() -> bytes:
+    chunk = (
+        b'{"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1764000000,'
+        b'"model":"upstream-stream","choices":[{"index":0,"delta":{"content":" token"},'
+        b'"finish_reason":null}]}'
+    )
+    usage = (
+        b'{"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1764000000,'
+        b'"model":"upstream-stream","choices":[],"usage":{"prompt_tokens":31,'
+        b'"completion_tokens":64,"total_tokens":95}}'
+    )
+    return b"".join(b"data: " + c + b"\n\n" for c in [chunk] * 64 + [usage, b"[DONE]"])
+
+
+_check = msgspec.json.Decoder(list[msgspec.Raw]).decode
+
+
+def _check_and_scan(joined: bytes) -> tuple[bool, bool]:
+    _check(joined)
+    return b'"error"' in joined, b'"usage"' in joined
+
+
 def parts() -> None:
     """Time the replaced pieces one by one (best of 7 runs of 20,000 calls)."""
     assert _wire_headers(Response) == _wire_headers(JSONAnswer)
+    same = asyncio.run(_stream_answer("litestar", 1)) == asyncio.run(_stream_answer("lean", 1))
+    assert same, "StreamAnswer sent other messages than Stream"
+    read = _upstream_read()
+    events = SSEDecoder().feed(read)
+    assert len(events) == 66
+    joined = b"[" + b",".join(events[:-1]) + b"]"  # type: ignore[arg-type]
     pieces = (
         ("answer: Response + ASGIResponse", lambda: _wire_headers(Response)),
         ("answer: JSONAnswer", lambda: _wire_headers(JSONAnswer)),
         ("request id: uuid.uuid4()", lambda: "req_" + uuid.uuid4().hex),
         ("request id: new_request_id()", new_request_id),
+        ("one read of 66 events: SSEDecoder.feed", lambda: SSEDecoder().feed(read)),
+        ("65 chunks: list[Raw] check + 2 scans", lambda: _check_and_scan(joined)),
+        ("65 chunks: one pass (_facts_of)", lambda: _facts_of(joined)),
     )
     for name, piece in pieces:
         best = min(timeit.repeat(piece, number=20000, repeat=7)) / 20000
-        print(f"{name:34s}{best * 1e6:6.2f} µs")
+        print(f"{name:40s}{best * 1e6:7.2f} µs")
+    for name, answer in (
+        ("stream answer: Stream (task group)", "litestar"),
+        ("stream answer: StreamAnswer", "lean"),
+    ):
+        print(f"{name:40s}{_timed_stream_answer(answer):7.2f} µs")
 
 
 def main() -> None:
