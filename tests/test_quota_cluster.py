@@ -1,6 +1,7 @@
 """The Redis quota store on a real Redis Cluster (three masters, three replicas): one request's
-scripts touch one slot, concurrent spending never overshoots, and a master killed mid-traffic
-fails over to its replica with quick 503s (or fail-open 200s) and recovery by itself.
+scripts touch one slot, concurrent spending never overshoots, a master killed mid-traffic
+fails over to its replica with quick 503s (or fail-open 200s) and recovery by itself, and a
+slot moved to another master (ASK, TRYAGAIN, then MOVED) loses and double-charges nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from billing.quota import (
     Limits,
     QuotaConfig,
     QuotaExceeded,
+    QuotaUnavailable,
     RedisQuotaStore,
     Scope,
     build_quota_store,
@@ -395,3 +397,69 @@ def paid(tenant_id: str, request_id: str) -> AdmitRequest:
         balance_account=tenant_id,
         now=NOW,
     )
+
+
+def _node_id(node: Any) -> str:
+    with node.client() as client:
+        return str(client.execute_command("CLUSTER", "MYID"))
+
+
+def _set_slot(cluster: RedisClusterServers, slot: int, *state: str) -> None:
+    """`CLUSTER SETSLOT slot NODE id` on every master, as `redis-cli --cluster` ends a move."""
+    for port in cluster.masters():
+        with cluster.node_at(port).client() as client:
+            client.execute_command("CLUSTER", "SETSLOT", slot, *state)
+
+
+async def test_a_slot_being_migrated_refuses_quickly_then_follows_moved(
+    redis_cluster: RedisClusterServers, cluster_url: str
+) -> None:
+    """A tenant's slot moves to another master. While it moves, the scripts, which create
+    keys, can run on neither master (Redis answers ASK, then TRYAGAIN after ASKING): an
+    admission is refused as unavailable within the latency bound, charging nothing, and a
+    settle is kept and replayed. Once the move ends the old master answers MOVED, the store
+    asks the slot map again, and every request is charged once: the balance is exact."""
+    from redis.crc import key_slot
+
+    tag = "migrating"
+    slot = key_slot(tag.encode())
+    store = cluster_store(cluster_url)
+    await store.set_balance(tag, 10 * WORST_CASE)
+    first = await store.admit(paid(tag, "before"))
+    await store.settle(first, PROMPT + 10, INPUT_COST + 10 * OUT_PRICE)
+    open_one = await store.admit(paid(tag, "settled-during-the-move"))
+
+    source = redis_cluster.master_of(tag)
+    target = redis_cluster.node_at(next(p for p in redis_cluster.masters() if p != source.port))
+    source_id, target_id = _node_id(source), _node_id(target)
+    with target.client() as client:
+        client.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    with source.client() as client:
+        client.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        keys = client.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+        assert keys, "the tenant's quota keys are in its slot"
+        client.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+        assert client.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0  # ASK now
+
+    started = time.monotonic()
+    with pytest.raises(QuotaUnavailable):
+        await store.admit(paid(tag, "during"))
+    refused_in = time.monotonic() - started
+    assert refused_in < LATENCY_BOUND_S, f"refused after {refused_in:.2f} s"
+    await store.settle(open_one, PROMPT + 20, INPUT_COST + 20 * OUT_PRICE)  # kept for later
+    assert store.pending_settles == 1
+
+    await asyncio.to_thread(_set_slot, redis_cluster, slot, "NODE", target_id)
+    assert redis_cluster.master_of(tag).port == target.port
+    await asyncio.sleep(store.retry_interval_s)
+    after = await store.admit(paid(tag, "after"))  # MOVED, then the kept settle replays
+    await store.settle(after, PROMPT + 30, INPUT_COST + 30 * OUT_PRICE)
+    for _ in range(100):  # the replay runs in the background: up to 5 s
+        if not store.pending_settles:
+            break
+        await asyncio.sleep(0.05)
+    assert store.pending_settles == 0
+
+    spent = 3 * INPUT_COST + 60 * OUT_PRICE  # "during" was refused: it cost nothing
+    assert await store.balance(tag) == 10 * WORST_CASE - spent
+    await store.aclose()
