@@ -177,6 +177,15 @@ class Progress:
         return Bill(self.record, self.reported)
 
 
+def _splice(upstream: str, renamed: bytes) -> tuple[bytes, int | None]:
+    """The compact JSON of `"model":` and the upstream's name, and what splicing the public
+    name (`renamed`) over it adds to a chunk's length (None: the names are the same, there
+    is nothing to splice). When it changes the length, the length of a spliced read counts
+    the chunks that named the model."""
+    named = b'"model":' + _encode(upstream)
+    return named, None if named == renamed else len(renamed) - len(named)
+
+
 def _view_or_none(raw: bytes) -> ChunkView | None:
     try:
         return _view(raw)
@@ -540,11 +549,9 @@ class Relay:
         served = progress.served
         upstream = served.deployment.model if served.deployment is not None else public
         # A chunk naming the upstream model in compact JSON gets the public name spliced in.
-        named = b'"model":' + _encode(upstream)
         renamed = b'"model":' + _encode(public)
-        # What splicing the name in adds to each chunk (None: nothing to splice); when it
-        # changes the length, the length of the result counts the chunks that named it.
-        rename = None if named == renamed else len(renamed) - len(named)
+        named, rename = _splice(upstream, renamed)
+        named_checked = False  # whether a chunk has said the upstream's name for its model
         usage_chunk: bytes | None = None
         usage_seen: dict[str, Any] | None = None
         carried: list[bytes] = []
@@ -555,6 +562,16 @@ class Relay:
                     if read.usage is not None:
                         progress.reported = read.usage
                     raws = read.raw
+                    if not named_checked and raws:
+                        # An upstream may name its model its own way (a dated or tagged
+                        # name): the first chunk that names one says which to splice over.
+                        first = _view_or_none(raws[0])
+                        model = first.model if first is not None else None
+                        if isinstance(model, str):
+                            named_checked = True
+                            if model not in (upstream, public):
+                                upstream = model
+                                named, rename = _splice(upstream, renamed)
                     out: list[bytes] = []
                     # The read leaves as it came (the model's name spliced in) up to a
                     # usage-bearing tail (the usage chunk), when each chunk is one line, has
