@@ -13,6 +13,12 @@ after a change). The figure is the best of `--rounds` rounds of `--requests` req
 CPU time of this process (all threads, so the ledger writer's included): other load on the
 machine matters little, which makes it the figure to compare commits by.
 
+`--upstream canned` answers instead from the upstream bodies `bench/gateway_bench.py`
+serves from nginx (a 64-token `chat.completion`, or a 64-chunk stream with a usage chunk,
+read by the real `openai_compat` parser as one upstream read), with no time spent making
+them: what is left is the gateway's own path plus Litestar, the figure to compare commits by
+for issue 16's ratios. `--kind stream` measures streams.
+
 `--parts` times, in isolation (`timeit`), the pieces issue 16's request-path work replaced:
 a JSON answer with the relay's fourteen headers through Litestar's `Response` and
 `ASGIResponse` against `gateway.answers.JSONAnswer` (the same header bytes, checked), and
@@ -44,12 +50,15 @@ import msgspec  # noqa: E402
 from litestar import Response  # noqa: E402
 from litestar.response import Stream  # noqa: E402
 
+from bench.gateway_bench import upstream_json_body, upstream_sse_body  # noqa: E402
 from gateway.answers import JSONAnswer, StreamAnswer  # noqa: E402
 from gateway.app import Gateway, create_app  # noqa: E402
 from gateway.auth import hash_key  # noqa: E402
 from gateway.config import parse_settings  # noqa: E402
 from gateway.relay import new_request_id  # noqa: E402
-from providers.openai_compat import _facts_of  # noqa: E402
+from providers.base import ProviderRequest, ProviderResponse, TokenUsage  # noqa: E402
+from providers.openai_compat import OpenAICompatConfig, OpenAICompatProvider, _facts_of  # noqa: E402
+from providers.simulated import SimulatedProvider  # noqa: E402
 from providers.sse import SSEDecoder  # noqa: E402
 
 KEY = "sk-bench-relay-path-0000"
@@ -57,6 +66,37 @@ BODY = (
     b'{"model":"bench","max_tokens":64,"messages":[{"role":"system","content":"Be brief."},'
     b'{"role":"user","content":"Say hello in five words."}]}'
 )
+STREAM_BODY = BODY[:-1] + b',"stream":true,"stream_options":{"include_usage":true}}'
+
+
+class _CannedResponse:
+    """What `OpenAICompatProvider` reads of an httpx streaming response: one read."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def aiter_raw(self) -> Any:
+        yield self.data
+
+    async def aclose(self) -> None:
+        return None
+
+
+def can_the_upstream() -> None:
+    """Make the simulated provider answer with the benchmark's upstream bodies at once,
+    decoded as `OpenAICompatProvider` decodes an upstream's (for this process only)."""
+    json_body = upstream_json_body().encode()
+    sse_body = upstream_sse_body().encode()
+    parser = OpenAICompatProvider("canned", OpenAICompatConfig(base_url="http://canned/v1"))
+    decode = msgspec.json.Decoder().decode
+
+    async def send(self: Any, request: ProviderRequest) -> ProviderResponse:
+        if request.stream:
+            return ProviderResponse(stream=parser._events(_CannedResponse(sse_body)))  # type: ignore[arg-type]
+        body = decode(json_body)
+        return ProviderResponse(body=body, usage=TokenUsage.from_openai(body["usage"]))
+
+    SimulatedProvider.send = send  # type: ignore[method-assign]
 
 
 def settings_for(tokenizers: Path, workdir: Path) -> Any:
@@ -86,7 +126,7 @@ def settings_for(tokenizers: Path, workdir: Path) -> Any:
     )
 
 
-def _scope() -> dict[str, Any]:
+def _scope(length: int) -> dict[str, Any]:
     return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -101,7 +141,7 @@ def _scope() -> dict[str, Any]:
             (b"host", b"127.0.0.1:8080"),
             (b"authorization", b"Bearer " + KEY.encode()),
             (b"content-type", b"application/json"),
-            (b"content-length", str(len(BODY)).encode()),
+            (b"content-length", str(length).encode()),
         ],
         "client": ("127.0.0.1", 40000),
         "server": ("127.0.0.1", 8080),
@@ -109,44 +149,63 @@ def _scope() -> dict[str, Any]:
     }
 
 
-async def one(app: Any) -> int:
+async def one(app: Any, body: bytes = BODY) -> int:
+    """One request through the app, with uvicorn's `receive`: the body, then (after the
+    response is complete) `http.disconnect`."""
     sent: list[dict[str, Any]] = []
+    complete = asyncio.get_running_loop().create_future()
+    delivered = False
 
     async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": BODY, "more_body": False}
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.shield(complete)
+        return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            if not complete.done():
+                complete.set_result(None)
 
-    await app(_scope(), receive, send)
+    await app(_scope(len(body)), receive, send)
     return int(sent[0]["status"])
 
 
-async def run(app: Any, requests: int, concurrency: int) -> None:
+async def run(app: Any, requests: int, concurrency: int, body: bytes = BODY) -> None:
     for _ in range(requests // concurrency):
-        statuses = await asyncio.gather(*(one(app) for _ in range(concurrency)))
+        statuses = await asyncio.gather(*(one(app, body) for _ in range(concurrency)))
         assert all(status == 200 for status in statuses), statuses
 
 
 async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         settings = settings_for(args.tokenizers, Path(tmp))
+        if args.upstream == "canned":
+            can_the_upstream()
+        body = STREAM_BODY if args.kind == "stream" else BODY
         gateway = Gateway(settings)
         app = create_app(settings, gateway=gateway)
         async with gateway.serving():
-            await run(app, args.concurrency * 4, args.concurrency)  # warm up
+            await run(app, args.concurrency * 4, args.concurrency, body)  # warm up
             best = float("inf")
             for _ in range(args.rounds):
                 started = time.process_time()
-                await run(app, args.requests, args.concurrency)
+                await run(app, args.requests, args.concurrency, body)
                 await asyncio.sleep(0.05)  # let the ledger writer catch up inside the round
                 spent = time.process_time() - started
                 best = min(best, spent / (args.requests // args.concurrency * args.concurrency))
-            print(f"request path, JSON, concurrency {args.concurrency}: {best * 1e6:.1f} µs CPU")
+            kind = "JSON" if args.kind == "json" else "64-chunk streams"
+            print(
+                f"request path, {kind}, {args.upstream} upstream, concurrency "
+                f"{args.concurrency}: {best * 1e6:.1f} µs CPU"
+            )
             if args.profile:
                 profile = cProfile.Profile()
                 profile.enable()
-                await run(app, args.requests, args.concurrency)
+                await run(app, args.requests, args.concurrency, body)
                 profile.disable()
                 pstats.Stats(profile).sort_stats("tottime").print_stats(40)
 
@@ -285,6 +344,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one round")
+    parser.add_argument(
+        "--upstream",
+        choices=("simulated", "canned"),
+        default="simulated",
+        help="the in-process simulator, or the nginx bodies of gateway_bench answered at once",
+    )
+    parser.add_argument("--kind", choices=("json", "stream"), default="json")
     parser.add_argument("--parts", action="store_true", help="time the replaced pieces only")
     args = parser.parse_args()
     if args.parts:
