@@ -186,7 +186,7 @@ async def main_async(args: argparse.Namespace) -> None:
         if args.upstream == "canned":
             can_the_upstream()
         body = STREAM_BODY if args.kind == "stream" else BODY
-        gateway = Gateway(settings)
+        gateway = Gateway(settings, freeze_heap=True)  # as `maas-gateway serve` runs
         app = create_app(settings, gateway=gateway)
         async with gateway.serving():
             await run(app, args.concurrency * 4, args.concurrency, body)  # warm up
