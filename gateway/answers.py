@@ -143,7 +143,8 @@ class _Encoded(ASGIResponse):
 
 class StreamAnswer(Response[bytes]):
     """A `text/event-stream` response of the byte chunks of an async iterator, with string
-    headers; the client gets the bytes Litestar's `Stream` would send it."""
+    headers; the client gets the bytes Litestar's `Stream` would send it. Route-level
+    headers, cookies and background tasks are not applied (the relay's routes have none)."""
 
     __slots__ = ("iterator",)
 

@@ -40,7 +40,6 @@ _json_decode = msgspec.json.Decoder().decode
 _json_encode = msgspec.json.Encoder().encode
 _decode_views = msgspec.json.Decoder(list[ChunkView]).decode
 _view = msgspec.json.Decoder(ChunkView).decode
-_check_json = msgspec.json.Decoder(list[msgspec.Raw]).decode
 
 
 class OpenAICompatConfig(BaseModel):
@@ -196,12 +195,14 @@ class OpenAICompatProvider(Provider):
                     done = b"[DONE]" in plain  # no exception raised for the reads without it
                     raw = plain[: plain.index(b"[DONE]")] if done else plain
                 if raw:
-                    # One pass over the whole read checks that every chunk is JSON and
-                    # finds the chunks that name usage or an error; only those are decoded.
+                    # One pass over the whole read checks that every chunk is a JSON object
+                    # and finds the chunks that name usage or an error; only those are
+                    # decoded (a chunk that is not an object cuts the stream, as one that
+                    # is not JSON does).
                     joined = b"[" + b",".join(raw) + b"]"
                     facts = _facts_of(joined)
                     views: list[ChunkView] | None = None
-                    if facts is None or any(f.error is not _UNSET for f in facts):
+                    if any(f.error is not _UNSET for f in facts):
                         views = _decode_views(joined)
                         for at, view in enumerate(views):
                             if view.error is not _UNSET and view.choices is None:
@@ -274,25 +275,14 @@ _decode_usage = msgspec.json.Decoder(dict[str, Any] | None).decode
 _UNSET: Any = msgspec.UNSET
 
 
-def _facts_of(joined: bytes) -> list[_Facts] | None:
-    """The facts of each chunk of a read (`joined`, a JSON array of them); None when a chunk
-    is JSON but not an object. Raises `msgspec.DecodeError` when one is not JSON."""
-    try:
-        return _decode_facts(joined)
-    except msgspec.ValidationError:  # valid JSON perhaps, but not all objects
-        _check_json(joined)
-        return None
+def _facts_of(joined: bytes) -> list[_Facts]:
+    """The facts of each chunk of a read (`joined`, a JSON array of them). Raises
+    `msgspec.DecodeError` when one is not JSON, or not an object."""
+    return _decode_facts(joined)
 
 
-def _usage_of(raw: list[bytes], facts: list[_Facts] | None) -> TokenUsage | None:
+def _usage_of(raw: list[bytes], facts: list[_Facts]) -> TokenUsage | None:
     """The usage the last chunk reporting one says (of the first `len(raw)` chunks)."""
-    if facts is None:
-        for payload in reversed(raw):
-            if b'"usage"' in payload:
-                usage = _view(payload).usage
-                if usage:
-                    return TokenUsage.from_openai(usage)
-        return None
     for at in range(len(raw) - 1, -1, -1):
         reported = facts[at].usage
         if isinstance(reported, msgspec.Raw):
