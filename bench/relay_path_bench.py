@@ -17,7 +17,8 @@ machine matters little, which makes it the figure to compare commits by.
 serves from nginx (a 64-token `chat.completion`, or a 64-chunk stream with a usage chunk,
 read by the real `openai_compat` parser as one upstream read), with no time spent making
 them: what is left is the gateway's own path plus Litestar, the figure to compare commits by
-for issue 16's ratios. `--kind stream` measures streams.
+for issue 16's ratios. `--kind stream` measures streams; `--null-usage` gives every chunk
+the `"usage":null` OpenAI, SGLang, TGI and Ark write.
 
 `--parts` times, in isolation (`timeit`), the pieces issue 16's request-path work replaced:
 a JSON answer with the relay's fourteen headers through Litestar's `Response` and
@@ -82,11 +83,13 @@ class _CannedResponse:
         return None
 
 
-def can_the_upstream() -> None:
+def can_the_upstream(null_usage: bool = False) -> None:
     """Make the simulated provider answer with the benchmark's upstream bodies at once,
     decoded as `OpenAICompatProvider` decodes an upstream's (for this process only)."""
     json_body = upstream_json_body().encode()
     sse_body = upstream_sse_body().encode()
+    if null_usage:  # OpenAI, SGLang, TGI and Ark: `"usage":null` in every chunk but the last
+        sse_body = sse_body.replace(b"]}\n\n", b'],"usage":null}\n\n')
     parser = OpenAICompatProvider("canned", OpenAICompatConfig(base_url="http://canned/v1"))
     decode = msgspec.json.Decoder().decode
 
@@ -184,7 +187,7 @@ async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         settings = settings_for(args.tokenizers, Path(tmp))
         if args.upstream == "canned":
-            can_the_upstream()
+            can_the_upstream(args.null_usage)
         body = STREAM_BODY if args.kind == "stream" else BODY
         gateway = Gateway(settings, freeze_heap=True)  # as `maas-gateway serve` runs
         app = create_app(settings, gateway=gateway)
@@ -356,6 +359,12 @@ def main() -> None:
     )
     parser.add_argument("--kind", choices=("json", "stream"), default="json")
     parser.add_argument("--parts", action="store_true", help="time the replaced pieces only")
+    parser.add_argument(
+        "--null-usage",
+        action="store_true",
+        help='with --upstream canned: every chunk but the usage chunk says "usage":null, as '
+        "OpenAI, SGLang, TGI and Ark write them",
+    )
     args = parser.parse_args()
     if args.parts:
         parts()

@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -75,6 +76,7 @@ log = logging.getLogger("maas.relay")
 _encode = msgspec.json.Encoder().encode
 _decode_chunk = msgspec.json.Decoder(dict[str, Any]).decode
 _view = msgspec.json.Decoder(ChunkView).decode
+_NULL_USAGE = b'"usage":null'  # what OpenAI's chunks say before the usage chunk
 _DONE = b"data: [DONE]\n\n"
 #: How often (at most) a stream's crash-policy record recounts the output delivered so far.
 PROVISIONAL_RECOUNT_S = 1.0
@@ -177,13 +179,58 @@ class Progress:
         return Bill(self.record, self.reported)
 
 
-def _splice(upstream: str, renamed: bytes) -> tuple[bytes, int | None]:
-    """The compact JSON of `"model":` and the upstream's name, and what splicing the public
-    name (`renamed`) over it adds to a chunk's length (None: the names are the same, there
-    is nothing to splice). When it changes the length, the length of a spliced read counts
-    the chunks that named the model."""
-    named = b'"model":' + _encode(upstream)
-    return named, None if named == renamed else len(renamed) - len(named)
+class _Splicer:
+    """Puts the public model name into chunks that name the upstream's, without decoding.
+
+    Most servers (vLLM, SGLang, Ollama, OpenAI) begin every chunk of a stream alike, up to
+    and including the model's name (`{"id":"…","object":"…","created":…,"model":"m"`).
+    When each chunk of a read starts with the first one's start, the read is spliced by
+    cutting that start off each chunk and joining the rest behind the public start: no
+    search through the read. Otherwise (llama.cpp names the model after `choices`) the name
+    is replaced and the replacements counted: each chunk must name the model once.
+    """
+
+    __slots__ = ("grow", "named", "renamed", "upstream")
+
+    def __init__(self, upstream: str, public: str) -> None:
+        self.renamed = b'"model":' + _encode(public)
+        self.follow(upstream)
+
+    def follow(self, upstream: str) -> None:
+        """Splice over `upstream` from now on: the name the upstream's chunks say."""
+        self.upstream = upstream
+        self.named = b'"model":' + _encode(upstream)
+        self.grow = len(self.renamed) - len(self.named)
+
+    def wire(self, head: list[bytes]) -> bytes | None:
+        """Plain chunks (one line each, with choices, no usage) as SSE events naming the
+        public model; None when one does not name the upstream's model once."""
+        named, renamed = self.named, self.renamed
+        first = head[0]
+        at = first.find(named)
+        end = at + len(named)
+        if at >= 0 and first.count(b"{", 0, end) == 1:  # the object's own `model`
+            start = first[:end]
+            if all(map(bytes.startswith, head, repeat(start))):
+                if named == renamed:
+                    return b"data: " + b"\n\ndata: ".join(head) + b"\n\n"
+                public = first[:at] + renamed
+                rest = [chunk[end:] for chunk in head]
+                return b"data: " + public + (b"\n\ndata: " + public).join(rest) + b"\n\n"
+        n = len(head)
+        sse = b"data: " + b"\n\ndata: ".join(head) + b"\n\n"
+        if named == renamed:
+            return sse if sse.count(named) == n else None
+        if self.grow:  # the length of the spliced read counts the splices
+            spliced = sse.replace(named, renamed)
+            return spliced if len(spliced) - len(sse) == self.grow * n else None
+        return sse.replace(named, renamed) if sse.count(named) == n else None
+
+    def chunk(self, raw: bytes) -> bytes | None:
+        """One chunk naming the upstream's model once, spliced; else None."""
+        if self.named == self.renamed:
+            return raw
+        return raw.replace(self.named, self.renamed) if raw.count(self.named) == 1 else None
 
 
 def _view_or_none(raw: bytes) -> ChunkView | None:
@@ -547,10 +594,9 @@ class Relay:
         s = self.services
         public = admitted.priced.model
         served = progress.served
-        upstream = served.deployment.model if served.deployment is not None else public
-        # A chunk naming the upstream model in compact JSON gets the public name spliced in.
-        renamed = b'"model":' + _encode(public)
-        named, rename = _splice(upstream, renamed)
+        splicer = _Splicer(
+            served.deployment.model if served.deployment is not None else public, public
+        )
         named_checked = False  # whether a chunk has said the upstream's name for its model
         usage_chunk: bytes | None = None
         usage_seen: dict[str, Any] | None = None
@@ -569,35 +615,39 @@ class Relay:
                         model = first.model if first is not None else None
                         if isinstance(model, str):
                             named_checked = True
-                            if model not in (upstream, public):
-                                upstream = model
-                                named, rename = _splice(upstream, renamed)
+                            if model != splicer.upstream:
+                                splicer.follow(model)
                     out: list[bytes] = []
                     # The read leaves as it came (the model's name spliced in) up to a
                     # usage-bearing tail (the usage chunk), when each chunk is one line, has
                     # choices and names the model once: checks at C speed, nothing decoded.
+                    # OpenAI, SGLang, TGI and Ark put `"usage":null` in every other chunk:
+                    # such chunks pass too (without it when the caller did not ask for usage).
                     n = len(raws)
-                    while n and b'"usage"' in raws[n - 1]:
+                    while n and b'"usage"' in raws[n - 1] and _NULL_USAGE not in raws[n - 1]:
                         n -= 1
                     tail: list[bytes] = raws
                     if n:
                         head = raws if n == len(raws) else raws[:n]
                         flat = b"".join(head)
+                        nulls = 0
+                        if b'"usage"' in flat:
+                            nulls = flat.count(_NULL_USAGE)
+                            plain = nulls == flat.count(b'"usage"')
+                        else:
+                            plain = True
                         if (
-                            b"\n" not in flat  # a memchr, where a count would scan it all
-                            and b'"usage"' not in flat
+                            plain
+                            and b"\n" not in flat  # a memchr, where a count would scan it all
                             and flat.count(b'"choices":[{') == n
                         ):
-                            sse = b"data: " + b"\n\ndata: ".join(head) + b"\n\n"
-                            if rename is None:  # the upstream's name is the public one
-                                if sse.count(renamed) == n:
-                                    out.append(sse)
-                            elif rename:  # each chunk named the model once: n splices
-                                spliced = sse.replace(named, renamed)
-                                if len(spliced) - len(sse) == rename * n:
-                                    out.append(spliced)
-                            elif sse.count(named) == n:
-                                out.append(sse.replace(named, renamed))
+                            wire = splicer.wire(head)
+                            if wire is not None and nulls and not include_usage:
+                                bare = wire.replace(b"," + _NULL_USAGE, b"")
+                                dropped = len(wire) - len(bare) == (len(_NULL_USAGE) + 1) * nulls
+                                wire = bare if dropped else None
+                            if wire is not None:
+                                out.append(wire)
                         if out:
                             progress.hold(read if head is raws else Chunks(head))
                             tail = raws[n:]
@@ -614,8 +664,9 @@ class Relay:
                             if view.model == public:
                                 out.append(b"data: " + raw + b"\n\n")
                                 continue
-                            if view.model == upstream and raw.count(named) == 1:
-                                out.append(b"data: " + raw.replace(named, renamed) + b"\n\n")
+                            spliced = splicer.chunk(raw) if view.model == splicer.upstream else None
+                            if spliced is not None:
+                                out.append(b"data: " + spliced + b"\n\n")
                                 continue
                         chunk = _decode_chunk(raw)
                         chunk["model"] = public

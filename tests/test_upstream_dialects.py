@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -332,6 +334,41 @@ async def test_every_dialect_is_relayed_and_billed_exactly(
                 r["stream_options"] == {"include_usage": True} for r in streamed
             )
     assert checked == REPEATS * sum(c.stream for c in CASES) + sum(not c.stream for c in CASES)
+
+
+async def test_a_stream_not_asked_for_usage_has_no_usage_key(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    """The gateway asks every upstream for usage; a caller that did not gets its chunks as
+    OpenAI sends them then, without a `usage` key, whatever the upstream put in them (OpenAI,
+    SGLang, TGI and Ark write `"usage":null` in every chunk), and with the text and the
+    public model name intact."""
+    cases = [c for c in CASES if c.stream and c.error is None]
+    async with gateway(tmp_path, tokenizer_dir, SEED) as (client, _upstream):
+        url = str(client.base_url).rstrip("/") + "/chat/completions"
+        headers = {"authorization": f"Bearer {ACME_KEY}"}
+        async with httpx.AsyncClient(timeout=30) as http:
+            for repeat in range(REPEATS):
+                for case in cases:
+                    where = f"{case.model}/{case.case}/{repeat}"
+                    body = {
+                        "model": case.model,
+                        "messages": [{"role": "user", "content": case.case}],
+                        "stream": True,
+                    }
+                    answer = await http.post(url, json=body, headers=headers)
+                    assert answer.status_code == 200, where
+                    blocks = answer.content.split(b"\n\n")
+                    assert blocks[-2:] == [b"data: [DONE]", b""], where
+                    content = ""
+                    for block in blocks[:-2]:
+                        assert block.startswith(b"data: "), where
+                        chunk = json.loads(block[6:])
+                        assert "usage" not in chunk, (where, chunk)
+                        assert chunk["model"] == case.model, where
+                        for choice in chunk["choices"]:
+                            content += choice["delta"].get("content") or ""
+                    assert content == case.content, where
 
 
 @pytest.mark.parametrize(
