@@ -446,9 +446,11 @@ class Relay:
             content = _encode(result)
         except Exception:  # recorded already: answer the error, write no second row
             log.exception("request %s failed", request_id)
-            await self._settle(admitted, rec)
+            if not self._settled_soon(admitted, rec):
+                await self._settle(admitted, rec)
             return edge.error_response(server_error(request_id), request_id)
-        await self._settle(admitted, rec)
+        if not self._settled_soon(admitted, rec):  # the answer need not wait for Redis
+            await self._settle(admitted, rec)
         headers.update(bill.headers())  # after the admission's, as before: one dict, no copy
         return JSONAnswer(content, media_type="application/json", headers=headers)
 
@@ -464,7 +466,8 @@ class Relay:
         limits: dict[str, str] = {}
         if isinstance(step, Admitted):
             limits = step.admission.headers
-            await self._settle(step, rec)
+            if not self._settled_soon(step, rec):
+                await self._settle(step, rec)
         return edge.error_response(error, step.who.request_id, limits)  # type: ignore[no-any-return]
 
     def _route(self, who: Authenticated, requested: str) -> ModelConfig:
@@ -717,8 +720,15 @@ class Relay:
                 )
                 progress.record = record_usage(s, admitted, outcome, served)
             await _close_quietly(stream)
-            if progress.record is not None:
-                await self._settle_later(admitted, progress.record)
+            recorded = progress.record
+            if recorded is not None and not self._settled_soon(admitted, recorded):
+                await self._settle_later(admitted, recorded)
+
+    def _settled_soon(self, admitted: Admitted, rec: UsageRecord) -> bool:
+        """Settle without waiting, when the quota store can take it so (see `settle_soon`:
+        a standalone Redis's pipelined connection, or memory); False: await `_settle`."""
+        usage = rec.usage.total
+        return self.services.quotas.settle_soon(admitted.admission, usage, rec.cost_nanos)
 
     async def _settle(self, admitted: Admitted, rec: UsageRecord) -> None:
         """Charge the reservation with the real cost and release the rest."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, cast
@@ -182,7 +182,7 @@ class OpenAICompatProvider(Provider):
         """
         decoder = SSEDecoder()
         last: bytes | None = None
-        reads = response.aiter_raw()
+        reads = cast(AsyncGenerator[bytes, None], response.aiter_raw())  # closed below
         try:
             async for data in reads:
                 events = decoder.feed(data)

@@ -203,6 +203,12 @@ class QuotaStore(ABC):
         Idempotent per request id.
         """
 
+    def settle_soon(self, admission: Admission, used_tokens: int, cost_nanos: int) -> bool:
+        """`settle` without waiting for the store, when the store can: the settle is sent
+        (or applied) at once and its failure handled as `settle`'s. False when it cannot
+        (then await `settle`); this default always says so."""
+        return False
+
     @abstractmethod
     async def topup(self, account: str, nanos: int) -> int:
         """Add `nanos` (> 0) to a prepaid balance; returns the new balance. `ValueError`

@@ -48,6 +48,11 @@ class FailOpenQuotaStore(QuotaStore):
             await self.fallback.settle(local, used_tokens, cost_nanos)
         await self.primary.settle(admission, used_tokens, cost_nanos)
 
+    def settle_soon(self, admission: Admission, used_tokens: int, cost_nanos: int) -> bool:
+        if admission.backend == "fallback":
+            return False  # both stores settle it: the awaited path
+        return self.primary.settle_soon(admission, used_tokens, cost_nanos)
+
     async def topup(self, account: str, nanos: int) -> int:
         return await self.primary.topup(account, nanos)
 

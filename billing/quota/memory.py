@@ -255,6 +255,10 @@ class MemoryQuotaStore(QuotaStore):
     async def settle(self, admission: Admission, used_tokens: int, cost_nanos: int) -> None:
         self.settle_now(admission, used_tokens, cost_nanos)
 
+    def settle_soon(self, admission: Admission, used_tokens: int, cost_nanos: int) -> bool:
+        self.settle_now(admission, used_tokens, cost_nanos)
+        return True
+
     def settle_now(self, admission: Admission, used_tokens: int, cost_nanos: int) -> None:
         rid = admission.request_id
         with self._lock:

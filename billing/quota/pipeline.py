@@ -21,16 +21,30 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import hiredis
 from redis import exceptions as redis_errors
 
-__all__ = ["LuaScript", "PipelinedRedis"]
+__all__ = ["Answered", "LuaScript", "PipelinedRedis"]
+
+logger = logging.getLogger(__name__)
+
+
+Answered = Callable[[Any], None]
+"""What `PipelinedRedis.send_soon` calls with a command's reply, or with the exception."""
+
+
+def _answer(answered: Answered, reply: Any) -> None:
+    try:
+        answered(reply)
+    except Exception:  # a callback's bug must not stop the replies behind it
+        logger.exception("a Redis reply's callback failed")
 
 
 class LuaScript:
@@ -65,9 +79,12 @@ class _Protocol(asyncio.Protocol):
                     return
                 if not waiting:
                     raise redis_errors.InvalidResponse("a reply nobody asked for")
-                future = waiting.popleft()[0]
-                if not future.done():
-                    future.set_result(reply)
+                target = waiting.popleft()[0]
+                if isinstance(target, asyncio.Future):
+                    if not target.done():
+                        target.set_result(reply)
+                else:  # a command sent with `send_soon`
+                    _answer(target, reply)
         except redis_errors.RedisError as exc:
             self.owner._fail(redis_errors.ConnectionError(f"bad reply from Redis: {exc}"))
 
@@ -96,7 +113,7 @@ class PipelinedRedis:
         self._transport: asyncio.Transport | None = None
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[None] | None = None
-        self._waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self._waiting: deque[tuple[asyncio.Future[Any] | Answered, float]] = deque()
         self._outgoing: list[bytes] = []
         self._flush_scheduled = False
         self._deadline_timer: asyncio.TimerHandle | None = None
@@ -129,17 +146,42 @@ class PipelinedRedis:
                 raise redis_errors.ConnectionError("connection to Redis lost")
         return await self._send(hiredis.pack_command(tuple(command)))  # type: ignore[arg-type]
 
+    def send_soon(self, command: Sequence[Any], answered: Answered) -> bool:
+        """Send one command without waiting for it; `answered` is called with its reply
+        (an error reply, a timeout or a lost connection as the exception). Returns False,
+        sending nothing, when the connection is not open: then use `execute`.
+
+        >>> redis.send_soon(("INCR", "hits"), lambda reply: print(reply))  # doctest: +SKIP
+        True
+        """
+        if self._transport is None:
+            return False
+        self._queue(hiredis.pack_command(tuple(command)), answered)  # type: ignore[arg-type]
+        return True
+
+    async def drain(self) -> None:
+        """Wait until every command sent has been answered (or has failed)."""
+        while self._waiting:
+            last = self._waiting[-1][0]
+            if isinstance(last, asyncio.Future):
+                await asyncio.wait([last])
+            else:
+                await asyncio.sleep(0.001)
+
     def _send(self, packed: bytes) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._waiting.append((future, time.monotonic() + self.timeout_s))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue(packed, future)
+        return future
+
+    def _queue(self, packed: bytes, target: asyncio.Future[Any] | Answered) -> None:
+        self._waiting.append((target, time.monotonic() + self.timeout_s))
         self._outgoing.append(packed)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            loop.call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self._flush)
         if self._deadline_timer is None:
+            loop = asyncio.get_running_loop()
             self._deadline_timer = loop.call_later(self.timeout_s, self._check_deadline)
-        return future
 
     def _flush(self) -> None:
         """Write every command queued in this loop turn with one system call."""
@@ -171,9 +213,12 @@ class PipelinedRedis:
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
-        for future, _ in waiting:
-            if not future.done():
-                future.set_exception(error)
+        for target, _ in waiting:
+            if isinstance(target, asyncio.Future):
+                if not target.done():
+                    target.set_exception(error)
+            else:
+                _answer(target, error)
         if transport is not None:
             transport.abort()
 

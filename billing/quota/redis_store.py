@@ -43,12 +43,13 @@ never comes first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib.resources
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -294,6 +295,7 @@ class RedisQuotaStore(QuotaStore):
         self._openings: dict[str, int] = {}  # account -> initial balance not yet written
         self._openings_lock = asyncio.Lock()
         self._openings_kept = False  # some were kept through an outage (for the log)
+        self._resettling: set[asyncio.Task[None]] = set()  # settles sent again in full
 
     @property
     def pending_settles(self) -> int:
@@ -351,8 +353,7 @@ class RedisQuotaStore(QuotaStore):
             ) from exc
         except redis_errors.RedisError as exc:
             raise QuotaUnavailable(f"quota store (Redis) refused {what}: {exc}") from exc
-        if self._pending and (self._replay_task is None or self._replay_task.done()):
-            self._replay_task = asyncio.create_task(self._replay_pending())
+        self._replay_soon()
         return result
 
     async def admit(self, req: AdmitRequest) -> Admission:
@@ -463,6 +464,50 @@ class RedisQuotaStore(QuotaStore):
                 len(self._pending),
                 exc,
             )
+
+    def settle_soon(self, admission: Admission, used_tokens: int, cost_nanos: int) -> bool:
+        """Send the settle on the pipelined connection without waiting for Redis.
+
+        A settle Redis could not take is queued for replay, as `settle` does; one it
+        refused (a script flushed by a restart) is sent again in full. False, sending
+        nothing, when it cannot go that way: no pipelined connection open, initial balances
+        still to write, or Redis marked unreachable. Then call `settle`.
+        """
+        if not admission.charges and admission.balance_account is None:
+            return True
+        pipeline = self._pipeline
+        if pipeline is None or self._openings or self._down_until.get(0, 0.0) > time.monotonic():
+            return False
+        call, slot = self._settle_call(admission, used_tokens, cost_nanos)
+        assert isinstance(call, _PipelinedScript)
+        command = ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+
+        def answered(reply: Any) -> None:
+            if not isinstance(reply, Exception):
+                self._replay_soon()
+            elif isinstance(reply, redis_errors.ResponseError):
+                self._background(self.settle(admission, used_tokens, cost_nanos))
+            else:  # unreachable, or no answer in time (it may have run: settles are idempotent)
+                self._down_until[slot] = time.monotonic() + self.retry_interval_s
+                self._pending.append((call, slot))
+                logger.warning(
+                    "settle of %s queued until Redis answers (%d queued): %s",
+                    admission.request_id,
+                    len(self._pending),
+                    reply,
+                )
+
+        return pipeline.send_soon(command, answered)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._resettling.add(task)
+        task.add_done_callback(self._resettling.discard)
+
+    def _replay_soon(self) -> None:
+        """Replay the queued settles, now that Redis answers (once at a time)."""
+        if self._pending and (self._replay_task is None or self._replay_task.done()):
+            self._replay_task = asyncio.create_task(self._replay_pending())
 
     async def _replay_pending(self) -> None:
         while self._pending:
@@ -601,6 +646,12 @@ class RedisQuotaStore(QuotaStore):
         )
 
     async def aclose(self) -> None:
+        if self._pipeline is not None:  # settles sent without waiting are answered first
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.timeout_s * DEADLINE_FACTOR):
+                    await self._pipeline.drain()
+                    while self._resettling:
+                        await asyncio.gather(*self._resettling, return_exceptions=True)
         if self._replay_task is not None:
             self._replay_task.cancel()
             try:
