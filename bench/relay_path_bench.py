@@ -4,8 +4,8 @@
         [--concurrency 64] [--profile]
 
 The gateway's app (`gateway.app.create_app`, its services opened: key check, body
-validation, routing, prompt counting, pricing, in-memory quotas, the SQLite ledger with its
-crash journal, metrics) is called as an ASGI app in-process for `/v1/chat/completions`,
+validation, routing, prompt counting, pricing, in-memory quotas (or Redis's, with
+`--redis URL`), the SQLite ledger with its crash journal, metrics) is called as an ASGI app in-process for `/v1/chat/completions`,
 `--concurrency` requests at a time, against the in-process `simulated` provider answering
 at once (`time_scale: 0`). No sockets, no HTTP server, no HTTP client: what is left is the
 app, `Relay.handle` and the metering, plus the simulator's answer (the same before and
@@ -102,9 +102,11 @@ def can_the_upstream(null_usage: bool = False) -> None:
     SimulatedProvider.send = send  # type: ignore[method-assign]
 
 
-def settings_for(tokenizers: Path, workdir: Path) -> Any:
+def settings_for(tokenizers: Path, workdir: Path, redis_url: str | None = None) -> Any:
+    quotas = {"backend": "redis", "redis_url": redis_url, "redis_url_env": None}
     return parse_settings(
         {
+            **({"quotas": quotas} if redis_url else {}),
             "tokenizers": {"dir": str(tokenizers)},
             "metrics": {"port": None},
             "providers": [{"name": "sim", "type": "simulated", "time_scale": 0}],
@@ -185,7 +187,7 @@ async def run(app: Any, requests: int, concurrency: int, body: bytes = BODY) -> 
 
 async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        settings = settings_for(args.tokenizers, Path(tmp))
+        settings = settings_for(args.tokenizers, Path(tmp), args.redis)
         if args.upstream == "canned":
             can_the_upstream(args.null_usage)
         body = STREAM_BODY if args.kind == "stream" else BODY
@@ -359,6 +361,12 @@ def main() -> None:
     )
     parser.add_argument("--kind", choices=("json", "stream"), default="json")
     parser.add_argument("--parts", action="store_true", help="time the replaced pieces only")
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        help="keep the quotas in this Redis (as gateway_bench does), not in memory; its "
+        "time is not counted, the client's is",
+    )
     parser.add_argument(
         "--null-usage",
         action="store_true",

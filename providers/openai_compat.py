@@ -17,8 +17,10 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, cast
 
+import aiohttp
 import httpx
 import msgspec
+from httpx_aiohttp.transport import AiohttpResponseStream
 from pydantic import BaseModel, Field
 
 from providers.base import (
@@ -182,7 +184,7 @@ class OpenAICompatProvider(Provider):
         """
         decoder = SSEDecoder()
         last: bytes | None = None
-        reads = cast(AsyncGenerator[bytes, None], response.aiter_raw())  # closed below
+        reads = _body_reads(response)
         try:
             async for data in reads:
                 events = decoder.feed(data)
@@ -223,7 +225,7 @@ class OpenAICompatProvider(Provider):
                 raise UpstreamError(
                     502, f"Upstream {self.name} ended the stream early.", type="stream_cut"
                 )
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, aiohttp.ClientError) as exc:
             raise UpstreamError(
                 502,
                 f"Upstream {self.name} cut the stream: {exc.__class__.__name__}",
@@ -237,11 +239,27 @@ class OpenAICompatProvider(Provider):
             # Closed here, not left to the garbage collector's finalizer hook, which would
             # cost a task and a wake-up of the event loop for every stream that ends at
             # `[DONE]` (the loop over the reads is left before they run out).
-            await reads.aclose()
+            if isinstance(reads, AsyncGenerator):
+                await reads.aclose()
             await response.aclose()
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _body_reads(response: httpx.Response) -> AsyncIterator[bytes]:
+    """A streamed body's bytes as each read brings them.
+
+    Over httpx-aiohttp they come straight from aiohttp's stream: httpx's `aiter_raw` would
+    pass each read through three async generators, two of which it cannot close, so that
+    each stream left at `[DONE]` would cost two tasks of the garbage collector's finalizer
+    hook. `response.aclose()` still closes the response the httpx way. Any other transport:
+    `aiter_raw`.
+    """
+    inner = getattr(response.stream, "_stream", None)
+    if isinstance(inner, AiohttpResponseStream):
+        return inner._aiohttp_response.content.iter_any()
+    return response.aiter_raw()
 
 
 def _timed_out(exc: httpx.TimeoutException) -> bool:

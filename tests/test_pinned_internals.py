@@ -5,6 +5,9 @@ which changes them fails here (see the version ranges in pyproject.toml).
   child's `_buckets` (non-cumulative, +Inf last) and `_sum`, and reads
   `values.ValueClass._multiprocess` to tell whether the multiprocess mode was switched on
   before prometheus_client was imported.
+- httpx and httpx-aiohttp: `providers.openai_compat` reads a streamed body straight from
+  aiohttp, through httpx's `response.stream._stream` (httpx-aiohttp's
+  `AiohttpResponseStream`) and its `_aiohttp_response`.
 - uvicorn: `gateway.http_limits` subclasses the httptools protocol and overrides its parser
   callbacks; `gateway.cli` subclasses the worker supervisor `Multiprocess` and reads its
   `processes` (each a `Process` with a `pid`).
@@ -22,16 +25,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+from aiohttp import ClientResponse, web
+from httpx_aiohttp import AiohttpTransport
+from httpx_aiohttp.transport import AiohttpResponseStream
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 from uvicorn.supervisors.multiprocess import Process
 
 from gateway.http_limits import BoundedHttpToolsProtocol
+from providers.openai_compat import _body_reads
 from tests.test_layering import DEFINED, MODULES, PACKAGES
 
 # The private names of libraries the packages read, each checked by a test in this module.
-CHECKED_PRIVATE_READS = {"_buckets", "_sum", "_multiprocess"}
+CHECKED_PRIVATE_READS = {"_buckets", "_sum", "_multiprocess", "_stream", "_aiohttp_response"}
 
 
 def test_histogram_children_keep_buckets_and_sum_as_value_objects() -> None:
@@ -79,6 +87,43 @@ def test_the_httptools_protocol_has_the_parts_the_limits_override() -> None:
     assert "self.url += url" in inspect.getsource(HttpToolsProtocol.on_url)
     assert "self.headers.append(" in inspect.getsource(HttpToolsProtocol.on_header)
     assert issubclass(BoundedHttpToolsProtocol, HttpToolsProtocol)
+
+
+async def test_a_streamed_body_reaches_aiohttp_through_httpx_aiohttp() -> None:
+    """The provider's reads of a stream come from the aiohttp response behind httpx's, and
+    are the bytes `aiter_raw` gives."""
+    body = b"".join(b"data: %d\n\n" % n for n in range(2000))
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for at in range(0, len(body), 5000):
+            await response.write(body[at : at + 5000])
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", stream)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with httpx.AsyncClient(transport=AiohttpTransport()) as client:
+            got = []
+            for direct in (True, False):
+                request = client.build_request("GET", f"http://127.0.0.1:{port}/")
+                response = await client.send(request, stream=True)
+                assert isinstance(response.stream._stream, AiohttpResponseStream)
+                assert isinstance(response.stream._stream._aiohttp_response, ClientResponse)
+                reads = _body_reads(response) if direct else response.aiter_raw()
+                got.append(b"".join([data async for data in reads]))
+                await response.aclose()
+            assert got == [body, body]
+    finally:
+        await runner.cleanup()
 
 
 def test_the_supervisor_has_the_hooks_the_cli_overrides() -> None:
