@@ -127,9 +127,12 @@ class OpenAICompatProvider(Provider):
             timeout=self._timeout(connect_s) if connect_s is not None else httpx.USE_CLIENT_DEFAULT,
         )
         try:
-            response = await self._client.send(http_request, stream=request.stream)
-        except httpx.TimeoutException as exc:
-            if _timed_out(exc):
+            # Sent as a stream either way: a JSON body is then read straight from aiohttp
+            # (`_read_body`), without httpx's generators around each read.
+            response = await self._client.send(http_request, stream=True)
+            body_bytes = None if request.stream else await _read_body(response)
+        except (httpx.TimeoutException, TimeoutError) as exc:
+            if not isinstance(exc, httpx.TimeoutException) or _timed_out(exc):
                 raise UpstreamError(
                     504, f"Upstream {self.name} timed out: {exc}", type="timeout", retryable=True
                 ) from None
@@ -139,7 +142,7 @@ class OpenAICompatProvider(Provider):
                 type="upstream_unreachable",
                 retryable=True,
             ) from None
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, aiohttp.ClientError) as exc:
             raise UpstreamError(
                 502,
                 f"Upstream {self.name} could not be reached: {exc.__class__.__name__}",
@@ -147,13 +150,13 @@ class OpenAICompatProvider(Provider):
                 retryable=True,
             ) from None
         if response.status_code != 200:
-            body = await response.aread() if request.stream else response.content
+            body = await response.aread() if body_bytes is None else body_bytes
             await response.aclose()
             raise _upstream_error(self.name, response.status_code, body, response.headers)
-        if request.stream:
+        if body_bytes is None:
             return ProviderResponse(stream=self._events(response))
         try:
-            body = _json_decode(response.content)
+            body = _json_decode(body_bytes)
         except msgspec.DecodeError:
             raise UpstreamError(
                 502, f"Upstream {self.name} sent a body that is not JSON.", retryable=True
@@ -260,6 +263,19 @@ def _body_reads(response: httpx.Response) -> AsyncIterator[bytes]:
     if isinstance(inner, AiohttpResponseStream):
         return inner._aiohttp_response.content.iter_any()
     return response.aiter_raw()
+
+
+async def _read_body(response: httpx.Response) -> bytes:
+    """A whole body, read and the response closed: straight from aiohttp under httpx-aiohttp
+    when it is not content-encoded (httpx decodes, aiohttp is asked not to), else httpx's
+    `aread`."""
+    inner = getattr(response.stream, "_stream", None)
+    try:
+        if isinstance(inner, AiohttpResponseStream) and "content-encoding" not in response.headers:
+            return await inner._aiohttp_response.read()
+        return await response.aread()
+    finally:
+        await response.aclose()
 
 
 def _timed_out(exc: httpx.TimeoutException) -> bool:
