@@ -19,7 +19,9 @@ underscored attribute read on a library's object fails it until it is pinned and
 from __future__ import annotations
 
 import ast
+import gzip
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -35,7 +37,8 @@ from uvicorn.supervisors import Multiprocess
 from uvicorn.supervisors.multiprocess import Process
 
 from gateway.http_limits import BoundedHttpToolsProtocol
-from providers.openai_compat import _body_reads
+from providers.base import ProviderRequest
+from providers.openai_compat import OpenAICompatConfig, OpenAICompatProvider, _body_reads
 from tests.test_layering import DEFINED, MODULES, PACKAGES
 
 # The private names of libraries the packages read, each checked by a test in this module.
@@ -122,6 +125,44 @@ async def test_a_streamed_body_reaches_aiohttp_through_httpx_aiohttp() -> None:
                 got.append(b"".join([data async for data in reads]))
                 await response.aclose()
             assert got == [body, body]
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_compressed_json_answer_is_decoded_the_httpx_way() -> None:
+    """A body aiohttp is not asked to decode (content-encoded) goes through httpx, which
+    decodes it; a plain one is read straight from aiohttp. Both reach the caller as JSON."""
+    answer = {"id": "x", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        raw = json.dumps(answer).encode()
+        if request.query.get("gzip"):
+            return web.Response(
+                body=gzip.compress(raw),
+                headers={"content-type": "application/json", "content-encoding": "gzip"},
+            )
+        return web.Response(body=raw, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        for query in ("", "?gzip=1"):
+            provider = OpenAICompatProvider(
+                "x", OpenAICompatConfig(base_url=f"http://127.0.0.1:{port}/v1")
+            )
+            provider._urls["chat.completions"] = provider._urls["chat.completions"].copy_with(
+                query=query.lstrip("?").encode()
+            )
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            got = await provider.send(ProviderRequest("chat.completions", "m", body, "r"))
+            assert got.body == answer and got.usage is not None, query
+            await provider.aclose()
     finally:
         await runner.cleanup()
 
