@@ -16,8 +16,10 @@ stream; any other goes to `--json-url` and is relayed as one body.
 
 `--answers gateway` sends the answers with the gateway's own response classes
 (`gateway.answers.JSONAnswer` and `StreamAnswer`) instead of Litestar's `Response` and
-`Stream`: the floor of the gateway's stack as it is now, to tell what the gateway saves on
-its answers from what its metering costs.
+`Stream`, and reads the upstream's bodies as the gateway's provider does (straight from
+aiohttp, `providers.openai_compat._read_body` and `_body_reads`): the floor of the
+gateway's stack as it is now, to tell what the gateway saves on its answers and reads from
+what its metering costs.
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ from litestar.response import Stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gateway.answers import JSONAnswer, StreamAnswer
-from providers.openai_compat import CookielessAsyncClient  # the gateway provider's client
+from providers.openai_compat import (  # the gateway provider's client and body readers
+    CookielessAsyncClient,
+    _body_reads,
+    _read_body,
+)
 
 _STREAM_MARKERS = (b'"stream":true', b'"stream": true')
 
@@ -78,17 +84,18 @@ def create_bare_relay(
         raw = await request.body()
         stream = wants_stream(raw)
         upstream = client.build_request("POST", urls[stream], content=raw)
-        answer = await client.send(upstream, stream=stream)
+        answer = await client.send(upstream, stream=stream or lean)
         if not stream:
             if lean:
-                return JSONAnswer(answer.content, status_code=answer.status_code, headers={})
+                content = await _read_body(answer)
+                return JSONAnswer(content, status_code=answer.status_code, headers={})
             return Response(
                 answer.content, status_code=answer.status_code, media_type="application/json"
             )
 
         async def relay() -> AsyncIterator[bytes]:
             try:
-                async for data in answer.aiter_raw():
+                async for data in _body_reads(answer) if lean else answer.aiter_raw():
                     yield data
             finally:
                 await answer.aclose()

@@ -1016,7 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=("litestar", "gateway"),
         default="litestar",
         help="the bare relay answers with Litestar's Response and Stream (the baseline), "
-        "or with the gateway's JSONAnswer and StreamAnswer",
+        "or with the gateway's JSONAnswer and StreamAnswer and reads bodies as its provider does",
     )
     parser.add_argument("--targets", help="subset, e.g. bare,gateway (default: all)")
     parser.add_argument("--kinds", help="subset of json,stream (default: both)")
