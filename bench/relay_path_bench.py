@@ -4,10 +4,10 @@
         [--concurrency 64] [--profile]
 
 The gateway's app (`gateway.app.create_app`, its services opened: key check, body
-validation, routing, prompt counting, pricing, in-memory quotas (or Redis's, with `--redis
-URL`), the SQLite ledger with its crash journal, metrics) is called as an ASGI app in-
-process for `/v1/chat/completions`, `--concurrency` requests at a time, against the in-
-process `simulated` provider answering at once (`time_scale: 0`). No sockets, no HTTP
+validation, routing, prompt counting, pricing, in-memory quotas (or Redis's, with
+`--redis URL`), the SQLite ledger with its crash journal, metrics) is called as an ASGI app
+in-process for `/v1/chat/completions`, `--concurrency` requests at a time, against the
+in-process `simulated` provider answering at once (`time_scale: 0`). No sockets, no HTTP
 server, no HTTP client: what is left is the app, `Relay.handle` and the metering, plus the
 simulator's answer (the same before and after a change). The figure is the best of
 `--rounds` rounds of `--requests` requests, in CPU time of this process (all threads, so the
