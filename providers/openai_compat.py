@@ -107,6 +107,7 @@ class OpenAICompatProvider(Provider):
         else:
             transport = httpx.AsyncHTTPTransport(limits=limits)
         base_url = config.base_url.rstrip("/")
+        self._transport = transport
         self._client = CookielessAsyncClient(
             base_url=base_url, headers=headers, timeout=timeout, transport=transport
         )
@@ -127,9 +128,12 @@ class OpenAICompatProvider(Provider):
             timeout=self._timeout(connect_s) if connect_s is not None else httpx.USE_CLIENT_DEFAULT,
         )
         try:
-            # Sent as a stream either way: a JSON body is then read straight from aiohttp
-            # (`_read_body`), without httpx's generators around each read.
-            response = await self._client.send(http_request, stream=True)
+            # The request was built by the client (base URL, headers, timeouts); it goes to
+            # the transport itself, past the client's layers this provider does not use
+            # (authentication flows, redirects, cookies, event hooks). The body comes as a
+            # stream either way: a JSON one is read straight from aiohttp (`_read_body`).
+            response = await self._transport.handle_async_request(http_request)
+            response.request = http_request
             body_bytes = None if request.stream else await _read_body(response)
         except (httpx.TimeoutException, TimeoutError) as exc:
             if not isinstance(exc, httpx.TimeoutException) or _timed_out(exc):
@@ -259,19 +263,29 @@ def _body_reads(response: httpx.Response) -> AsyncIterator[bytes]:
     hook. `response.aclose()` still closes the response the httpx way. Any other transport:
     `aiter_raw`.
     """
-    inner = getattr(response.stream, "_stream", None)
-    if isinstance(inner, AiohttpResponseStream):
+    inner = _aiohttp_stream(response)
+    if inner is not None:
         return inner._aiohttp_response.content.iter_any()
     return response.aiter_raw()
+
+
+def _aiohttp_stream(response: httpx.Response) -> AiohttpResponseStream | None:
+    """httpx-aiohttp's body stream of a response: its own (from the transport), or inside
+    the client's wrapper (`client.send`); None under another transport."""
+    stream = response.stream
+    if isinstance(stream, AiohttpResponseStream):
+        return stream
+    inner = getattr(stream, "_stream", None)
+    return inner if isinstance(inner, AiohttpResponseStream) else None
 
 
 async def _read_body(response: httpx.Response) -> bytes:
     """A whole body, read and the response closed: straight from aiohttp under httpx-aiohttp
     when it is not content-encoded (httpx decodes, aiohttp is asked not to), else httpx's
     `aread`."""
-    inner = getattr(response.stream, "_stream", None)
+    inner = _aiohttp_stream(response)
     try:
-        if isinstance(inner, AiohttpResponseStream) and "content-encoding" not in response.headers:
+        if inner is not None and "content-encoding" not in response.headers:
             return await inner._aiohttp_response.read()
         return await response.aread()
     finally:

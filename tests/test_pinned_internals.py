@@ -26,8 +26,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 from aiohttp import ClientResponse, web
 from httpx_aiohttp import AiohttpTransport
 from httpx_aiohttp.transport import AiohttpResponseStream
@@ -129,13 +131,20 @@ async def test_a_streamed_body_reaches_aiohttp_through_httpx_aiohttp() -> None:
         await runner.cleanup()
 
 
-async def test_a_compressed_json_answer_is_decoded_the_httpx_way() -> None:
-    """A body aiohttp is not asked to decode (content-encoded) goes through httpx, which
-    decodes it; a plain one is read straight from aiohttp. Both reach the caller as JSON."""
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_either_transport_gives_the_provider_the_same_answers(transport: str) -> None:
+    """The provider hands its requests to the transport itself. Under httpx-aiohttp a plain
+    body is read straight from aiohttp and a content-encoded one through httpx, which
+    decodes it; under httpx's own transport, httpx reads both. A stream's chunks and usage
+    are the same either way."""
     answer = {"id": "x", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+    chunk = {"id": "x", "model": "m", "choices": [{"index": 0, "delta": {"content": "hi"}}]}
+    last = {"id": "x", "model": "m", "choices": [], "usage": answer["usage"]}
+    sse = b"".join(b"data: %s\n\n" % json.dumps(c).encode() for c in (chunk, last))
 
     async def chat(request: web.Request) -> web.Response:
-        await request.read()
+        if (await request.json()).get("stream"):
+            return web.Response(body=sse + b"data: [DONE]\n\n", content_type="text/event-stream")
         raw = json.dumps(answer).encode()
         if request.query.get("gzip"):
             return web.Response(
@@ -151,18 +160,27 @@ async def test_a_compressed_json_answer_is_decoded_the_httpx_way() -> None:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    config = OpenAICompatConfig(
+        base_url=f"http://127.0.0.1:{port}/v1",
+        transport=transport,  # type: ignore[arg-type]
+    )
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     try:
-        for query in ("", "?gzip=1"):
-            provider = OpenAICompatProvider(
-                "x", OpenAICompatConfig(base_url=f"http://127.0.0.1:{port}/v1")
-            )
-            provider._urls["chat.completions"] = provider._urls["chat.completions"].copy_with(
-                query=query.lstrip("?").encode()
-            )
-            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        for query in (b"", b"gzip=1"):
+            provider = OpenAICompatProvider("x", config)
+            url = provider._urls["chat.completions"]
+            provider._urls["chat.completions"] = url.copy_with(query=query or None)
             got = await provider.send(ProviderRequest("chat.completions", "m", body, "r"))
             assert got.body == answer and got.usage is not None, query
             await provider.aclose()
+        provider = OpenAICompatProvider("x", config)
+        streamed = {**body, "stream": True}
+        got = await provider.send(ProviderRequest("chat.completions", "m", streamed, "r"))
+        assert got.stream is not None
+        reads = [read async for read in got.stream]
+        assert [json.loads(raw) for read in reads for raw in read.raw] == [chunk, last]
+        assert reads[-1].usage is not None and reads[-1].usage.output == 4
+        await provider.aclose()
     finally:
         await runner.cleanup()
 
