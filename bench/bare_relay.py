@@ -16,10 +16,10 @@ stream; any other goes to `--json-url` and is relayed as one body.
 
 `--answers gateway` sends the answers with the gateway's own response classes
 (`gateway.answers.JSONAnswer` and `StreamAnswer`) instead of Litestar's `Response` and
-`Stream`, and reads the upstream's bodies as the gateway's provider does (straight from
-aiohttp, `providers.openai_compat._read_body` and `_body_reads`): the floor of the
-gateway's stack as it is now, to tell what the gateway saves on its answers and reads from
-what its metering costs.
+`Stream`, and calls the upstream as the gateway's provider does (the request handed to the
+transport itself, the body read straight from aiohttp: `providers.openai_compat._read_body`
+and `_body_reads`): the floor of the gateway's stack as it is now, to tell what the gateway
+saves on its answers and reads from what its metering costs.
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ def create_bare_relay(
     json_url: str, stream_url: str, max_connections: int = 512, answers: str = "litestar"
 ) -> Litestar:
     """A Litestar app relaying `POST /v1/chat/completions` to the upstream, unmetered;
-    `answers="gateway"` answers with the gateway's `JSONAnswer` and `StreamAnswer`."""
+    `answers="gateway"` calls the upstream and answers as the gateway does."""
     lean = answers == "gateway"
-    state: dict[str, httpx.AsyncClient] = {}
+    state: dict[str, Any] = {}
     urls = {False: httpx.URL(json_url), True: httpx.URL(stream_url)}  # parsed once
 
     @asynccontextmanager
@@ -67,8 +67,9 @@ def create_bare_relay(
         limits = httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections
         )
+        transport = state["transport"] = AiohttpTransport(limits=limits)
         client = CookielessAsyncClient(  # as the gateway's provider: no cookie jar
-            transport=AiohttpTransport(limits=limits),
+            transport=transport,
             timeout=httpx.Timeout(600.0, connect=5.0, pool=5.0),
             headers={"content-type": "application/json"},
         )
@@ -84,7 +85,10 @@ def create_bare_relay(
         raw = await request.body()
         stream = wants_stream(raw)
         upstream = client.build_request("POST", urls[stream], content=raw)
-        answer = await client.send(upstream, stream=stream or lean)
+        if lean:  # as the gateway's provider: to the transport, past the client's layers
+            answer = await state["transport"].handle_async_request(upstream)
+        else:
+            answer = await client.send(upstream, stream=stream)
         if not stream:
             if lean:
                 content = await _read_body(answer)
