@@ -117,21 +117,20 @@ class OpenAICompatProvider(Provider):
             endpoint: self._client.build_request("POST", path).url
             for endpoint, path in _PATHS.items()
         }
-        self._timeouts: dict[float, httpx.Timeout] = {}
+        # What the client would put on each request: its headers (the provider's and
+        # httpx's defaults) and the timeouts, by connect timeout (None: the client's).
+        self._headers = httpx.Headers(self._client.headers)
+        self._extensions: dict[float | None, dict[str, Any]] = {
+            None: {"timeout": timeout.as_dict()}
+        }
 
     async def send(self, request: ProviderRequest) -> ProviderResponse:
-        connect_s = request.connect_timeout_s
-        http_request = self._client.build_request(
-            "POST",
-            self._urls[request.endpoint],
-            content=_json_encode(request.body),
-            timeout=self._timeout(connect_s) if connect_s is not None else httpx.USE_CLIENT_DEFAULT,
-        )
+        http_request = self.http_request(request)
         try:
-            # The request was built by the client (base URL, headers, timeouts); it goes to
-            # the transport itself, past the client's layers this provider does not use
-            # (authentication flows, redirects, cookies, event hooks). The body comes as a
-            # stream either way: a JSON one is read straight from aiohttp (`_read_body`).
+            # The request is the one the client would build (its URL, headers and timeouts)
+            # and goes to the transport itself, past the client's layers this provider does
+            # not use (authentication flows, redirects, cookies, event hooks). The body comes
+            # as a stream either way: a JSON one is read straight from aiohttp (`_read_body`).
             response = await self._transport.handle_async_request(http_request)
             response.request = http_request
             body_bytes = None if request.stream else await _read_body(response)
@@ -170,14 +169,25 @@ class OpenAICompatProvider(Provider):
             body=body, usage=TokenUsage.from_openai(usage) if isinstance(usage, dict) else None
         )
 
-    def _timeout(self, connect_s: float) -> httpx.Timeout:
-        timeout = self._timeouts.get(connect_s)
-        if timeout is None:
+    def http_request(self, request: ProviderRequest) -> httpx.Request:
+        """The HTTP request for `request`: what the client's `build_request` would make
+        (URL, headers, timeouts), without merging them again for every request."""
+        return httpx.Request(
+            "POST",
+            self._urls[request.endpoint],
+            headers=self._headers,
+            content=_json_encode(request.body),
+            extensions=self._extensions_for(request.connect_timeout_s),
+        )
+
+    def _extensions_for(self, connect_s: float | None) -> dict[str, Any]:
+        """A request's extensions: its timeouts, with the deployment's connect timeout."""
+        extensions = self._extensions.get(connect_s)
+        if extensions is None:
             read_s = self.config.read_timeout_s
-            timeout = self._timeouts[connect_s] = httpx.Timeout(
-                read_s, connect=connect_s, pool=connect_s
-            )
-        return timeout
+            timeout = httpx.Timeout(read_s, connect=connect_s, pool=connect_s)
+            extensions = self._extensions[connect_s] = {"timeout": timeout.as_dict()}
+        return extensions
 
     async def _events(self, response: httpx.Response) -> AsyncIterator[Chunks]:
         """Server-sent events as `Chunks`, one upstream read at a time, until `[DONE]`;

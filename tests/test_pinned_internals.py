@@ -7,7 +7,8 @@ which changes them fails here (see the version ranges in pyproject.toml).
   before prometheus_client was imported.
 - httpx and httpx-aiohttp: `providers.openai_compat` reads a streamed body straight from
   aiohttp, through httpx's `response.stream._stream` (httpx-aiohttp's
-  `AiohttpResponseStream`) and its `_aiohttp_response`.
+  `AiohttpResponseStream`) and its `_aiohttp_response`; it builds each request as the
+  client's `build_request` would and hands it to the transport itself.
 - uvicorn: `gateway.http_limits` subclasses the httptools protocol and overrides its parser
   callbacks; `gateway.cli` subclasses the worker supervisor `Multiprocess` and reads its
   `processes` (each a `Process` with a `pid`).
@@ -129,6 +130,30 @@ async def test_a_streamed_body_reaches_aiohttp_through_httpx_aiohttp() -> None:
             assert got == [body, body]
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("connect_s", [None, 2.5])
+def test_the_provider_builds_the_request_the_client_would(connect_s: float | None) -> None:
+    config = OpenAICompatConfig(base_url="http://upstream.example:8000/v1/", headers={"x-a": "1"})
+    provider = OpenAICompatProvider("x", config)
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    ours = provider.http_request(
+        ProviderRequest("chat.completions", "m", body, "r", connect_timeout_s=connect_s)
+    )
+    timeout = (
+        httpx.Timeout(config.read_timeout_s, connect=connect_s, pool=connect_s)
+        if connect_s is not None
+        else httpx.USE_CLIENT_DEFAULT
+    )
+    theirs = provider._client.build_request(
+        "POST", "/chat/completions", content=ours.content, timeout=timeout
+    )
+    assert (ours.method, ours.url, ours.headers.raw) == (
+        theirs.method,
+        theirs.url,
+        theirs.headers.raw,
+    )
+    assert ours.extensions == theirs.extensions and ours.content == theirs.content
 
 
 @pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
