@@ -3,7 +3,10 @@
 Requests go over one shared, pooled httpx client per provider. By default its transport
 is aiohttp's (`httpx-aiohttp`), which holds its throughput under concurrency where
 httpx's default transport does not (see docs/benchmarks.md); `transport: httpx` picks
-the default one. A stream is handed over one upstream read at a time: the events of each
+the default one. Each request is built as the client would build it and handed to the
+transport itself, and a body is read straight from aiohttp's stream where it can be: the
+client's layers (authentication flows, redirects, cookies, event hooks, a generator per
+read) are ones this provider does not use. A stream is handed over one upstream read at a time: the events of each
 read as `Chunks` (their JSON as sent, a typed view, the usage when one reported it).
 """
 
