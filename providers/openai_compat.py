@@ -6,8 +6,9 @@ httpx's default transport does not (see docs/benchmarks.md); `transport: httpx` 
 the default one. Each request is built as the client would build it and handed to the
 transport itself, and a body is read straight from aiohttp's stream where it can be: the
 client's layers (authentication flows, redirects, cookies, event hooks, a generator per
-read) are ones this provider does not use. A stream is handed over one upstream read at a time: the events of each
-read as `Chunks` (their JSON as sent, a typed view, the usage when one reported it).
+read) are ones this provider does not use. A stream is handed over one upstream read at a
+time: the events of each read as `Chunks` (their JSON as sent, a typed view, the usage when
+one reported it).
 """
 
 from __future__ import annotations
