@@ -20,12 +20,14 @@ underscored attribute read on a library's object fails it until it is pinned and
 from __future__ import annotations
 
 import ast
+import contextlib
 import gzip
 import inspect
 import json
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -109,14 +111,7 @@ async def test_a_streamed_body_reaches_aiohttp_through_httpx_aiohttp() -> None:
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_get("/", stream)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serving("GET", "/", stream) as port:
         async with httpx.AsyncClient(transport=AiohttpTransport()) as client:
             got = []
             for direct in (True, False):
@@ -128,8 +123,6 @@ async def test_a_streamed_body_reaches_aiohttp_through_httpx_aiohttp() -> None:
                 got.append(b"".join([data async for data in reads]))
                 await response.aclose()
             assert got == [body, body]
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.parametrize("connect_s", [None, 2.5])
@@ -178,34 +171,47 @@ async def test_either_transport_gives_the_provider_the_same_answers(transport: s
             )
         return web.Response(body=raw, content_type="application/json")
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    async with serving("POST", "/v1/chat/completions", chat) as port:
+        await _ask_both_kinds(port, transport, answer, [chunk, last])
+
+
+async def _ask_both_kinds(
+    port: int, transport: str, answer: dict[str, Any], chunks: list[dict[str, Any]]
+) -> None:
+    """A JSON answer (plain, then gzip-encoded) and a stream, through the provider."""
     config = OpenAICompatConfig(
         base_url=f"http://127.0.0.1:{port}/v1",
         transport=transport,  # type: ignore[arg-type]
     )
     body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-    try:
-        for query in (b"", b"gzip=1"):
-            provider = OpenAICompatProvider("x", config)
-            url = provider._urls["chat.completions"]
-            provider._urls["chat.completions"] = url.copy_with(query=query or None)
-            got = await provider.send(ProviderRequest("chat.completions", "m", body, "r"))
-            assert got.body == answer and got.usage is not None, query
-            await provider.aclose()
+    for query in (b"", b"gzip=1"):
         provider = OpenAICompatProvider("x", config)
-        streamed = {**body, "stream": True}
-        got = await provider.send(ProviderRequest("chat.completions", "m", streamed, "r"))
-        assert got.stream is not None
-        reads = [read async for read in got.stream]
-        assert [json.loads(raw) for read in reads for raw in read.raw] == [chunk, last]
-        assert reads[-1].usage is not None and reads[-1].usage.output == 4
+        url = provider._urls["chat.completions"]
+        provider._urls["chat.completions"] = url.copy_with(query=query or None)
+        got = await provider.send(ProviderRequest("chat.completions", "m", body, "r"))
+        assert got.body == answer and got.usage is not None, query
         await provider.aclose()
+    provider = OpenAICompatProvider("x", config)
+    streamed = {**body, "stream": True}
+    got = await provider.send(ProviderRequest("chat.completions", "m", streamed, "r"))
+    assert got.stream is not None
+    reads = [read async for read in got.stream]
+    assert [json.loads(raw) for read in reads for raw in read.raw] == chunks
+    assert reads[-1].usage is not None and reads[-1].usage.output == 4
+    await provider.aclose()
+
+
+@contextlib.asynccontextmanager
+async def serving(method: str, path: str, handler: Any) -> AsyncIterator[int]:
+    """A real aiohttp server answering `method path` with `handler`; yields its port."""
+    app = web.Application()
+    app.router.add_route(method, path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield runner.addresses[0][1]
     finally:
         await runner.cleanup()
 
