@@ -30,6 +30,9 @@ from billing.quota import (
 from billing.quota.plan import periods
 
 RESERVATION_TTL_S = 60
+# These tests are about what the stores decide, not how fast Redis answers: a deadline well
+# past a shared host's stalls (the default 250 ms once timed out a read on a loaded CI host).
+TIMEOUT_MS = 5_000
 NOW = datetime(2025, 6, 10, 12, 0, 0, tzinfo=UTC)
 _ids = itertools.count()
 
@@ -40,12 +43,14 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[QuotaStore]:
         quota: QuotaStore = MemoryQuotaStore(reservation_ttl_s=RESERVATION_TTL_S)
     elif request.param == "redis":
         url = request.getfixturevalue("redis_url")
-        quota = RedisQuotaStore(url, reservation_ttl_s=RESERVATION_TTL_S)
+        quota = RedisQuotaStore(url, reservation_ttl_s=RESERVATION_TTL_S, timeout_ms=TIMEOUT_MS)
     else:  # a Redis Cluster of three masters (keys hash-tagged by tenant)
         cluster = request.getfixturevalue("redis_cluster")
         await asyncio.to_thread(cluster.wait_healthy)
         await asyncio.to_thread(cluster.flush)
-        quota = RedisQuotaStore(cluster.url, reservation_ttl_s=RESERVATION_TTL_S, cluster=True)
+        quota = RedisQuotaStore(
+            cluster.url, reservation_ttl_s=RESERVATION_TTL_S, cluster=True, timeout_ms=TIMEOUT_MS
+        )
     yield quota
     await quota.aclose()
 
