@@ -446,11 +446,9 @@ class Relay:
             content = _encode(result)
         except Exception:  # recorded already: answer the error, write no second row
             log.exception("request %s failed", request_id)
-            if not self._settled_soon(admitted, rec):
-                await self._settle(admitted, rec)
-            return edge.error_response(server_error(request_id), request_id)
-        if not self._settled_soon(admitted, rec):  # the answer need not wait for Redis
             await self._settle(admitted, rec)
+            return edge.error_response(server_error(request_id), request_id)
+        await self._settle(admitted, rec)  # without waiting for Redis where it can
         headers.update(bill.headers())  # after the admission's, as before: one dict, no copy
         return JSONAnswer(content, media_type="application/json", headers=headers)
 
@@ -466,8 +464,7 @@ class Relay:
         limits: dict[str, str] = {}
         if isinstance(step, Admitted):
             limits = step.admission.headers
-            if not self._settled_soon(step, rec):
-                await self._settle(step, rec)
+            await self._settle(step, rec)
         return edge.error_response(error, step.who.request_id, limits)  # type: ignore[no-any-return]
 
     def _route(self, who: Authenticated, requested: str) -> ModelConfig:
@@ -720,27 +717,34 @@ class Relay:
                 )
                 progress.record = record_usage(s, admitted, outcome, served)
             await _close_quietly(stream)
-            recorded = progress.record
-            if recorded is not None and not self._settled_soon(admitted, recorded):
-                await self._settle_later(admitted, recorded)
+            if progress.record is not None:
+                await self._settle_later(admitted, progress.record)
 
     def _settled_soon(self, admitted: Admitted, rec: UsageRecord) -> bool:
-        """Settle without waiting, when the quota store can take it so (see `settle_soon`:
-        a standalone Redis's pipelined connection, or memory); False: await `_settle`."""
+        """Settle without waiting, when the quota store can take it so (`settle_soon`: a
+        standalone Redis's pipelined connection, or memory); False: it must be awaited."""
         usage = rec.usage.total
         return self.services.quotas.settle_soon(admitted.admission, usage, rec.cost_nanos)
 
     async def _settle(self, admitted: Admitted, rec: UsageRecord) -> None:
-        """Charge the reservation with the real cost and release the rest."""
+        """Charge the reservation with the real cost and release the rest, without waiting
+        for the quota store where it can take the settle so."""
+        if not self._settled_soon(admitted, rec):
+            await self._settle_awaited(admitted, rec)
+
+    async def _settle_awaited(self, admitted: Admitted, rec: UsageRecord) -> None:
         try:
             await self.services.quotas.settle(admitted.admission, rec.usage.total, rec.cost_nanos)
         except QuotaUnavailable:
             log.warning("settle of %s deferred: quota store unavailable", admitted.request_id)
 
     async def _settle_later(self, admitted: Admitted, rec: UsageRecord) -> None:
-        """Settle, shielded: when a departing client cancels the request, settling goes on
-        (`drain` waits for it on shutdown)."""
-        task = asyncio.ensure_future(self._settle(admitted, rec))
+        """`_settle` for a stream's end: an awaited settle runs shielded, so that when a
+        departing client cancels the request, settling goes on (`drain` waits for it on
+        shutdown)."""
+        if self._settled_soon(admitted, rec):
+            return
+        task = asyncio.ensure_future(self._settle_awaited(admitted, rec))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
         await asyncio.shield(task)

@@ -20,6 +20,7 @@ supported; `PipelinedRedis.supports(url)` says whether a URL is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -40,9 +41,18 @@ Answered = Callable[[Any], None]
 """What `PipelinedRedis.send_soon` calls with a command's reply, or with the exception."""
 
 
-def _answer(answered: Answered, reply: Any) -> None:
+def _answer(target: asyncio.Future[Any] | Answered, reply: Any, failed: bool = False) -> None:
+    """Hand a command's reply (or, `failed`, the exception that ended it) to whoever waits:
+    a caller's future, or the callback of `send_soon`."""
+    if isinstance(target, asyncio.Future):
+        if not target.done():
+            if failed:
+                target.set_exception(reply)
+            else:
+                target.set_result(reply)
+        return
     try:
-        answered(reply)
+        target(reply)
     except Exception:  # a callback's bug must not stop the replies behind it
         logger.exception("a Redis reply's callback failed")
 
@@ -79,12 +89,7 @@ class _Protocol(asyncio.Protocol):
                     return
                 if not waiting:
                     raise redis_errors.InvalidResponse("a reply nobody asked for")
-                target = waiting.popleft()[0]
-                if isinstance(target, asyncio.Future):
-                    if not target.done():
-                        target.set_result(reply)
-                else:  # a command sent with `send_soon`
-                    _answer(target, reply)
+                _answer(waiting.popleft()[0], reply)
         except redis_errors.RedisError as exc:
             self.owner._fail(redis_errors.ConnectionError(f"bad reply from Redis: {exc}"))
 
@@ -160,13 +165,11 @@ class PipelinedRedis:
         return True
 
     async def drain(self) -> None:
-        """Wait until every command sent has been answered (or has failed)."""
-        while self._waiting:
-            last = self._waiting[-1][0]
-            if isinstance(last, asyncio.Future):
-                await asyncio.wait([last])
-            else:
-                await asyncio.sleep(0.001)
+        """Wait until every command sent has been answered (or has failed): a PING behind
+        them is answered last (Redis answers a connection's commands in order)."""
+        if self._waiting:
+            with contextlib.suppress(redis_errors.RedisError):
+                await self.execute(("PING",))
 
     def _send(self, packed: bytes) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -176,11 +179,11 @@ class PipelinedRedis:
     def _queue(self, packed: bytes, target: asyncio.Future[Any] | Answered) -> None:
         self._waiting.append((target, time.monotonic() + self.timeout_s))
         self._outgoing.append(packed)
+        loop = asyncio.get_running_loop()
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop.call_soon(self._flush)
         if self._deadline_timer is None:
-            loop = asyncio.get_running_loop()
             self._deadline_timer = loop.call_later(self.timeout_s, self._check_deadline)
 
     def _flush(self) -> None:
@@ -214,11 +217,7 @@ class PipelinedRedis:
             self._deadline_timer.cancel()
             self._deadline_timer = None
         for target, _ in waiting:
-            if isinstance(target, asyncio.Future):
-                if not target.done():
-                    target.set_exception(error)
-            else:
-                _answer(target, error)
+            _answer(target, error, failed=True)
         if transport is not None:
             transport.abort()
 

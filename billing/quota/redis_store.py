@@ -457,13 +457,22 @@ class RedisQuotaStore(QuotaStore):
         try:
             await self._call("settle", *call)
         except QuotaUnavailable as exc:
-            self._pending.append(call)
-            logger.warning(
-                "settle of %s queued until Redis answers (%d queued): %s",
-                admission.request_id,
-                len(self._pending),
-                exc,
-            )
+            self._keep_settle(admission, call, exc)
+
+    def _keep_settle(
+        self,
+        admission: Admission,
+        call: tuple[Callable[[], Awaitable[Any]], int],
+        why: Exception,
+    ) -> None:
+        """Queue a settle Redis did not take, for replay once it answers again."""
+        self._pending.append(call)
+        logger.warning(
+            "settle of %s queued until Redis answers (%d queued): %s",
+            admission.request_id,
+            len(self._pending),
+            why,
+        )
 
     def settle_soon(self, admission: Admission, used_tokens: int, cost_nanos: int) -> bool:
         """Send the settle on the pipelined connection without waiting for Redis.
@@ -478,7 +487,8 @@ class RedisQuotaStore(QuotaStore):
         pipeline = self._pipeline
         if pipeline is None or self._openings or self._down_until.get(0, 0.0) > time.monotonic():
             return False
-        call, slot = self._settle_call(admission, used_tokens, cost_nanos)
+        kept = self._settle_call(admission, used_tokens, cost_nanos)
+        call, slot = kept
         assert isinstance(call, _PipelinedScript)
         command = ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
 
@@ -489,13 +499,7 @@ class RedisQuotaStore(QuotaStore):
                 self._background(self.settle(admission, used_tokens, cost_nanos))
             else:  # unreachable, or no answer in time (it may have run: settles are idempotent)
                 self._down_until[slot] = time.monotonic() + self.retry_interval_s
-                self._pending.append((call, slot))
-                logger.warning(
-                    "settle of %s queued until Redis answers (%d queued): %s",
-                    admission.request_id,
-                    len(self._pending),
-                    reply,
-                )
+                self._keep_settle(admission, kept, reply)
 
         return pipeline.send_soon(command, answered)
 
