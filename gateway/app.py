@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from litestar import Litestar, Request, Response, get, post
+from litestar import Litestar, Request, Response, get
 from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
@@ -35,8 +35,10 @@ from gateway.errors import (
 from gateway.lifespan import Gateway
 from gateway.messages import anthropic_error_response, messages_routes
 from gateway.relay import error_response, new_request_id
+from gateway.relay_routes import Serve, relay_route
 from gateway.responses import responses_routes
 from gateway.state import AppState
+from providers.base import Endpoint
 
 __all__ = ["Gateway", "create_app"]
 
@@ -53,17 +55,11 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litesta
         async with gw.serving():
             yield
 
-    @post("/v1/chat/completions", status_code=200)
-    async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
-        return await gw.state.relay.handle("chat.completions", request)
+    def relaying(endpoint: Endpoint) -> Serve:
+        async def serve(request: Request[Any, Any, Any]) -> Response[Any]:
+            return await gw.state.relay.handle(endpoint, request)
 
-    @post("/v1/completions", status_code=200)
-    async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
-        return await gw.state.relay.handle("completions", request)
-
-    @post("/v1/embeddings", status_code=200)
-    async def embeddings(request: Request[Any, Any, Any]) -> Response[Any]:
-        return await gw.state.relay.handle("embeddings", request)
+        return serve
 
     @get("/v1/models")
     async def list_models(request: Request[Any, Any, Any]) -> Response[Any]:
@@ -94,9 +90,9 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litesta
 
     return Litestar(
         route_handlers=[
-            chat_completions,
-            completions,
-            embeddings,
+            relay_route("/v1/chat/completions", relaying("chat.completions")),
+            relay_route("/v1/completions", relaying("completions")),
+            relay_route("/v1/embeddings", relaying("embeddings")),
             list_models,
             retrieve_model,
             healthz,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import msgspec
 from litestar import Request, Response, post
 from litestar.exceptions import HTTPException
-from litestar.handlers import HTTPRouteHandler
+from litestar.handlers import BaseRouteHandler
 from msgspec import Meta, Struct
 
 from billing.usage import Usage
@@ -36,6 +36,7 @@ from gateway.errors import (
     server_error,
 )
 from gateway.relay import authenticate, new_request_id, record_usage
+from gateway.relay_routes import relay_route
 from gateway.routing import UnknownModel
 from gateway.schemas import ChatRequest, ModelName, Probability, decode_object, validate
 from gateway.steps import Admitted, Authenticated, Bill, Outcome, Routed, Step
@@ -510,10 +511,9 @@ _COUNT_TOKENS = "messages.count_tokens"
 """What the ledger calls `count_tokens` requests."""
 
 
-def messages_routes(gw: Gateway) -> list[HTTPRouteHandler]:
+def messages_routes(gw: Gateway) -> list[BaseRouteHandler]:
     """`POST /v1/messages` and `POST /v1/messages/count_tokens` of a gateway."""
 
-    @post("/v1/messages", status_code=200)
     async def create_message(request: Request[Any, Any, Any]) -> Response[Any]:
         assert gw.relay is not None, "the gateway has not started"
         return await gw.relay.handle("chat.completions", request, MessagesDialect())
@@ -570,4 +570,4 @@ def messages_routes(gw: Gateway) -> list[HTTPRouteHandler]:
             headers={"request-id": request_id, "x-request-id": request_id},
         )
 
-    return [create_message, count_tokens]
+    return [relay_route("/v1/messages", create_message), count_tokens]

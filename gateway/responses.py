@@ -20,13 +20,14 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
-from litestar import Request, Response, delete, get, post
-from litestar.handlers import HTTPRouteHandler
+from litestar import Request, Response, delete, get
+from litestar.handlers import BaseRouteHandler
 from msgspec import Meta, Struct
 
 from gateway.dialects import sse_event, translated
 from gateway.errors import ApiError, invalid_request
 from gateway.relay import error_response, new_request_id
+from gateway.relay_routes import relay_route
 from gateway.response_store import ResponseStore
 from gateway.schemas import (
     ChatRequest,
@@ -587,7 +588,7 @@ def _not_found(response_id: str) -> ApiError:
     )
 
 
-def responses_routes(gw: Gateway) -> list[HTTPRouteHandler]:
+def responses_routes(gw: Gateway) -> list[BaseRouteHandler]:
     """`POST /v1/responses` and `GET`/`DELETE /v1/responses/{id}` of a gateway."""
     stores: list[ResponseStore] = []
 
@@ -596,7 +597,6 @@ def responses_routes(gw: Gateway) -> list[HTTPRouteHandler]:
             stores.append(ResponseStore(gw.ledger.engine, gw.settings.responses))
         return stores[0]
 
-    @post("/v1/responses", status_code=200)
     async def create_response(request: Request[Any, Any, Any]) -> Response[Any]:
         assert gw.relay is not None, "the gateway has not started"
         return await gw.relay.handle("chat.completions", request, ResponsesDialect(store()))
@@ -618,7 +618,7 @@ def responses_routes(gw: Gateway) -> list[HTTPRouteHandler]:
             raise _not_found(response_id)
         return _json({"id": response_id, "object": "response", "deleted": True})
 
-    return [create_response, retrieve_response, delete_response]
+    return [relay_route("/v1/responses", create_response), retrieve_response, delete_response]
 
 
 def _json(body: Any) -> Response[Any]:

@@ -165,9 +165,52 @@ async def test_bad_completion_and_embedding_inputs(http: httpx.AsyncClient) -> N
         assert_openai_error(await http.post("/v1/embeddings", json=body), 400)
 
 
+RELAY_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+
+
 async def test_unknown_route_and_method(http: httpx.AsyncClient) -> None:
     assert_openai_error(await http.get("/v1/nothing-here"), 404)
-    assert_openai_error(await http.get("/v1/chat/completions"), 405)
+    for path in (*RELAY_ROUTES, "/v1/messages"):
+        for method in ("GET", "PUT", "DELETE", "PATCH"):
+            response = await http.request(method, path)
+            if path == "/v1/messages":
+                assert_anthropic_error(response, 405)
+            else:
+                error = assert_openai_error(response, 405, "method_not_allowed")
+                assert error["message"] == f"Method {method} is not allowed for {path}."
+        assert (await http.head(path)).status_code == 405
+        options = await http.options(path)
+        assert (options.status_code, options.headers["allow"]) == (204, "OPTIONS, POST")
+        assert options.content == b""
+
+
+async def _in_pieces(data: bytes) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), 16384):
+        yield data[start : start + 16384]
+
+
+@pytest.mark.parametrize("path", [*RELAY_ROUTES, "/v1/messages"])
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_every_relay_route_holds_the_body_limit(
+    gateway: RunningGateway, http: httpx.AsyncClient, path: str, framing: str
+) -> None:
+    """A body over `server.max_body_bytes` gets a 413 in the route's own shape, whether its
+    length is announced or only found while reading it, and is recorded at no cost."""
+    data = json.dumps({**GOOD, "input": "x" * 100_000, "prompt": "x"}).encode()
+    body: Any = data if framing == "content-length" else _in_pieces(data)
+    response = await http.post(
+        path, content=body, headers={"content-type": "application/json", "x-api-key": ACME_KEY}
+    )
+    if path == "/v1/messages":
+        assert assert_anthropic_error(response, 413)["type"] == "request_too_large"
+    else:
+        assert assert_openai_error(response, 413, "request_too_large")["message"] == (
+            "Request body is larger than the limit of 65536 bytes."
+        )
+    request_id = response.headers.get("x-request-id") or response.headers["request-id"]
+    row = await ledger_row(gateway, request_id)
+    assert row is not None
+    assert (row.status_code, row.cost_nanos) == (413, 0)
 
 
 async def test_bad_input_changes_nothing(gateway: RunningGateway, http: httpx.AsyncClient) -> None:
