@@ -447,8 +447,20 @@ async def test_provisioned_cost_grows_at_the_hardware_price_and_idle_is_the_rest
     )
 
 
+async def _until_a_cut_stream_is_billed(live: Live, seconds: float = 60) -> None:
+    """Keep the traffic going until a stream the flaky upstream cut part-way is in the
+    ledger with a cost: the cut is random (`rate_cut`), a few per minute of this traffic."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        await live.gateway.gateway.ledger.flush()
+        if await _billed_failures(live) > 0:
+            return
+        await asyncio.sleep(0.5)
+
+
 async def test_scraped_token_and_cost_totals_equal_the_ledger(live: Live) -> None:
     """Runs last: stops the traffic, flushes the ledger, then scrapes."""
+    await _until_a_cut_stream_is_billed(live)
     await live.stop_traffic()
     await live.gateway.gateway.ledger.flush()
     ledger = await _ledger_sums(live)
