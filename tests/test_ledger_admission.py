@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -217,29 +218,146 @@ async def test_sigkill_mid_stream_bills_the_output_delivered_by_the_last_checkpo
                 with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
                     await background
     assert chunks > 20
+    status, error, prompt, output, cost, output_price, cut_by = await _row_after_restart(
+        url, request_id
+    )
+    assert (status, error, prompt, cut_by) == (500, GATEWAY_DIED, 0, "gateway")
+    assert 0 < output <= chunks  # one token a chunk here: never more than was delivered
+    assert cost == output * output_price
+
+
+async def _row_after_restart(url: str, request_id: str) -> tuple[Any, ...]:
+    """A request's ledger row once the next gateway has opened the ledger (replayed the
+    dead one's journal)."""
     ledger = await Ledger.open(LedgerConfig(url=url, url_env=None))
     await ledger.aclose()
     engine = create_async_engine(url)
     try:
         async with engine.connect() as connection:
-            row = (
-                await connection.execute(
-                    select(
-                        ENTRIES.c.status_code,
-                        ENTRIES.c.error_type,
-                        ENTRIES.c.uncached_input,
-                        ENTRIES.c.output,
-                        ENTRIES.c.cost_nanos,
-                        ENTRIES.c.unit_price_output_nanos,
-                        ENTRIES.c.stream_cut_by,
-                    ).where(ENTRIES.c.request_id == request_id)
-                )
-            ).one()
+            return tuple(
+                (
+                    await connection.execute(
+                        select(
+                            ENTRIES.c.status_code,
+                            ENTRIES.c.error_type,
+                            ENTRIES.c.uncached_input,
+                            ENTRIES.c.output,
+                            ENTRIES.c.cost_nanos,
+                            ENTRIES.c.unit_price_output_nanos,
+                            ENTRIES.c.stream_cut_by,
+                        ).where(ENTRIES.c.request_id == request_id)
+                    )
+                ).one()
+            )
     finally:
         await engine.dispose()
-    status, error, prompt, output, cost, output_price, cut_by = row
+
+
+#: A vLLM stream's head and chunks (as in `tests/transcripts/vllm/`), each sent as an HTTP chunk.
+_VLLM_HEAD = (
+    b"HTTP/1.1 200 OK\r\nserver: uvicorn\r\n"
+    b"content-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n\r\n"
+)
+
+
+def _vllm_event(delta: dict[str, Any]) -> bytes:
+    chunk = {
+        "id": "chatcmpl-9f1c2d3e4b5a46c7a8b9c0d1e2f3a4b5",
+        "object": "chat.completion.chunk",
+        "created": 1764842400,
+        "model": "Qwen/Qwen2.5-7B-Instruct",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}],
+    }
+    event = b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(event), event)
+
+
+@contextlib.asynccontextmanager
+async def _stalling_upstream() -> AsyncIterator[str]:
+    """A vLLM-like upstream whose stream sends four chunks in 0.6 s, then nothing."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.lower().split(b"\r\n")
+            if line.startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        writer.write(_VLLM_HEAD + _vllm_event({"role": "assistant", "content": ""}))
+        for text, pause in (("Hello", 0.05), (" there", 0.3), (" friend", 0.3)):
+            await asyncio.sleep(pause)
+            writer.write(_vllm_event({"content": text}))
+        await reader.read()  # stalled until the gateway goes
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.close()
+
+
+async def test_sigkill_while_a_stream_stalls_bills_all_it_had_delivered(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    """A stream takes its checkpoints as its reads arrive, at most once a second; one whose
+    upstream then stalls is recounted when the journal writes its row, so the row of a
+    gateway killed in the stall bills all three words it had delivered, not only the first."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"
+    async with _stalling_upstream() as upstream:
+        config = base_config(tmp_path, tokenizer_dir, ledger={"url": url, "url_env": None})
+        config["providers"].append({"name": "vllm", "type": "openai_compat", "base_url": upstream})
+        config["models"][0]["deployments"] = [{"provider": "vllm", "model": "Qwen"}]
+        headers = {"authorization": f"Bearer {ACME_KEY}"}
+        body = {
+            "model": "gpt-4o-mini",
+            "stream": True,
+            "messages": [{"role": "user", "content": "Greet a friend."}],
+        }
+        with gateway_process(config, tmp_path, name="stalled") as (base_url, process):
+            async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+
+                async def others() -> None:  # requests that end meanwhile: the journal rotates
+                    quick = {"model": "gpt-4", "max_tokens": 1, "messages": body["messages"]}
+                    while True:
+                        await http.post("/v1/chat/completions", json=quick, headers=headers)
+                        await asyncio.sleep(0.05)
+
+                background = asyncio.create_task(others())
+                delivered = asyncio.Event()
+                text = ""
+
+                async def read(response: httpx.Response) -> None:  # on, through the stall
+                    nonlocal text
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: {"):
+                            text += json.loads(line[6:])["choices"][0]["delta"]["content"]
+                        if text == "Hello there friend":
+                            delivered.set()
+
+                try:
+                    async with http.stream(
+                        "POST", "/v1/chat/completions", json=body, headers=headers
+                    ) as response:
+                        request_id = response.headers["x-request-id"]
+                        reading = asyncio.create_task(read(response))
+                        await asyncio.wait_for(delivered.wait(), 10)
+                        await asyncio.sleep(2.6)  # stalled for over two seconds
+                        process.send_signal(signal.SIGKILL)
+                        await asyncio.to_thread(process.wait, 10)
+                        with contextlib.suppress(httpx.HTTPError):
+                            await reading
+                finally:
+                    background.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                        await background
+    status, error, prompt, output, cost, output_price, cut_by = await _row_after_restart(
+        url, request_id
+    )
     assert (status, error, prompt, cut_by) == (500, GATEWAY_DIED, 0, "gateway")
-    assert 0 < output <= chunks  # one token a chunk here: never more than was delivered
+    assert output == 3  # "Hello", " there", " friend" in o200k_base
     assert cost == output * output_price
 
 
