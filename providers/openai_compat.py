@@ -284,13 +284,9 @@ def _body_reads(response: httpx.Response) -> AsyncIterator[bytes]:
 
 
 def _aiohttp_stream(response: httpx.Response) -> AiohttpResponseStream | None:
-    """httpx-aiohttp's body stream of a response: its own (from the transport), or inside
-    the client's wrapper (`client.send`); None under another transport."""
+    """httpx-aiohttp's body stream of a response from its transport; None under another."""
     stream = response.stream
-    if isinstance(stream, AiohttpResponseStream):
-        return stream
-    inner = getattr(stream, "_stream", None)
-    return inner if isinstance(inner, AiohttpResponseStream) else None
+    return stream if isinstance(stream, AiohttpResponseStream) else None
 
 
 async def _read_body(response: httpx.Response) -> bytes:
